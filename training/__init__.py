@@ -1,0 +1,1 @@
+"""refvlm_training (folder training/): VT-Instruct data, SimWorld, staged training, evaluation."""
