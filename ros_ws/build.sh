@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# Builds the ROS 2 packages of ros_ws/ into the project's virtualenv, so that they
+# import with nothing sourced:
+#   1. the interface build toolchain (ament_cmake, rosidl generators) from PyPI wheels;
+#   2. vision_msgs from ../shared/ros/vision_msgs, when it does not import already
+#      (on a robot it comes from apt; here only its definitions ship);
+#   3. ros_ws/src/refvlm_interfaces (msg, srv, action);
+#   4. ros_ws/src/refvlm_ros, pip-installed in editable mode.
+# Each step is skipped when its result is already there, so a second run takes ~1 s.
+# Called by tools/setup_venv.sh; run it by hand after editing a .msg/.srv/.action.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPO="$(pwd)"
+
+VENV="${VENV:-$REPO/.venv}"
+BUILD="$REPO/ros_ws/build"
+SHARED_VISION_MSGS="$REPO/../shared/ros/vision_msgs"
+JOBS="${JOBS:-$(nproc)}"
+
+die() { echo "ros_ws/build.sh: error: $*" >&2; exit 2; }
+
+[[ -x "$VENV/bin/python" ]] || die "no virtualenv at $VENV; run 'make setup' first."
+# shellcheck disable=SC1091
+source "$VENV/bin/activate"
+PY="$VENV/bin/python"
+export AMENT_PREFIX_PATH="$VENV${AMENT_PREFIX_PATH:+:$AMENT_PREFIX_PATH}"
+export CMAKE_PREFIX_PATH="$VENV${CMAKE_PREFIX_PATH:+:$CMAKE_PREFIX_PATH}"
+
+# --- 1. toolchain ------------------------------------------------------------------
+if ! "$PY" -c "import ament_package, rclpy" 2>/dev/null || [[ ! -d "$VENV/share/ament_cmake" \
+   || ! -d "$VENV/share/rosidl_default_generators" ]]; then
+  echo "ros_ws: installing the ROS 2 wheels (requirements/ros.txt)"
+  pip install -q -c requirements/constraints.txt -r requirements/ros.txt
+fi
+for tool in cmake ninja g++; do
+  command -v "$tool" >/dev/null || die "'$tool' not found; install it (Debian: apt-get install cmake ninja-build g++)."
+done
+
+# The wheels' exported CMake targets name the Python and numpy include folders of the
+# machine that built them; point them at this interpreter's. Idempotent.
+WHEEL_PY_INCLUDE=/opt/python/cp311-cp311/include/python3.11
+WHEEL_NUMPY_INCLUDE=/opt/python/cp311-cp311/lib/python3.11/site-packages/numpy/_core/include
+PY_INCLUDE="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')"
+NUMPY_INCLUDE="$("$PY" -c 'import numpy; print(numpy.get_include())')"
+[[ -f "$PY_INCLUDE/Python.h" ]] || die "Python headers missing at $PY_INCLUDE (Debian: apt-get install python3-dev)."
+{ grep -rlF --include='*.cmake' -e "$WHEEL_PY_INCLUDE" -e "$WHEEL_NUMPY_INCLUDE" "$VENV/share" || true; } \
+  | while read -r f; do
+      sed -i -e "s#$WHEEL_NUMPY_INCLUDE#$NUMPY_INCLUDE#g" -e "s#$WHEEL_PY_INCLUDE#$PY_INCLUDE#g" "$f"
+    done
+
+# --- helpers ----------------------------------------------------------------------
+# Hash of a package's sources: rebuild only when it changes.
+sources_hash() { (cd "$1" && find . -type f ! -name '*.pyc' | sort | xargs cat | sha256sum | cut -d' ' -f1); }
+
+# cmake_build NAME SRC: configure, build and install one ament_cmake package into the venv.
+cmake_build() {
+  local name="$1" src="$2" t0=$SECONDS
+  echo "ros_ws: building $name"
+  cmake -S "$src" -B "$BUILD/$name" -G Ninja -Wno-dev \
+    -DCMAKE_BUILD_TYPE=Release -DBUILD_TESTING=OFF \
+    -DCMAKE_INSTALL_PREFIX="$VENV" -DCMAKE_PREFIX_PATH="$VENV" \
+    -DPython3_EXECUTABLE="$PY" -DPYTHON_EXECUTABLE="$PY" \
+    >"$BUILD/$name.log" 2>&1 || die "configuring $name failed; see $BUILD/$name.log"
+  cmake --build "$BUILD/$name" -j "$JOBS" >>"$BUILD/$name.log" 2>&1 \
+    || die "building $name failed; see $BUILD/$name.log"
+  cmake --install "$BUILD/$name" >>"$BUILD/$name.log" 2>&1 \
+    || die "installing $name failed; see $BUILD/$name.log"
+  echo "ros_ws: built $name in $((SECONDS - t0)) s"
+}
+
+# build_if_changed NAME SRC PYTHON_CHECK
+build_if_changed() {
+  local name="$1" src="$2" check="$3" stamp="$VENV/share/$1/.refvlm-build-hash" hash
+  hash="$(sources_hash "$src")"
+  if [[ -f "$stamp" && "$(cat "$stamp")" == "$hash" ]] && "$PY" -c "$check" 2>/dev/null; then
+    echo "ros_ws: $name is up to date"
+    return
+  fi
+  cmake_build "$name" "$src"
+  "$PY" -c "$check" || die "$name was built but does not import; see $BUILD/$name.log"
+  echo "$hash" >"$stamp"
+}
+
+mkdir -p "$BUILD"
+
+# --- 2. vision_msgs ---------------------------------------------------------------
+VISION_CHECK="from vision_msgs.msg import Detection2DArray, Detection3DArray"
+if [[ -f "$VENV/share/vision_msgs/.refvlm-build-hash" ]] || ! "$PY" -c "$VISION_CHECK" 2>/dev/null; then
+  [[ -f "$SHARED_VISION_MSGS/package.xml" ]] || die "vision_msgs does not import and its \
+definitions are missing at ../shared/ros/vision_msgs. Put the 'shared' folder beside \
+this repository, or install vision_msgs (on a ROS machine: apt-get install ros-jazzy-vision-msgs)."
+  # Only the definitions ship: copy them and add a minimal CMakeLists.txt.
+  src="$BUILD/vision_msgs_src"
+  rm -rf "$src" && mkdir -p "$src"
+  cp -r "$SHARED_VISION_MSGS/package.xml" "$SHARED_VISION_MSGS/msg" "$src/"
+  [[ -f "$SHARED_VISION_MSGS/LICENSE" ]] && cp "$SHARED_VISION_MSGS/LICENSE" "$src/"
+  {
+    echo 'cmake_minimum_required(VERSION 3.16)'
+    echo 'project(vision_msgs)'
+    echo 'find_package(ament_cmake REQUIRED)'
+    echo 'find_package(rosidl_default_generators REQUIRED)'
+    echo 'find_package(std_msgs REQUIRED)'
+    echo 'find_package(geometry_msgs REQUIRED)'
+    echo 'rosidl_generate_interfaces(${PROJECT_NAME}'
+    (cd "$src" && find msg -name '*.msg' | sort | sed 's/.*/  "&"/')
+    echo '  DEPENDENCIES std_msgs geometry_msgs)'
+    echo 'ament_export_dependencies(rosidl_default_runtime)'
+    echo 'ament_package()'
+  } >"$src/CMakeLists.txt"
+  build_if_changed vision_msgs "$src" "$VISION_CHECK"
+else
+  echo "ros_ws: vision_msgs is installed"
+fi
+
+# --- 3. refvlm_interfaces ---------------------------------------------------------
+build_if_changed refvlm_interfaces "$REPO/ros_ws/src/refvlm_interfaces" \
+  "from refvlm_interfaces.msg import RefResult; from refvlm_interfaces.srv import Query; from refvlm_interfaces.action import Ground"
+
+# --- 4. refvlm_ros (editable) ------------------------------------------------------
+if [[ -f ros_ws/src/refvlm_ros/setup.py ]]; then
+  if ! "$PY" -c "import refvlm_ros, sys; sys.exit(0 if '$REPO/ros_ws/src/refvlm_ros' in refvlm_ros.__file__ else 1)" 2>/dev/null; then
+    echo "ros_ws: installing refvlm_ros (editable)"
+    pip install --no-deps --no-build-isolation -e ros_ws/src/refvlm_ros >"$BUILD/refvlm_ros.log" 2>&1 \
+      || die "pip install -e ros_ws/src/refvlm_ros failed; see $BUILD/refvlm_ros.log"
+  fi
+fi
+echo "ros_ws: done"
