@@ -1,0 +1,168 @@
+"""The node graph as data: `launch/graph.yaml` read into `GraphSpec`s.
+
+The ROS 2 launch files (launch/*.launch.py) and `refvlm bringup` both build their nodes
+from these specs, so a robot started with `ros2 launch` and a laptop started with
+`refvlm bringup` run the same nodes with the same names, parameters and remappings.
+This module imports neither rclpy nor launch.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from refvlm_core.errors import ConfigError
+
+GRAPH_FILE_NAME = "graph.yaml"
+SHARE_LAUNCH_DIR = Path("share") / "refvlm" / "launch"  # where setup.py installs launch/
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """One node of a graph, as launch_ros.actions.Node would be given it."""
+
+    name: str
+    package: str
+    executable: str
+    node_class: str                      # "module:Class" for in-process bringup
+    namespace: str = ""
+    lifecycle: bool = False
+    params_files: tuple[Path, ...] = ()  # absolute, applied in order
+    parameters: dict[str, Any] = field(default_factory=dict)  # applied after the files
+    remappings: tuple[tuple[str, str], ...] = ()
+
+    def ros_args(self) -> list[str]:
+        """The `--ros-args` that `ros2 run` would get: name, namespace, remaps, files.
+
+        Inline parameters are not included: bringup passes them as typed overrides."""
+        args = ["--ros-args", "-r", f"__node:={self.name}"]
+        if self.namespace:
+            args += ["-r", f"__ns:={self.namespace}"]
+        for source, target in self.remappings:
+            args += ["-r", f"{source}:={target}"]
+        for params_file in self.params_files:
+            args += ["--params-file", str(params_file)]
+        return args
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    name: str
+    description: str
+    nodes: tuple[NodeSpec, ...]
+
+    def node(self, name: str) -> NodeSpec:
+        for spec in self.nodes:
+            if spec.name == name:
+                return spec
+        raise ConfigError(f"graph '{self.name}' has no node '{name}'; "
+                          f"it has {[spec.name for spec in self.nodes]}")
+
+
+def default_graph_file() -> Path:
+    """launch/graph.yaml of a source checkout, else of an installed share/refvlm/launch."""
+    checkout = Path(__file__).resolve().parents[4] / "launch" / GRAPH_FILE_NAME
+    candidates = [checkout]
+    prefixes = [sys.prefix] + os.environ.get("AMENT_PREFIX_PATH", "").split(os.pathsep)
+    candidates += [Path(p) / SHARE_LAUNCH_DIR / GRAPH_FILE_NAME for p in prefixes if p]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(
+        f"cannot find {GRAPH_FILE_NAME}; looked in {[str(c) for c in candidates]}. "
+        "Run from a source checkout or install the refvlm package (make setup).")
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"{path} does not exist; pass an existing YAML file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path} is not valid YAML: {error}") from error
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping at the top level")
+    return data
+
+
+def graph_names(graph_file: Path | None = None) -> list[str]:
+    graph_file = Path(graph_file) if graph_file else default_graph_file()
+    return sorted(_read_yaml(graph_file).get("graphs", {}))
+
+
+def _node_spec(entry: dict, base_dir: Path, extra_params: tuple[Path, ...]) -> NodeSpec:
+    required = ("name", "package", "executable", "node_class")
+    missing = [key for key in required if not entry.get(key)]
+    if missing:
+        raise ConfigError(f"node entry {entry} lacks {missing} in the graph file")
+    params_files = tuple((base_dir / f).resolve() for f in entry.get("params_files") or ())
+    for params_file in params_files:
+        if not params_file.is_file():
+            raise ConfigError(f"node '{entry['name']}' names params file {params_file}, "
+                              "which does not exist")
+    remappings = entry.get("remappings") or {}
+    return NodeSpec(
+        name=str(entry["name"]),
+        package=str(entry["package"]),
+        executable=str(entry["executable"]),
+        node_class=str(entry["node_class"]),
+        namespace=str(entry.get("namespace") or ""),
+        lifecycle=bool(entry.get("lifecycle", False)),
+        params_files=params_files + extra_params,
+        parameters=dict(entry.get("parameters") or {}),
+        remappings=tuple((str(k), str(v)) for k, v in remappings.items()),
+    )
+
+
+def load_graph(name: str, graph_file: Path | str | None = None,
+               params_file: Path | str | None = None) -> GraphSpec:
+    """The graph `name` of the graph file. `params_file` (a user's ROS parameter file,
+    keyed by node name) is applied to every node after the graph's own files, as the
+    launch files' `params_file` argument is."""
+    graph_file = Path(graph_file) if graph_file else default_graph_file()
+    graphs = _read_yaml(graph_file).get("graphs") or {}
+    if name not in graphs:
+        raise ConfigError(f"no graph '{name}' in {graph_file}; choose one of {sorted(graphs)}")
+    extra: tuple[Path, ...] = ()
+    if params_file:
+        params_path = Path(params_file).resolve()
+        _read_yaml(params_path)  # fail early, with the file's name, on a bad file
+        extra = (params_path,)
+    entry = graphs[name]
+    nodes = tuple(_node_spec(node, graph_file.parent, extra) for node in entry.get("nodes", ()))
+    if not nodes:
+        raise ConfigError(f"graph '{name}' in {graph_file} has no nodes")
+    names = [spec.name for spec in nodes]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"graph '{name}' has duplicate node names {names}")
+    return GraphSpec(name=name, description=str(entry.get("description", "")), nodes=nodes)
+
+
+def file_parameters(spec: NodeSpec) -> dict[str, Any]:
+    """The parameters the node's params files give it (its own section and `/**`),
+    later files winning, then the inline parameters: what the node should end up with."""
+    merged: dict[str, Any] = {}
+    fqn = f"{spec.namespace.rstrip('/')}/{spec.name}" if spec.namespace else f"/{spec.name}"
+    for params_file in spec.params_files:
+        data = _read_yaml(params_file)
+        for key in ("/**", spec.name, fqn, fqn.lstrip("/")):
+            section = data.get(key) or {}
+            merged.update(_flatten(section.get("ros__parameters") or {}))
+    merged.update(_flatten(spec.parameters))
+    return merged
+
+
+def _flatten(params: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested YAML parameters to ROS dotted names ({a: {b: 1}} -> {'a.b': 1})."""
+    flat: dict[str, Any] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat

@@ -1,0 +1,194 @@
+"""`refvlm_sim`: a camera that publishes SimWorld scenes, with their ground truth.
+
+Topics (all of one frame share one header: stamp and frame_id):
+    ~/image         sensor_msgs/Image rgb8                 sensor QoS
+    ~/depth         sensor_msgs/Image 32FC1 metres (REP-118, NaN = no surface)
+    ~/camera_info   sensor_msgs/CameraInfo (K, size, plumb_bob with zero distortion)
+    ~/ground_truth  std_msgs/String JSON: the scene's objects, boxes, 3D centres in the
+                    camera frame (reliable, depth 1, so a late subscriber gets the last)
+
+The camera looks at one layout; `motion` moves it (orbit around the point where its
+optical axis meets the ground, or dolly along that axis) so the node sees a changing view.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import rclpy
+from rcl_interfaces.msg import ParameterDescriptor
+from rclpy.node import Node
+from rclpy.qos import QoSDurabilityPolicy, QoSProfile, QoSReliabilityPolicy, qos_profile_sensor_data
+from sensor_msgs.msg import CameraInfo, Image
+from std_msgs.msg import Header, String
+
+from refvlm_core.errors import ConfigError
+
+MOTIONS = ("static", "orbit", "dolly")
+
+
+@dataclass
+class SimCameraConfig:
+    """The node's parameters (names, defaults and descriptions are declared from this)."""
+
+    rate_hz: float = 5.0         # frames per second
+    width: int = 320             # image width, pixels
+    height: int = 240            # image height, pixels
+    split: str = "val"           # SimWorld split: train, val or test
+    layout_index: int = 0        # which layout of the split
+    motion: str = "static"       # static | orbit | dolly
+    motion_speed: float = 0.2    # orbit: rad/s; dolly: m/s
+    frame_id: str = "sim_camera_optical_frame"
+
+    def validate(self) -> None:
+        if not 0.0 < self.rate_hz <= 120.0:
+            raise ConfigError(f"rate_hz must be in (0, 120], got {self.rate_hz}")
+        if not (16 <= self.width <= 4096 and 16 <= self.height <= 4096):
+            raise ConfigError(f"width and height must be in [16, 4096], got "
+                              f"{self.width}x{self.height}")
+        if self.motion not in MOTIONS:
+            raise ConfigError(f"motion must be one of {MOTIONS}, got '{self.motion}'")
+        if self.layout_index < 0:
+            raise ConfigError(f"layout_index must be >= 0, got {self.layout_index}")
+        if not self.frame_id:
+            raise ConfigError("frame_id must not be empty")
+
+
+PARAMETER_DESCRIPTIONS = {
+    "rate_hz": "frames published per second",
+    "width": "image width in pixels",
+    "height": "image height in pixels",
+    "split": "SimWorld split the layout comes from: train, val or test",
+    "layout_index": "index of the layout in the split (same index, same scene)",
+    "motion": "camera motion: static, orbit (around the looked-at point) or dolly (along the view axis)",
+    "motion_speed": "orbit: radians per second; dolly: metres per second",
+    "frame_id": "frame_id of every published header (a REP-103 optical frame)",
+}
+
+
+# -- camera motion (pure functions of time) ---------------------------------------------
+def ground_target(camera) -> np.ndarray:
+    """Where the optical axis meets the ground plane z = 0 (world [3]); 3 m ahead when it
+    does not point down."""
+    eye, forward = camera.position, camera.rotation[:, 2]
+    distance = -eye[2] / forward[2] if forward[2] < -1e-6 else 3.0
+    return eye + forward * distance
+
+
+def moved_camera(base, motion: str, speed: float, t: float):
+    """The base camera moved for `t` seconds: orbit about the vertical through its ground
+    target, or dolly back and forth (triangle wave, up to 30% of the distance)."""
+    from refvlm_training.simworld.camera import Camera
+
+    if motion == "static" or t == 0.0:
+        return base
+    target = ground_target(base)
+    offset = base.position - target
+    if motion == "orbit":
+        angle = speed * t
+        c, s = math.cos(angle), math.sin(angle)
+        offset = np.array([c * offset[0] - s * offset[1], s * offset[0] + c * offset[1], offset[2]])
+    else:  # dolly
+        reach = 0.3 * np.linalg.norm(offset)
+        phase = (speed * t / reach) % 4.0 if reach > 0 else 0.0
+        triangle = phase if phase < 1 else (2 - phase if phase < 3 else phase - 4)  # [-1, 1]
+        offset = offset * (1.0 - triangle * 0.3)
+    fov_x_deg = math.degrees(2.0 * math.atan(0.5 * base.width / base.fx))
+    return Camera.look_at(target + offset, target, base.width, base.height, fov_x_deg)
+
+
+# -- messages ---------------------------------------------------------------------------
+def image_message(pixels: np.ndarray, encoding: str, header: Header) -> Image:
+    """[H, W, 3] uint8 (rgb8) or [H, W] float32 (32FC1) -> Image, little endian, no padding."""
+    pixels = np.ascontiguousarray(pixels)
+    message = Image(header=header, height=pixels.shape[0], width=pixels.shape[1],
+                    encoding=encoding, is_bigendian=0)
+    message.step = pixels.shape[1] * pixels.itemsize * (pixels.shape[2] if pixels.ndim == 3 else 1)
+    message.data = pixels.tobytes()
+    return message
+
+
+def camera_info_message(camera, header: Header) -> CameraInfo:
+    fx, fy, cx, cy = camera.fx, camera.fy, camera.cx, camera.cy
+    return CameraInfo(
+        header=header, width=camera.width, height=camera.height,
+        distortion_model="plumb_bob", d=[0.0] * 5,
+        k=[fx, 0.0, cx, 0.0, fy, cy, 0.0, 0.0, 1.0],
+        r=[1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0],
+        p=[fx, 0.0, cx, 0.0, 0.0, fy, cy, 0.0, 0.0, 0.0, 1.0, 0.0])
+
+
+class SimCameraNode(Node):
+    """Publishes one SimWorld layout as a moving RGB-D camera."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__("sim_camera", **kwargs)
+        self.config = self._declare_config()
+        self.config.validate()
+        from refvlm_ros.sim_scenes import SimScenes
+
+        self.scenes = SimScenes(self.config.split, self.config.layout_index,
+                                self.config.width, self.config.height)
+        self._image_pub = self.create_publisher(Image, "~/image", qos_profile_sensor_data)
+        self._depth_pub = self.create_publisher(Image, "~/depth", qos_profile_sensor_data)
+        self._info_pub = self.create_publisher(CameraInfo, "~/camera_info", qos_profile_sensor_data)
+        latched = QoSProfile(depth=1, reliability=QoSReliabilityPolicy.RELIABLE,
+                             durability=QoSDurabilityPolicy.TRANSIENT_LOCAL)
+        self._truth_pub = self.create_publisher(String, "~/ground_truth", latched)
+        self._start = self.get_clock().now()
+        self._cached = None  # (rgb, depth, camera, truth) of a static camera: render once
+        self.frames_published = 0
+        self._timer = self.create_timer(1.0 / self.config.rate_hz, self.publish_frame)
+        self.get_logger().info(
+            f"SimWorld {self.config.split}[{self.config.layout_index}] at "
+            f"{self.config.width}x{self.config.height}, {self.config.rate_hz} Hz, "
+            f"motion {self.config.motion}")
+
+    def _declare_config(self) -> SimCameraConfig:
+        defaults = asdict(SimCameraConfig())
+        values = {}
+        for name, default in defaults.items():
+            descriptor = ParameterDescriptor(description=PARAMETER_DESCRIPTIONS[name])
+            values[name] = self.declare_parameter(name, default, descriptor).value
+        return SimCameraConfig(**values)
+
+    def render(self, t: float):
+        """(rgb [H, W, 3] uint8, depth [H, W] float32, camera, truth dict) at time t."""
+        if self.config.motion == "static" and self._cached is not None:
+            return self._cached
+        camera = moved_camera(self.scenes.base_camera, self.config.motion,
+                              self.config.motion_speed, t)
+        frame = self.scenes.render(camera)
+        if self.config.motion == "static":
+            self._cached = frame
+        return frame
+
+    def publish_frame(self) -> None:
+        now = self.get_clock().now()
+        t = (now - self._start).nanoseconds * 1e-9
+        rgb, depth, camera, truth = self.render(t)
+        header = Header(stamp=now.to_msg(), frame_id=self.config.frame_id)
+        truth = dict(truth, stamp={"sec": header.stamp.sec, "nanosec": header.stamp.nanosec},
+                     frame_id=header.frame_id)
+        self._truth_pub.publish(String(data=json.dumps(truth)))
+        self._info_pub.publish(camera_info_message(camera, header))
+        self._depth_pub.publish(image_message(depth.astype(np.float32), "32FC1", header))
+        self._image_pub.publish(image_message(rgb, "rgb8", header))
+        self.frames_published += 1
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point `refvlm_sim` (ros2 run refvlm_ros refvlm_sim)."""
+    rclpy.init(args=args)
+    node = None
+    try:
+        node = SimCameraNode()
+        rclpy.spin(node)
+    except (KeyboardInterrupt, rclpy.executors.ExternalShutdownException):
+        pass
+    finally:
+        if node is not None:
+            node.destroy_node()
+        rclpy.try_shutdown()
