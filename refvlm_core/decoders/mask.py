@@ -1,0 +1,67 @@
+"""MaskFormer-like mask decoder: an FPN pixel decoder builds a stride-4-ish mask feature
+map, the REF queries decode against the multi-scale memory, and each query's mask
+embedding dotted with the feature map gives its mask logits."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from refvlm_core.decoders.base import UnitDecoder, per_image, register_decoder
+from refvlm_core.decoders.layers import MLP, PixelDecoder, RefImageDecoder
+from refvlm_core.losses import connected_zero, dice_loss, sigmoid_focal_loss
+from refvlm_core.matching import grouped_hungarian, mask_cost, matched_predictions, matched_targets, pad_groups, pad_stack
+from refvlm_core.router import RoutedRefs, UnitTargets
+
+
+@register_decoder("mask")
+class MaskDecoder(UnitDecoder):
+    def __init__(self, llm_dim: int, pyramid_channels: Sequence[int], hidden_dim: int = 256, num_heads: int = 8,
+                 num_layers: int = 6, ffn_dim: int | None = None, memory_levels: int = 3,
+                 mask_dim: int | None = None, **kwargs: Any) -> None:
+        super().__init__(llm_dim, pyramid_channels, **kwargs)
+        mask_dim = mask_dim or hidden_dim
+        self.pixel_decoder = PixelDecoder(pyramid_channels, hidden_dim, mask_dim)
+        self.trunk = RefImageDecoder(llm_dim, pyramid_channels, hidden_dim, num_heads, num_layers,
+                                     ffn_dim or 4 * hidden_dim, memory_levels)
+        self.mask_embed = MLP(hidden_dim, hidden_dim, mask_dim, 3)
+
+    def forward(self, ref_embeddings: Tensor, ref_valid: Tensor, pyramid: Sequence[Tensor]) -> dict[str, Tensor]:
+        features = self.pixel_decoder(pyramid)                       # [B, mask_dim, H0, W0]
+        embeds = self.mask_embed(self.trunk(ref_embeddings, ref_valid, pyramid))  # [B, L, mask_dim]
+        return {"mask_logits": torch.einsum("blc,bchw->blhw", embeds, features)}  # [B, L, H0, W0]
+
+    def loss(self, outputs: dict[str, Tensor], routed: RoutedRefs, targets: list[UnitTargets]) -> dict[str, Tensor]:
+        masks = self.check_targets(routed, targets, "masks")
+        w, zero = self.weights, connected_zero(outputs)
+        names = ("loss_mask_focal", "loss_mask_dice")
+        if sum(t.count for t in targets) == 0 or not bool(routed.valid.any()):
+            return dict.fromkeys(names, zero)
+        logits = outputs["mask_logits"]  # [B, L, h, w]
+        size = logits.shape[-2:]
+        # Targets at the prediction's resolution (soft 0..1 at edges after area-style resize).
+        masks = [_resize(m.to(logits), size) if m is not None else logits.new_zeros(0, *size) for m in masks]
+        flat = [m.flatten(1) for m in masks]  # per image [M_b, h*w]
+        groups = [t.group_ids.to(logits.device) for t in targets]
+        cost = mask_cost(logits.detach().flatten(2), pad_stack(flat), w.mask_focal, w.mask_dice,
+                         w.focal_alpha, w.focal_gamma)
+        matches = grouped_hungarian(cost, routed.group_ids, pad_groups(groups))
+        src, tgt = matched_predictions(logits.flatten(2), matches), matched_targets(flat, matches)
+        num = max(src.shape[0], 1)
+        return {
+            "loss_mask_focal": w.mask_focal * sigmoid_focal_loss(src, tgt, num, w.focal_alpha, w.focal_gamma) + zero,
+            "loss_mask_dice": w.mask_dice * dice_loss(src, tgt, num) + zero,
+        }
+
+    def postprocess(self, outputs: dict[str, Tensor], routed: RoutedRefs) -> list[list[dict[str, Any]]]:
+        logits = outputs["mask_logits"].detach().float().cpu().numpy()
+        return per_image(routed, lambda b, l: {"mask_logits": logits[b, l]})
+
+
+def _resize(masks: Tensor, size: torch.Size) -> Tensor:
+    """[M, H, W] 0/1 -> [M, h, w] in [0, 1]."""
+    if masks.shape[-2:] == size or masks.shape[0] == 0:
+        return masks.reshape(masks.shape[0], *size) if masks.shape[0] == 0 else masks
+    return F.interpolate(masks[:, None], size=size, mode="bilinear", align_corners=False, antialias=True)[:, 0]

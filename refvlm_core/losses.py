@@ -1,0 +1,130 @@
+"""Decoder losses: box L1 + GIoU, mask focal + dice, keypoint L1 + visibility BCE, and the
+scale-invariant log depth loss (Eigen et al., 2014). Weights are ``LossWeights`` fields.
+
+Every function takes already-matched, flattened predictions and targets (see
+refvlm_core.matching) and returns an unweighted scalar; the decoders weight them.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from refvlm_core.errors import ConfigError
+from refvlm_core.geometry import cxcywh_to_xyxy, generalized_box_iou
+
+
+@dataclass
+class LossWeights:
+    """Loss weights (and the few loss constants). Field names match ModelConfig.loss_weights."""
+
+    lm: float = 1.0                    # used by the model's LM loss, kept here so the config maps 1:1
+    box_l1: float = 5.0
+    box_giou: float = 2.0
+    box_score: float = 1.0             # BCE of the box score towards the matched IoU
+    mask_focal: float = 20.0
+    mask_dice: float = 1.0
+    keypoint_l1: float = 1.0
+    keypoint_visibility: float = 1.0
+    depth_silog: float = 1.0
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    silog_lambda: float = 0.5          # 0: plain log MSE, 1: fully scale invariant (Eigen et al. use 0.5)
+
+    @classmethod
+    def coerce(cls, value: "LossWeights | Mapping[str, float] | None") -> "LossWeights":
+        """LossWeights from itself, a mapping of field names (e.g. ModelConfig.loss_weights) or None."""
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ConfigError(f"unknown loss weight(s) {unknown}: use names among {sorted(known)}")
+        return cls(**{k: float(v) for k, v in value.items()})
+
+
+def connected_zero(outputs: Mapping[str, Tensor]) -> Tensor:
+    """A zero that depends on every floating output, so each parameter gets a (zero) gradient.
+
+    Distributed data parallel waits for a gradient of every parameter: a decoder whose
+    unit has no targets in a batch must still be part of the graph.
+    """
+    parts = [value.sum() * 0.0 for value in outputs.values() if value.is_floating_point()]
+    return torch.stack(parts).sum()
+
+
+# ---- boxes -------------------------------------------------------------------------
+
+def box_l1_loss(pred: Tensor, target: Tensor, num_boxes: float) -> Tensor:
+    """pred, target [K, 4] cxcywh -> L1 summed over coordinates, averaged over boxes."""
+    return F.l1_loss(pred, target, reduction="sum") / num_boxes
+
+
+def box_giou_loss(pred: Tensor, target: Tensor, num_boxes: float) -> Tensor:
+    """pred, target [K, 4] cxcywh -> mean (1 - GIoU) over boxes."""
+    giou = torch.diag(generalized_box_iou(cxcywh_to_xyxy(pred), cxcywh_to_xyxy(target)))
+    return (1.0 - giou).sum() / num_boxes
+
+
+# ---- masks -------------------------------------------------------------------------
+
+def sigmoid_focal_loss(logits: Tensor, target: Tensor, num_masks: float,
+                       alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
+    """logits, target [K, P] (P pixels) -> focal loss averaged over pixels, summed over masks / num_masks."""
+    prob = logits.sigmoid()
+    ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    p_t = prob * target + (1 - prob) * (1 - target)
+    loss = ce * (1 - p_t) ** gamma
+    if alpha >= 0:
+        loss = (alpha * target + (1 - alpha) * (1 - target)) * loss
+    return loss.mean(dim=1).sum() / num_masks
+
+
+def dice_loss(logits: Tensor, target: Tensor, num_masks: float) -> Tensor:
+    """logits, target [K, P] -> mean (1 - soft dice) over masks."""
+    prob = logits.sigmoid()
+    numerator = 2 * (prob * target).sum(dim=1)
+    denominator = prob.sum(dim=1) + target.sum(dim=1)
+    return (1 - (numerator + 1) / (denominator + 1)).sum() / num_masks
+
+
+# ---- keypoints ---------------------------------------------------------------------
+
+def keypoint_l1_loss(pred_xy: Tensor, target: Tensor) -> Tensor:
+    """pred_xy [K, 17, 2], target [K, 17, 3] (x, y, v) -> L1 over labelled (v > 0) keypoints, per keypoint."""
+    labelled = (target[..., 2] > 0).to(pred_xy.dtype)  # [K, 17]
+    error = (pred_xy - target[..., :2]).abs().sum(dim=-1)  # [K, 17]
+    return (error * labelled).sum() / labelled.sum().clamp(min=1.0)
+
+
+def keypoint_visibility_loss(vis_logits: Tensor, target: Tensor) -> Tensor:
+    """vis_logits [K, 17], target [K, 17, 3] -> BCE of "labelled" (v > 0), mean over keypoints."""
+    return F.binary_cross_entropy_with_logits(vis_logits, (target[..., 2] > 0).to(vis_logits.dtype))
+
+
+# ---- depth -------------------------------------------------------------------------
+
+def silog_loss(pred: Tensor, target: Tensor, lam: float = 0.5, eps: float = 1e-6) -> Tensor:
+    """Scale-invariant log loss (Eigen et al., 2014) over valid pixels.
+
+    pred [K, h, w] metres (> 0), target [h, w] or [K, h, w] metres with NaN or <= 0 for
+    unknown. Per map: mean(d^2) - lam * mean(d)^2 with d = log pred - log target over its
+    valid pixels; averaged over maps that have any valid pixel (0 if none).
+    """
+    target = target.expand_as(pred)
+    valid = torch.isfinite(target) & (target > 0)
+    safe_target = torch.where(valid, target, torch.ones_like(target))
+    d = (torch.log(pred.clamp(min=eps)) - torch.log(safe_target)) * valid  # [K, h, w], 0 where invalid
+    count = valid.flatten(1).sum(dim=1)  # [K]
+    n = count.clamp(min=1).to(pred.dtype)
+    mean_sq = d.pow(2).flatten(1).sum(dim=1) / n
+    mean = d.flatten(1).sum(dim=1) / n
+    per_map = mean_sq - lam * mean.pow(2)
+    has_pixels = (count > 0).to(pred.dtype)
+    return (per_map * has_pixels).sum() / has_pixels.sum().clamp(min=1.0)
