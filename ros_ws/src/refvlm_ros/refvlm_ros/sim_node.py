@@ -25,6 +25,7 @@ from sensor_msgs.msg import CameraInfo, Image
 from std_msgs.msg import Header, String
 
 from refvlm_core.errors import ConfigError
+from refvlm_ros.image_conversions import array_to_image
 
 MOTIONS = ("static", "orbit", "dolly")
 
@@ -100,16 +101,6 @@ def moved_camera(base, motion: str, speed: float, t: float):
 
 
 # -- messages ---------------------------------------------------------------------------
-def image_message(pixels: np.ndarray, encoding: str, header: Header) -> Image:
-    """[H, W, 3] uint8 (rgb8) or [H, W] float32 (32FC1) -> Image, little endian, no padding."""
-    pixels = np.ascontiguousarray(pixels)
-    message = Image(header=header, height=pixels.shape[0], width=pixels.shape[1],
-                    encoding=encoding, is_bigendian=0)
-    message.step = pixels.shape[1] * pixels.itemsize * (pixels.shape[2] if pixels.ndim == 3 else 1)
-    message.data = pixels.tobytes()
-    return message
-
-
 def camera_info_message(camera, header: Header) -> CameraInfo:
     fx, fy, cx, cy = camera.fx, camera.fy, camera.cx, camera.cy
     return CameraInfo(
@@ -174,8 +165,8 @@ class SimCameraNode(Node):
                      frame_id=header.frame_id)
         self._truth_pub.publish(String(data=json.dumps(truth)))
         self._info_pub.publish(camera_info_message(camera, header))
-        self._depth_pub.publish(image_message(depth.astype(np.float32), "32FC1", header))
-        self._image_pub.publish(image_message(rgb, "rgb8", header))
+        self._depth_pub.publish(array_to_image(depth.astype(np.float32), "32FC1", header))
+        self._image_pub.publish(array_to_image(rgb, "rgb8", header))
         self.frames_published += 1
 
 
