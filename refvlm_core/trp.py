@@ -46,6 +46,8 @@ _TAG_RE = re.compile("|".join(re.escape(tag) for tag in TRP_TAGS))
 _INDEX_RE = re.compile(r"\[(\d+)\]")
 _PARTIAL_INDEX_RE = re.compile(r"\[\d*\Z")
 _MAX_INDEX_DIGITS = 9
+# Deeper nesting is ignored (with an error) so that results stay printable as JSON.
+MAX_NESTING = 32
 _SPACE = " \t\r\n"
 _TRUNCATED = " (the text ends there: truncated generation?)"
 
@@ -250,7 +252,7 @@ class _Parser:
 
     def run(self) -> TrpParse:
         text, stack = self.text, [_Frame(0)]
-        pos = 0
+        pos, too_deep = 0, 0
         while pos < self.end:
             tag = _TAG_RE.search(text, pos, self.end)
             if tag is None:
@@ -258,8 +260,15 @@ class _Parser:
                 break
             stack[-1].parts.append(text[pos:tag.start()])
             pos = tag.start()
-            if tag.group() == PHRASE_OPEN:
+            if tag.group() == PHRASE_OPEN and len(stack) > MAX_NESTING:
+                self.error(f"phrases nested more than {MAX_NESTING} deep: this <Phrase> is ignored", pos)
+                too_deep += 1
+                pos = tag.end()
+            elif tag.group() == PHRASE_OPEN:
                 stack.append(_Frame(pos))
+                pos = tag.end()
+            elif tag.group() == PHRASE_CLOSE and too_deep:
+                too_deep -= 1  # closes an ignored <Phrase>
                 pos = tag.end()
             elif tag.group() == PHRASE_CLOSE and len(stack) > 1:
                 pos = self.close_phrase(stack, tag.end())
@@ -358,6 +367,7 @@ class _Parser:
             probe = self.skip_space(pos)
             index: int | None = None
             match = _INDEX_RE.match(text, probe, self.end)
+            index_at = probe
             if match is not None:
                 index = self.index_value(match)
                 probe = self.skip_space(match.end())
@@ -374,7 +384,7 @@ class _Parser:
                 self.error("a <REF> without its index: write [i]<REF> with i counting from 0", probe)
             else:
                 break
-            self.check_index(index, refs, probe)
+            self.check_index(index, refs, index_at)
             refs.append(self.add_ref(index, probe, units, phrase))
             pos = probe + len(REF)
         if not refs:
