@@ -1,0 +1,1 @@
+"""SimWorld: a deterministic procedural scene generator with exact ground truth."""
