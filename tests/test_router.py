@@ -1,0 +1,64 @@
+"""Latent Embeddings Router: grouping by generated unit, composite blocks, padding, truncation."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from refvlm_core.errors import InputError
+from refvlm_core.router import route
+
+
+def embeddings(*counts: int, dim: int = 6) -> list[torch.Tensor]:
+    """Per image [n, dim], row i filled with i + 1 + 100 * image so rows are recognisable."""
+    return [(torch.arange(n, dtype=torch.float32)[:, None] + 1 + 100 * b).expand(n, dim).clone()
+            for b, n in enumerate(counts)]
+
+
+def test_groups_by_generated_unit_with_composite_blocks():
+    # image 0: "<Unit>box</Unit>[0]<REF>[1]<REF>", "<Unit>box,mask</Unit>[0]<REF>", "<Unit>keypoint</Unit>[0]<REF>"
+    ref_units = [[("box",), ("box",), ("box", "mask"), ("keypoint",)], [("mask",)]]
+    ref_groups = [[0, 0, 1, 2], [0]]
+    routed = route(embeddings(4, 1), ref_units, ref_groups, units=("box", "mask", "keypoint", "depth"), max_refs=5)
+    assert set(routed) == {"box", "mask", "keypoint", "depth"}
+    box = routed["box"]
+    assert box.embeddings.shape == (2, 5, 6)
+    assert box.ordinals.tolist() == [[0, 1, 2, -1, -1], [-1] * 5]
+    assert box.group_ids.tolist() == [[0, 0, 1, -1, -1], [-1] * 5]
+    assert box.embeddings[0, :3, 0].tolist() == [1.0, 2.0, 3.0] and box.embeddings[0, 3:].abs().sum() == 0
+    mask = routed["mask"]
+    assert mask.ordinals.tolist() == [[2, -1, -1, -1, -1], [0, -1, -1, -1, -1]]
+    assert mask.embeddings[1, 0, 0] == 101.0
+    assert routed["keypoint"].group_ids[0, 0] == 2 and routed["keypoint"].num_refs == 1
+    depth = routed["depth"]  # requested but unused: all padding, still the full shape
+    assert depth.embeddings.shape == (2, 5, 6) and not depth.valid.any()
+    assert (box.valid == (box.ordinals >= 0)).all()
+
+
+def test_truncates_to_max_refs_with_a_warning():
+    with pytest.warns(UserWarning, match="exceed max_refs=3"):
+        routed = route(embeddings(5), [[("box",)] * 5], [[0] * 5], units=("box",), max_refs=3)
+    assert routed["box"].ordinals.tolist() == [[0, 1, 2]]
+
+
+def test_unknown_unit_is_dropped_with_a_warning():
+    with pytest.warns(UserWarning, match="polygon"):
+        routed = route(embeddings(2), [[("polygon",), ("box",)]], [[0, 1]], units=("box",), max_refs=2)
+    assert routed["box"].ordinals.tolist() == [[1, -1]]
+
+
+def test_gradient_flows_back_to_the_llm_embeddings():
+    source = torch.randn(3, 4, requires_grad=True)
+    routed = route([source], [[("box",), ("mask",), ("box", "mask")]], [[0, 1, 2]], units=("box", "mask"), max_refs=4)
+    (routed["box"].embeddings.sum() + 2 * routed["mask"].embeddings.sum()).backward()
+    assert source.grad[:, 0].tolist() == [1.0, 2.0, 3.0]
+
+
+def test_bad_inputs_are_clear_errors():
+    with pytest.raises(InputError, match="one entry per image"):
+        route(embeddings(1, 1), [[("box",)]], [[0]], units=("box",))
+    with pytest.raises(InputError, match="each <REF> needs one"):
+        route(embeddings(2), [[("box",)]], [[0]], units=("box",))
+    with pytest.raises(InputError, match="tuples of names"):
+        route(embeddings(1), [["box"]], [[0]], units=("box",))
+    with pytest.raises(InputError, match="max_refs"):
+        route(embeddings(1), [[("box",)]], [[0]], units=("box",), max_refs=0)
