@@ -144,6 +144,7 @@ def rasterize(prompt: VisualPrompt, image_hw: tuple[int, int], out_hw: tuple[int
               point_radius: float = DEFAULT_POINT_RADIUS,
               scribble_width: float = DEFAULT_SCRIBBLE_WIDTH) -> np.ndarray:
     """Prompt in pixels of an ``image_hw`` image -> [h, w] bool over the whole image."""
+    _check_grid(out_hw)
     validate(prompt, *image_hw)
     out_h, out_w = out_hw
     if prompt.kind == "mask":
@@ -158,11 +159,17 @@ def rasterize_in_model_frame(prompt: VisualPrompt, letterbox: Letterbox, out_siz
                              point_radius: float = DEFAULT_POINT_RADIUS,
                              scribble_width: float = DEFAULT_SCRIBBLE_WIDTH) -> np.ndarray:
     """Prompt in original pixels -> [out, out] bool over the letterboxed model frame."""
+    _check_grid((out_size, out_size))
     validate(prompt, letterbox.height, letterbox.width)
     if prompt.kind == "mask":
         return _threshold_never_empty(letterbox.mask_coverage_to_model(prompt.mask, out_size))
     cells = letterbox.points_to_model(prompt.points) * (out_size / letterbox.size)  # [N, 2] out cells
     return _rasterize_points(prompt.kind, cells, (out_size, out_size), point_radius, scribble_width)
+
+
+def _check_grid(out_hw: tuple[int, int]) -> None:
+    if len(out_hw) != 2 or any(int(n) != n or n < 1 for n in out_hw):
+        raise InputError(f"rasterisation grid must be two positive integers (h, w), got {out_hw!r}")
 
 
 def _rasterize_points(kind: str, points: np.ndarray, out_hw: tuple[int, int],

@@ -146,6 +146,13 @@ def test_tiny_prompts_mark_the_cell_under_them(prompt):
     assert out.sum() == 1 and out[4, 4]
 
 
+def test_bad_grids_are_refused():
+    with pytest.raises(InputError, match="positive integers"):
+        rasterize(VisualPrompt.point(1, 1), (10, 10), (0, 4))
+    with pytest.raises(InputError, match="positive integers"):
+        rasterize_in_model_frame(VisualPrompt.point(1, 1), Letterbox.fit(10, 10, 32), 2.5)
+
+
 def test_prompts_on_the_border_stay_on_the_grid():
     out = rasterize(VisualPrompt.point(-0.5, 100.8), (100, 100), (10, 10), point_radius=0.2)
     assert out.sum() == 1 and out[9, 0]
