@@ -440,7 +440,11 @@ def parse(text: str, strict: bool = False, units: Iterable[str] | None = None) -
     if not isinstance(text, str):
         raise InputError(f"TRP text must be a str, got {type(text).__name__}")
     if isinstance(units, str):
-        units = [u for u in units.split(",")]
+        units = units.split(",")
+    if units is not None:
+        units = list(units)
+        if not all(isinstance(name, str) for name in units):
+            raise InputError(f"units must be unit names (str) such as ['box', 'mask'], got {units!r}")
     result = _Parser(text, units).run()
     if strict and result.errors:
         first = result.errors[0]

@@ -192,6 +192,8 @@ def test_deep_nesting_is_bounded_and_printable():
 def test_non_str_input_is_a_clear_error():
     with pytest.raises(InputError, match="must be a str"):
         trp.parse(b"<REF>")  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="units must be unit names"):
+        trp.parse("<REF>", units=["box", 3])  # type: ignore[list-item]
 
 
 def test_from_dict_rejects_foreign_dicts():
