@@ -28,7 +28,8 @@ class DepthDecoder(UnitDecoder):
         self.min_depth = float(min_depth)
         self.pixel_decoder = PixelDecoder(pyramid_channels, hidden_dim, hidden_dim)
         self.film = nn.Sequential(nn.LayerNorm(llm_dim), nn.Linear(llm_dim, 2 * hidden_dim))
-        nn.init.zeros_(self.film[1].weight)  # start as the identity modulation
+        nn.init.normal_(self.film[1].weight, std=0.02)  # start near the identity modulation (not at it: the
+        # embeddings must get a gradient from the first step)
         nn.init.zeros_(self.film[1].bias)
         self.head = nn.Sequential(nn.Conv2d(hidden_dim, hidden_dim, 3, padding=1), nn.ReLU(),
                                   nn.Conv2d(hidden_dim, 1, 1))
