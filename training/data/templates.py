@@ -250,7 +250,7 @@ MULTI_TASK_SYSTEM = ("You are a visual assistant. Answer each request in the for
 # Fixed evaluation prompts, one per task, never sampled in training (our own wording,
 # following the slot layout of the paper's evaluation table).
 EVAL_TEMPLATES: dict[str, str] = {
-    "caption": "Describe this image in one sentence.",
+    "caption": "Please describe the image in one short sentence.",
     "vqa": "{question} Answer with a single word or phrase.",
     "rec": "Please locate {phrase} in the image with a bounding box.",
     "res": "Please segment {phrase} in the image with a mask.",
@@ -303,9 +303,10 @@ def _fill(task: str, template: str, slots: dict[str, str]) -> str:
     return template.format_map(values)
 
 
+@lru_cache(maxsize=None)
 def user_prompt_templates(task: str) -> tuple[str, ...]:
-    """Every training phrasing of a task, slots unfilled."""
-    return _templates(check_task(task))
+    """Every training phrasing of a task, slots unfilled; never the evaluation prompt."""
+    return tuple(t for t in _templates(check_task(task)) if t != EVAL_TEMPLATES[task])
 
 
 def render_user_prompt(task: str, rng: random.Random | np.random.Generator, **slots: str) -> str:
@@ -326,3 +327,53 @@ def all_user_prompts(task: str, **slots: str) -> list[str]:
 def eval_prompt(task: str, **slots: str) -> str:
     """The fixed evaluation prompt of ``task`` (never used for training)."""
     return _fill(task, EVAL_TEMPLATES[check_task(task)], slots)
+
+
+# ------------------------------------------------------------------- stage 1 variant
+
+def box_text(box: np.ndarray, height: int, width: int, decimals: int = 2) -> str:
+    """[4] xyxy pixels -> "[0.12,0.30,0.55,0.80]" normalised to the image (Shikra style)."""
+    scale = np.array([width, height, width, height], dtype=np.float64)
+    values = np.clip(np.asarray(box, dtype=np.float64) / scale, 0.0, 1.0)
+    return "[" + ",".join(f"{v:.{decimals}f}" for v in values) + "]"
+
+
+def _target_boxes(target) -> np.ndarray | None:
+    if target.boxes is not None:
+        return target.boxes
+    if target.masks is not None:
+        boxes = []
+        for mask in target.masks:
+            ys, xs = np.nonzero(mask)
+            boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1] if len(xs) else [0, 0, 0, 0])
+        return np.asarray(boxes, dtype=np.float32)
+    return None
+
+
+def _stage1_text(text: str, targets: list, height: int, width: int, decimals: int) -> str:
+    parsed = trp.parse(text, strict=True)
+    blocks = parsed.blocks()
+    if len(blocks) != len(targets):
+        raise InputError(f"answer has {len(blocks)} unit blocks but {len(targets)} targets: {text[:80]!r}")
+    coords = {block.span[0]: _target_boxes(target) for (_, block), target in zip(blocks, targets)}
+    out, cursor = [], 0
+    for group in sorted(parsed.groups, key=lambda g: g.span[0]):
+        spans = sorted(start for start in coords if group.span[0] <= start < group.span[1])
+        boxes = [coords[start] for start in spans if coords[start] is not None]
+        coord_text = ";".join(box_text(b, height, width, decimals) for arr in boxes for b in arr)
+        out += [text[cursor:group.span[0]], group.text + (f" {coord_text}" if coord_text else "")]
+        cursor = group.span[1]
+    out.append(text[cursor:])
+    return "".join(out)
+
+
+def to_stage1(sample, decimals: int = 2):
+    """Stage-1 copy of a Sample: every unit block becomes normalised box coordinates in
+    the text ("the dog [0.12,0.30,0.55,0.80]"), or just its phrase when the block has no
+    box or mask (depth); no RefTargets remain, so no <REF> is trained."""
+    from refvlm_core.sample import Sample, Turn  # local: keep this module light
+    height, width = sample.image.shape[:2]
+    turns = [Turn(t.role, _stage1_text(t.text, t.targets, height, width, decimals) if t.role == "assistant" else t.text)
+             for t in sample.turns]
+    return Sample(id=sample.id, image=sample.image, turns=turns, task=sample.task,
+                  visual_prompts=list(sample.visual_prompts), depth=None, system=sample.system)
