@@ -132,17 +132,29 @@ class Bringup:
             node.trigger_deactivate()
             node.trigger_cleanup()
         self._active.clear()
+        if self._executor is not None:
+            for node in self._executor.get_nodes():
+                self._executor.remove_node(node)  # no new callbacks from here on
         self._stop.set()
         if self._spin_thread is not None:
             self._spin_thread.join(timeout=5.0)
             self._spin_thread = None
         if self._executor is not None:
+            self._wait_for_running_callbacks(timeout=5.0)
             self._executor.shutdown(timeout_sec=5.0)
             self._executor = None
         for node in self._nodes.values():
             node.destroy_node()
         self._nodes.clear()
         self.context.try_shutdown()
+
+    def _wait_for_running_callbacks(self, timeout: float) -> None:
+        """Let callbacks already handed to the thread pool finish before their nodes are
+        destroyed (Executor.shutdown does not wait for them in rclpy 7)."""
+        deadline = time.monotonic() + timeout
+        running = getattr(self._executor, "_futures", [])
+        while any(not task.done() for task in list(running)) and time.monotonic() < deadline:
+            time.sleep(0.01)
 
     def __enter__(self) -> "Bringup":
         return self.start()

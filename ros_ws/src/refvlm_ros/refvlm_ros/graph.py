@@ -143,13 +143,15 @@ def load_graph(name: str, graph_file: Path | str | None = None,
 
 
 def file_parameters(spec: NodeSpec) -> dict[str, Any]:
-    """The parameters the node's params files give it (its own section and `/**`),
-    later files winning, then the inline parameters: what the node should end up with."""
+    """The parameters the node's params files give it, later files winning, then the
+    inline parameters: what the node should end up with. Sections match as in rcl: by
+    fully qualified name (leading slash optional), `/**` and `/**/name`."""
     merged: dict[str, Any] = {}
-    fqn = f"{spec.namespace.rstrip('/')}/{spec.name}" if spec.namespace else f"/{spec.name}"
+    namespace = "/" + spec.namespace.strip("/") if spec.namespace.strip("/") else ""
+    fqn = f"{namespace}/{spec.name}"
     for params_file in spec.params_files:
         data = _read_yaml(params_file)
-        for key in ("/**", spec.name, fqn, fqn.lstrip("/")):
+        for key in ("/**", f"/**/{spec.name}", fqn, fqn.lstrip("/")):
             section = data.get(key) or {}
             merged.update(_flatten(section.get("ros__parameters") or {}))
     merged.update(_flatten(spec.parameters))

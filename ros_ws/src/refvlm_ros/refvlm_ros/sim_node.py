@@ -7,8 +7,8 @@ Topics (all of one frame share one header: stamp and frame_id):
     ~/ground_truth  std_msgs/String JSON: the scene's objects, boxes, 3D centres in the
                     camera frame (reliable, depth 1, so a late subscriber gets the last)
 
-The camera looks at one layout; `motion` moves it (orbit around the point where its
-optical axis meets the ground, or dolly along that axis) so the node sees a changing view.
+The camera looks at one layout; `motion` moves it (orbit around the point it looks at,
+or dolly along its view axis) so the node sees a changing view.
 """
 from __future__ import annotations
 
@@ -70,32 +70,24 @@ PARAMETER_DESCRIPTIONS = {
 
 
 # -- camera motion (pure functions of time) ---------------------------------------------
-def ground_target(camera) -> np.ndarray:
-    """Where the optical axis meets the ground plane z = 0 (world [3]); 3 m ahead when it
-    does not point down."""
-    eye, forward = camera.position, camera.rotation[:, 2]
-    distance = -eye[2] / forward[2] if forward[2] < -1e-6 else 3.0
-    return eye + forward * distance
-
-
-def moved_camera(base, motion: str, speed: float, t: float):
-    """The base camera moved for `t` seconds: orbit about the vertical through its ground
-    target, or dolly back and forth (triangle wave, up to 30% of the distance)."""
+def moved_camera(base, target: np.ndarray, motion: str, speed: float, t: float):
+    """The base camera moved for `t` seconds, still looking at `target` (world [3]):
+    orbit about the vertical through it, or dolly back and forth (triangle wave, up to
+    30% of the distance)."""
     from refvlm_training.simworld.camera import Camera
 
     if motion == "static" or t == 0.0:
         return base
-    target = ground_target(base)
     offset = base.position - target
     if motion == "orbit":
         angle = speed * t
         c, s = math.cos(angle), math.sin(angle)
         offset = np.array([c * offset[0] - s * offset[1], s * offset[0] + c * offset[1], offset[2]])
     else:  # dolly
-        reach = 0.3 * np.linalg.norm(offset)
+        reach = 0.3 * float(np.linalg.norm(offset))  # metres of travel for triangle = 1
         phase = (speed * t / reach) % 4.0 if reach > 0 else 0.0
         triangle = phase if phase < 1 else (2 - phase if phase < 3 else phase - 4)  # [-1, 1]
-        offset = offset * (1.0 - triangle * 0.3)
+        offset = offset * (1.0 - 0.3 * triangle)
     fov_x_deg = math.degrees(2.0 * math.atan(0.5 * base.width / base.fx))
     return Camera.look_at(target + offset, target, base.width, base.height, fov_x_deg)
 
@@ -116,12 +108,16 @@ class SimCameraNode(Node):
 
     def __init__(self, **kwargs) -> None:
         super().__init__("sim_camera", **kwargs)
-        self.config = self._declare_config()
-        self.config.validate()
-        from refvlm_ros.sim_scenes import SimScenes
+        try:
+            self.config = self._declare_config()
+            self.config.validate()
+            from refvlm_ros.sim_scenes import SimScenes
 
-        self.scenes = SimScenes(self.config.split, self.config.layout_index,
-                                self.config.width, self.config.height)
+            self.scenes = SimScenes(self.config.split, self.config.layout_index,
+                                    self.config.width, self.config.height)
+        except Exception:
+            self.destroy_node()  # do not leave a half-made node on the graph
+            raise
         self._image_pub = self.create_publisher(Image, "~/image", qos_profile_sensor_data)
         self._depth_pub = self.create_publisher(Image, "~/depth", qos_profile_sensor_data)
         self._info_pub = self.create_publisher(CameraInfo, "~/camera_info", qos_profile_sensor_data)
@@ -149,7 +145,7 @@ class SimCameraNode(Node):
         """(rgb [H, W, 3] uint8, depth [H, W] float32, camera, truth dict) at time t."""
         if self.config.motion == "static" and self._cached is not None:
             return self._cached
-        camera = moved_camera(self.scenes.base_camera, self.config.motion,
+        camera = moved_camera(self.scenes.base_camera, self.scenes.target, self.config.motion,
                               self.config.motion_speed, t)
         frame = self.scenes.render(camera)
         if self.config.motion == "static":
