@@ -44,23 +44,23 @@ def grouped_hungarian(cost: Tensor, pred_group: Tensor, target_group: Tensor) ->
     k = min(cost.shape[1], cost.shape[2])
     big = 2.0 * k * masked.abs().amax(dim=(1, 2), keepdim=True) + 1.0  # [B, 1, 1]
     masked = torch.where(same, cost64, big)
-    return [_solve_image(c, p, t, s) for c, p, t, s in zip(masked.cpu().numpy(), pred_group.cpu().numpy(),
-                                                            target_group.cpu().numpy(), same.cpu().numpy())]
+    rows_used = same.any(dim=2)  # [B, N]: rows whose group has targets (others can only take cross pairs)
+    cols_used = same.any(dim=1)  # [B, M]
+    host = (masked.cpu().numpy(), same.cpu().numpy(), rows_used.cpu().numpy(), cols_used.cpu().numpy())
+    return [_solve_image(*per_image) for per_image in zip(*host)]
 
 
-def _solve_image(cost: np.ndarray, pred_group: np.ndarray, target_group: np.ndarray, same: np.ndarray) -> Match:
-    # Rows/columns whose group has no partner can only take cross pairs: drop them first.
-    rows = np.flatnonzero((pred_group >= 0) & np.isin(pred_group, target_group))
-    cols = np.flatnonzero((target_group >= 0) & np.isin(target_group, pred_group))
-    if rows.size == 0 or cols.size == 0:
+def _solve_image(cost: np.ndarray, same: np.ndarray, rows_used: np.ndarray, cols_used: np.ndarray) -> Match:
+    rows, cols = np.flatnonzero(rows_used), np.flatnonzero(cols_used)
+    if rows.size == 0:
         empty = torch.zeros(0, dtype=torch.long)
         return empty, empty.clone()
     r, c = linear_sum_assignment(cost[np.ix_(rows, cols)])
     pred_idx, tgt_idx = rows[r], cols[c]
-    keep = same[pred_idx, tgt_idx]
-    order = np.argsort(pred_idx[keep], kind="stable")
-    return (torch.as_tensor(pred_idx[keep][order], dtype=torch.long),
-            torch.as_tensor(tgt_idx[keep][order], dtype=torch.long))
+    keep = same[pred_idx, tgt_idx]  # drop the forced cross-group pairs
+    pred_idx, tgt_idx = pred_idx[keep], tgt_idx[keep]
+    order = np.argsort(pred_idx, kind="stable")
+    return torch.as_tensor(pred_idx[order]), torch.as_tensor(tgt_idx[order])
 
 
 # ---- pairwise costs, batched: [B, N, ...] x [B, M, ...] -> [B, N, M] -------------------
