@@ -194,7 +194,7 @@ class Cylinder(Primitive):
                 t = (cap_z - o[2]) / dz
                 rho2 = (o[0] + t * dx) ** 2 + (o[1] + t * dy) ** 2
                 t_caps.append(np.where((t > EPS) & (rho2 <= self.radius ** 2), t, np.inf))
-        return np.nan_to_num(np.minimum(t_side, np.minimum(*t_caps)), nan=np.inf)
+        return np.nan_to_num(np.minimum(t_side, np.minimum(*t_caps)), nan=np.inf, posinf=np.inf)
 
     def normal(self, points):
         local = points - self.base
@@ -242,7 +242,7 @@ class Cone(Primitive):
             t = -o[2] / dz
             rho2 = (o[0] + t * dx) ** 2 + (o[1] + t * dy) ** 2
             t_base = np.where((t > EPS) & (rho2 <= self.radius ** 2), t, np.inf)
-        return np.nan_to_num(np.minimum(t_side, t_base), nan=np.inf)
+        return np.nan_to_num(np.minimum(t_side, t_base), nan=np.inf, posinf=np.inf)
 
     def normal(self, points):
         local = points - self.base
