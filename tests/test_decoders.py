@@ -228,3 +228,39 @@ def test_registry_errors_and_replacement(point_unit):
         build_decoder("box", LLM_DIM, CHANNELS, hidden_size=3)
     with pytest.raises(ConfigError, match="unknown loss weight"):
         build_decoder("box", LLM_DIM, CHANNELS, loss_weights={"box_l2": 1.0}, **SMALL["box"])
+
+
+# ---- ONNX (dynamo exporter, dynamic B and L) ---------------------------------------
+
+class _Positional(torch.nn.Module):
+    """Flat tensor arguments around a decoder, the way an exporter sees it."""
+
+    def __init__(self, decoder: UnitDecoder) -> None:
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(self, embeddings, valid, p0, p1, p2):
+        return tuple(self.decoder(embeddings, valid, [p0, p1, p2]).values())
+
+
+@pytest.mark.parametrize("unit", BUILTIN)
+def test_exports_to_onnx_with_dynamic_batch_and_length(unit, tmp_path):
+    pytest.importorskip("onnxscript")
+    ort = pytest.importorskip("onnxruntime")
+    model = _Positional(make_decoder(unit).eval())
+    batch, length = torch.export.Dim("B"), torch.export.Dim("L")
+    example = (torch.randn(2, 8, LLM_DIM), torch.arange(8)[None].expand(2, 8) < torch.tensor([[3], [0]]),
+               *make_pyramid(batch=2))
+    path = tmp_path / f"{unit}.onnx"
+    torch.onnx.export(model, example, str(path), dynamo=True, verbose=False,
+                      dynamic_shapes=({0: batch, 1: length}, {0: batch, 1: length}, {0: batch}, {0: batch}, {0: batch}))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    # other B and L than exported with; image 1 fully padded
+    inputs = (torch.randn(3, 5, LLM_DIM), torch.tensor([[True] * 5, [False] * 5, [True, False, True, False, False]]),
+              *make_pyramid(batch=3, seed=1))
+    got = session.run(None, {i.name: x.numpy() for i, x in zip(session.get_inputs(), inputs)})
+    with torch.no_grad():
+        expected = model(*inputs)
+    for onnx_out, torch_out in zip(got, expected):
+        assert onnx_out.shape == tuple(torch_out.shape) and np.isfinite(onnx_out).all()
+        assert np.abs(onnx_out - torch_out.numpy()).max() < 1e-4
