@@ -1,22 +1,57 @@
-"""`refvlm demo`: the main job on the shipped default (see README)."""
+"""`refvlm demo` (= `make demo`): the simulated camera and the perception node, asked
+questions through the Query service as a robot would (refvlm_ros.demo)."""
 from __future__ import annotations
+
+from pathlib import Path
+
+from refvlm_core.errors import ConfigError, RefVLMError
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "demo",
-        help="run the main job on the shipped default model",
-        description="Runs the full pipeline that exists so far on the shipped default.",
+        help="bring up the sim camera + node and ask it questions (the main job)",
+        description="Brings up the simulated camera and the perception node with the "
+                    "shipped default model, asks questions through the Query service, "
+                    "prints answers with 3D positions next to the simulator's ground "
+                    "truth, and writes overlay PNGs.",
     )
+    parser.add_argument("--out", type=Path, default=Path("outputs/demo"),
+                        help="folder for overlay PNGs and answers.json (default: outputs/demo)")
+    parser.add_argument("--ask", action="append", default=None, metavar="QUESTION",
+                        help="ask this instead of the default questions (repeatable)")
+    parser.add_argument("--layout", type=int, default=None,
+                        help="SimWorld test layout index (default: first showing every target)")
+    parser.add_argument("--size", default="320x240", help="camera WIDTHxHEIGHT (default 320x240)")
+    parser.add_argument("--timeout", type=float, default=100.0,
+                        help="give up after this many seconds (default 100)")
     parser.set_defaults(func=run)
 
 
-def run(args) -> int:
-    from refvlm_core import trp
+def _size(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ConfigError(f"--size {text!r}: write WIDTHxHEIGHT, e.g. 320x240") from None
+    return width, height
 
-    example = "<Phrase>capybaras</Phrase> (<Unit>box</Unit>[0]<REF>[1]<REF>)"
-    parsed = trp.parse(example)
-    print("TRP example:", example)
-    print(parsed.to_json(indent=2))
-    print("The model is not built yet: this demo only exercises the TRP grammar.")
-    return 0
+
+def run(args) -> int:
+    try:
+        import rclpy  # noqa: F401
+        from refvlm_interfaces.srv import Query  # noqa: F401
+        from refvlm_ros import demo
+        from refvlm_ros.node import RefVLMNode  # noqa: F401
+    except ImportError as error:
+        raise RefVLMError(
+            f"the ROS 2 parts of the demo are missing ({error}). Run `make setup` (installs "
+            "rclpy from PyPI and builds the interfaces with ros_ws/build.sh), or source a ROS "
+            "2 Jazzy install. `refvlm trp parse` and the library work without ROS.") from error
+    width, height = _size(args.size)
+    questions = demo.DEFAULT_QUESTIONS
+    if args.ask:
+        questions = tuple(demo.DemoQuestion(q, target="") for q in args.ask)
+    config = demo.DemoConfig(out_dir=args.out, questions=questions, width=width, height=height,
+                             layout_index=args.layout, timeout_s=args.timeout)
+    rows = demo.run_demo(config)
+    return 0 if all(row.success for row in rows) else 1
