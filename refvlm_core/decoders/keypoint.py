@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from refvlm_core.decoders.base import UnitDecoder, per_image, register_decoder

@@ -62,6 +62,8 @@ class MaskDecoder(UnitDecoder):
 
 def _resize(masks: Tensor, size: torch.Size) -> Tensor:
     """[M, H, W] 0/1 -> [M, h, w] in [0, 1]."""
-    if masks.shape[-2:] == size or masks.shape[0] == 0:
-        return masks.reshape(masks.shape[0], *size) if masks.shape[0] == 0 else masks
+    if masks.shape[0] == 0:
+        return masks.new_zeros(0, *size)
+    if masks.shape[-2:] == size:
+        return masks
     return F.interpolate(masks[:, None], size=size, mode="bilinear", align_corners=False, antialias=True)[:, 0]
