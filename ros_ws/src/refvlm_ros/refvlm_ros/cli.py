@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import time
 from pathlib import Path
 
@@ -29,6 +30,10 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         from refvlm_ros.bringup import Bringup
@@ -40,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
     if args.duration is not None and args.duration <= 0:
         raise ConfigError(f"--duration must be positive, got {args.duration}")
     graph = load_graph(args.graph, args.graph_file, args.params)
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` shuts down as cleanly as Ctrl-C
     with Bringup(graph) as bringup:
         names = ", ".join(bringup.nodes)
         print(f"bringup {graph.name}: running {names} (Ctrl-C to stop)", flush=True)

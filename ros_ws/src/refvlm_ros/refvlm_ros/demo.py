@@ -87,8 +87,10 @@ def default_model() -> ModelChoice:
 
 
 def pick_layout(split: str, targets: set[str], width: int, height: int,
-                max_index: int = 200, min_pixels: int = 150) -> int:
-    """The first layout of `split` in which every target name is visible."""
+                max_index: int = 200, min_fraction: float = 0.002) -> int:
+    """The first layout of `split` in which every target name covers at least
+    `min_fraction` of the image."""
+    min_pixels = min_fraction * width * height
     from refvlm_ros.sim_scenes import SimScenes, object_name
 
     from refvlm_training.simworld.world import SimWorldConfig, make_layout
