@@ -26,5 +26,6 @@ setup(
         ("share/ament_index/resource_index/packages", ["resource/refvlm"]),
         ("share/refvlm", ["package.xml"]),
         ("share/refvlm/launch", glob("launch/*.py") + glob("launch/*.yaml")),
+        ("share/refvlm/launch/params", glob("launch/params/*.yaml")),
     ],
 )
