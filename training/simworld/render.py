@@ -77,10 +77,11 @@ class Scene:
 
 def render_layout(layout: Layout, camera: Camera) -> Scene:
     primitives = layout.primitives()
-    depth, hit_index = cast(primitives, camera)
+    rays = camera.pixel_rays()
+    depth, hit_index = cast(primitives, camera, rays)
     instance_of = np.array([p.instance_id for p in primitives] + [0], dtype=np.int32)
     instance_ids = instance_of[hit_index]  # index -1 (sky) picks the trailing 0
-    rgb = shade(primitives, hit_index, depth, camera, layout)
+    rgb = shade(primitives, hit_index, depth, camera, layout, rays)
     scene = Scene(rgb, depth.astype(np.float32), instance_ids, layout.objects, camera, layout)
     offset = len(layout.background())
     for obj in layout.objects:
@@ -90,13 +91,15 @@ def render_layout(layout: Layout, camera: Camera) -> Scene:
     return scene
 
 
-def cast(primitives: list[Primitive], camera: Camera) -> tuple[np.ndarray, np.ndarray]:
-    """Depth [H, W] float64 (+inf on a miss) and the index of the primitive hit [H, W] (-1 none)."""
+def cast(primitives: list[Primitive], camera: Camera, all_rays: np.ndarray | None = None
+         ) -> tuple[np.ndarray, np.ndarray]:
+    """Depth [H, W] float64 (+inf on a miss) and the index of the primitive hit [H, W] (-1 none).
+    ``all_rays`` [H, W, 3]: camera.pixel_rays(), when the caller has them already."""
     h, w = camera.height, camera.width
     origin = camera.position
     depth = np.full((h, w), np.inf)
     hit_index = np.full((h, w), -1, dtype=np.int32)
-    all_rays = camera.pixel_rays()
+    all_rays = camera.pixel_rays() if all_rays is None else all_rays
     for index, primitive in enumerate(primitives):
         if isinstance(primitive, Plane):
             window = (0, 0, w, h)
@@ -144,20 +147,24 @@ def keypoint_visibility(person: SceneObject, primitives: list[Primitive], offset
 
 
 def shade(primitives: list[Primitive], hit_index: np.ndarray, depth: np.ndarray, camera: Camera,
-          layout: Layout) -> np.ndarray:
+          layout: Layout, rays: np.ndarray) -> np.ndarray:
     """Lambert + ambient shading, metal highlights, sky gradient -> [H, W, 3] uint8 (gamma 2.2)."""
-    rays = camera.pixel_rays()
-    color = np.empty(depth.shape + (3,))
-    sky = ~np.isfinite(depth)
-    elevation = np.clip(rays[..., 2] / np.linalg.norm(rays, axis=-1), 0.0, 1.0)[..., None]
-    color[sky] = (SKY_HORIZON + (SKY_TOP - SKY_HORIZON) * elevation)[sky]
-    light = layout.light_direction
-    origin = camera.position
-    for index in np.unique(hit_index[~sky]):
-        primitive = primitives[index]
-        where = hit_index == index
-        view = rays[where]
-        points = origin + depth[where][:, None] * view
+    flat_index, flat_depth, flat_rays = hit_index.ravel(), depth.ravel(), rays.reshape(-1, 3)
+    color = np.empty((flat_index.size, 3))
+    # Pixels grouped by the primitive they hit: one sort instead of a full-image compare each.
+    order = np.argsort(flat_index, kind="stable")
+    bounds = np.searchsorted(flat_index[order], np.arange(-1, len(primitives) + 1))
+    sky = order[bounds[0]:bounds[1]]
+    view = flat_rays[sky]
+    elevation = np.clip(view[:, 2] / np.linalg.norm(view, axis=1), 0.0, 1.0)[:, None]
+    color[sky] = SKY_HORIZON + (SKY_TOP - SKY_HORIZON) * elevation
+    light, origin = layout.light_direction, camera.position
+    for index, primitive in enumerate(primitives):
+        where = order[bounds[index + 1]:bounds[index + 2]]
+        if where.size == 0:
+            continue
+        view = flat_rays[where]
+        points = origin + flat_depth[where][:, None] * view
         normal = primitive.normal(points)
         albedo = primitive.albedo_at(points) if isinstance(primitive, Plane) else primitive.albedo[None, :]
         diffuse = np.clip(normal @ light, 0.0, None)[:, None]
@@ -171,15 +178,19 @@ def shade(primitives: list[Primitive], hit_index: np.ndarray, depth: np.ndarray,
         if index == 0:  # the ground: soft contact shadows under the objects
             pixel = pixel * _contact_shadow(points, layout)[:, None]
         color[where] = pixel
-    return np.round(np.clip(color, 0.0, 1.0) ** (1.0 / 2.2) * 255.0).astype(np.uint8)
+    rgb = np.round(np.clip(color, 0.0, 1.0) ** (1.0 / 2.2) * 255.0).astype(np.uint8)
+    return rgb.reshape(depth.shape + (3,))
 
 
 def _contact_shadow(points: np.ndarray, layout: Layout) -> np.ndarray:
     """Darkening [N] of ground points near object footprints, offset away from the light."""
     factor = np.ones(len(points))
     away = -layout.light_direction[:2] / max(layout.light_direction[2], 0.3)
+    x, y = points[:, 0], points[:, 1]
     for obj in layout.objects:
-        center = obj.center_world[:2] + away * 0.25 * obj.extent[2]
-        distance = np.linalg.norm(points[:, :2] - center, axis=1) / (obj.radius * 1.3)
-        factor *= 1.0 - 0.45 * np.clip(1.2 - distance, 0.0, 1.0)
+        cx, cy = obj.center_world[:2] + away * 0.25 * obj.extent[2]
+        reach = 1.2 * 1.3 * obj.radius  # beyond this distance the shadow is zero
+        near = np.flatnonzero((np.abs(x - cx) < reach) & (np.abs(y - cy) < reach))
+        distance = np.hypot(x[near] - cx, y[near] - cy) / (obj.radius * 1.3)
+        factor[near] *= 1.0 - 0.45 * np.clip(1.2 - distance, 0.0, 1.0)
     return factor
