@@ -1,0 +1,138 @@
+"""RefVLM: dual encoder -> projector -> LLM -> router -> visual-unit decoders.
+
+Image tokens are the ViT tokens through the projector. Region features (one per
+``<region>``) come from mask-guided aggregation over the same ViT token map, so they
+have the ViT width and share the projector, as in the paper. The decoders read the
+ConvNeXt pyramid. ``forward(batch)`` returns every loss; generation is in predictor.py.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from refvlm_core.aggregation import mask_guided_aggregation, tokens_to_map
+from refvlm_core.config import ModelConfig
+from refvlm_core.decoders import build_decoder
+from refvlm_core.encoders import DualImageEncoder
+from refvlm_core.errors import ConfigError, InputError
+from refvlm_core.features import ImageFeatures
+from refvlm_core.llm import RefLLM
+from refvlm_core.losses import LossWeights
+from refvlm_core.processor import IGNORE, Processor
+from refvlm_core.projector import Projector
+from refvlm_core.router import RoutedRefs, route
+
+STAGES = (1, 2, 3)
+
+
+class RefVLM(nn.Module):
+    def __init__(self, config: ModelConfig, encoder: DualImageEncoder, llm: RefLLM):
+        super().__init__()
+        self.config = config
+        self.encoder = encoder
+        self.llm = llm
+        self.projector = Projector(encoder.vit_width, llm.hidden_size, config.projector.hidden_size)
+        self.decoders = nn.ModuleDict({
+            unit: build_decoder(unit, llm.hidden_size, encoder.pyramid_channels,
+                                loss_weights=config.loss_weights, **kwargs)
+            for unit, kwargs in config.decoders.items()})
+        self.loss_weights = LossWeights.coerce(config.loss_weights)
+        self.processor = (Processor(config, llm.tokenizer, encoder.num_image_tokens, tuple(self.decoders))
+                          if llm.tokenizer is not None else None)
+
+    @classmethod
+    def from_config(cls, config: ModelConfig) -> "RefVLM":
+        """Build every part; on the meta device (``with torch.device('meta')``) nothing is loaded."""
+        config.validate()
+        if torch.empty(0).device.type != "meta":
+            config.check_paths()
+        return cls(config, DualImageEncoder(config.vision), RefLLM.from_config(config))
+
+    # ---- features ---------------------------------------------------------------------
+    def encode_images(self, images: torch.Tensor) -> ImageFeatures:
+        """[B, 3, S, S] in [0, 1] -> frozen features."""
+        return self.encoder(images)
+
+    def image_tokens(self, features: ImageFeatures) -> torch.Tensor:
+        """-> [B, Ni, D] projected image tokens."""
+        return self.projector(features.global_tokens)
+
+    def region_tokens(self, features: ImageFeatures, region_masks: torch.Tensor,
+                      region_counts: list[int]) -> torch.Tensor:
+        """region_masks [R, S, S] (images' prompts concatenated) -> [R, D] projected features."""
+        if sum(region_counts) != region_masks.shape[0]:
+            raise InputError(f"region_counts {region_counts} do not add up to {region_masks.shape[0]} masks")
+        if region_masks.shape[0] == 0:
+            return features.global_tokens.new_zeros(0, self.llm.hidden_size)
+        token_map = tokens_to_map(features.global_tokens)                    # [B, Dv, G, G]
+        agg = self.config.aggregation
+        pooled = []
+        for b, masks in enumerate(torch.split(region_masks, region_counts)):
+            if len(masks):
+                pooled.append(mask_guided_aggregation(token_map[b:b + 1], masks[None], agg.grid,
+                                                      agg.temperature, agg.alpha)[0])  # [R_b, Dv]
+        return self.projector(torch.cat(pooled))
+
+    # ---- decoders ---------------------------------------------------------------------
+    def route_refs(self, ref_embeddings: list[torch.Tensor], ref_units: list[list[tuple[str, ...]]],
+                   ref_groups: list[list[int]]) -> dict[str, RoutedRefs]:
+        return route(ref_embeddings, ref_units, ref_groups, tuple(self.decoders), self.config.router_length)
+
+    def run_decoders(self, routed: dict[str, RoutedRefs], pyramid: list[torch.Tensor]
+                     ) -> dict[str, dict[str, torch.Tensor]]:
+        return {unit: decoder(routed[unit].embeddings, routed[unit].valid, pyramid)
+                for unit, decoder in self.decoders.items()}
+
+    # ---- training ---------------------------------------------------------------------
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Batch from ``Processor.collate`` -> {"loss": total, "loss_lm": ..., decoder losses}."""
+        features = self.encode_images(batch["images"])
+        embeds = self.llm.embed_multimodal(
+            batch["input_ids"], self.image_tokens(features),
+            self.region_tokens(features, batch["region_masks"], batch["region_counts"]))
+        logits, hidden = self.llm(embeds, batch["attention_mask"])            # [B, T, V], [B, T, D]
+        losses = {"loss_lm": self.loss_weights.lm * lm_loss(logits, batch["labels"])}
+        ref_embeddings = self._teacher_forced_refs(batch, hidden)
+        routed = self.route_refs(ref_embeddings, batch["ref_units"], batch["ref_groups"])
+        outputs = self.run_decoders(routed, features.pyramid)
+        for unit, decoder in self.decoders.items():
+            losses.update(decoder.loss(outputs[unit], routed[unit], batch["targets"][unit]))
+        losses["loss"] = torch.stack(list(losses.values())).sum()
+        return losses
+
+    def _teacher_forced_refs(self, batch: dict[str, Any], hidden: torch.Tensor) -> list[torch.Tensor]:
+        """Per image [n_b, D]: the hidden state at each <REF> token, in ordinal order."""
+        refs = []
+        for b, units in enumerate(batch["ref_units"]):
+            positions = (batch["input_ids"][b] == self.llm.ref_id).nonzero().flatten()
+            if len(positions) != len(units):
+                raise InputError(f"image {b}: {len(positions)} <REF> tokens but {len(units)} REF targets")
+            refs.append(hidden[b, positions])
+        return refs
+
+    # ---- stages -----------------------------------------------------------------------
+    def trainable_parameters(self, stage: int) -> Iterator[nn.Parameter]:
+        """Stage 1: projector only. Stages 2 and 3: everything but the frozen encoders
+        (stage 3 swaps in external decoders by registration before training).
+        Sets ``requires_grad`` to match and yields the trainable parameters."""
+        if stage not in STAGES:
+            raise ConfigError(f"training stage {stage}: use one of {STAGES}")
+        trainable = {"projector"} if stage == 1 else {"projector", "llm", "decoders"}
+        for name, module in self.named_children():
+            module.requires_grad_(name in trainable)
+        return (p for p in self.parameters() if p.requires_grad)
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy over labelled (answer) tokens: logits [B, T, V], labels [B, T]."""
+    shifted = labels[:, 1:]
+    if not bool((shifted != IGNORE).any()):
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), shifted.flatten(), ignore_index=IGNORE)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,144 @@
+"""Predictor: image + prompt (+ visual prompts) -> Result in original image pixels.
+
+Stages timed in ``Result.timings`` (seconds): encode (encoders, projector, aggregation),
+prefill, decode, decoders (router + unit decoders), postprocess (back to pixels).
+Bad user input raises InputError; model output that is not valid TRP never raises: the
+parser's problems go to ``Result.errors`` and every well-formed block is still decoded.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from refvlm_core import trp
+from refvlm_core.config import ModelConfig, preset
+from refvlm_core.errors import InputError
+from refvlm_core.geometry import cxcywh_to_xyxy, clip_boxes, validate_image
+from refvlm_core.geometry import Letterbox
+from refvlm_core.model import RefVLM
+from refvlm_core.results import ReferredObject, Result
+from refvlm_core.visual_prompts import VisualPrompt, validate
+
+
+class Predictor:
+    def __init__(self, model: RefVLM, device: str | torch.device = "cpu"):
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.processor = model.processor
+        self.config: ModelConfig = model.config
+
+    @classmethod
+    def from_preset(cls, name: str, device: str = "cpu", seed: int = 0) -> "Predictor":
+        """A preset's model as built (random parts seeded): for tests and demos."""
+        torch.manual_seed(seed)
+        return cls(RefVLM.from_config(preset(name)), device)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str = "cpu") -> "Predictor":
+        from refvlm_core.checkpoint import load_model
+
+        return cls(load_model(path), device)
+
+    # ---- input checks -----------------------------------------------------------------
+    def check_inputs(self, image: Any, prompt: Any, visual_prompts: Sequence[VisualPrompt]) -> np.ndarray:
+        image = validate_image(image)
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise InputError("the prompt is empty: ask a question, e.g. 'Find the red cup.'")
+        if len(prompt) > self.config.max_prompt_chars:
+            raise InputError(f"the prompt has {len(prompt)} characters; the limit is "
+                             f"{self.config.max_prompt_chars} (ModelConfig.max_prompt_chars)")
+        for prompt_ in visual_prompts:
+            if not isinstance(prompt_, VisualPrompt):
+                raise InputError(f"visual prompts must be VisualPrompt objects, got {type(prompt_).__name__}")
+            validate(prompt_, image.shape[0], image.shape[1])
+        return image
+
+    # ---- prediction -------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, image: np.ndarray, prompt: str, visual_prompts: Sequence[VisualPrompt] = (),
+                max_new_tokens: int | None = None, logits_hook=None) -> Result:
+        image = self.check_inputs(image, prompt, visual_prompts)
+        timings: dict[str, float] = {}
+        start = time.perf_counter()
+        pixels, letterbox = self.processor.image_tensor(image)
+        masks = self.processor.region_masks(visual_prompts, letterbox).to(self.device)
+        ids = self.processor.prompt_ids(prompt, len(visual_prompts)).to(self.device)
+        features = self.model.encode_images(pixels[None].to(self.device))
+        embeds = self.model.llm.embed_multimodal(
+            ids, self.model.image_tokens(features),
+            self.model.region_tokens(features, masks, [len(masks)]))
+        timings["encode"] = time.perf_counter() - start
+
+        generation = self.model.llm.generate(embeds, max_new_tokens or self.config.llm.max_new_tokens,
+                                             logits_hook=logits_hook)
+        timings["prefill"], timings["decode"] = generation.prefill_s, generation.decode_s
+        parse = trp.parse(generation.text)
+        result = Result(prompt=prompt, answer=parse.plain_text, trp_text=generation.text,
+                        image_size=(int(image.shape[0]), int(image.shape[1])), timings=timings,
+                        errors=[f"{e.message} (at character {e.position})" for e in parse.errors])
+        if not generation.stopped:
+            result.errors.append(f"the answer was cut at max_new_tokens={max_new_tokens or self.config.llm.max_new_tokens}")
+
+        start = time.perf_counter()
+        decoded = self._decode_refs(parse, generation.ref_states, features.pyramid, result.errors)
+        timings["decoders"] = time.perf_counter() - start
+        start = time.perf_counter()
+        result.objects = self._objects(parse, decoded, letterbox)
+        timings["postprocess"] = time.perf_counter() - start
+        return result
+
+    def _decode_refs(self, parse: trp.TrpParse, states: torch.Tensor, pyramid: list[torch.Tensor],
+                     errors: list[str]) -> dict[int, dict[str, Any]]:
+        """ordinal -> merged postprocessed outputs of every decoder its block names."""
+        if states.shape[0] != len(parse.refs):
+            errors.append(f"{states.shape[0]} <REF> tokens but {len(parse.refs)} <REF>s in the parsed text")
+            return {}
+        if not parse.refs:
+            return {}
+        block_of = {ref.ordinal: k for k, (_, block) in enumerate(parse.blocks()) for ref in block.refs}
+        units = [[site.units for site in parse.refs]]
+        groups = [[block_of.get(site.ordinal, -1) for site in parse.refs]]
+        unknown = sorted({u for site in parse.refs for u in site.units} - set(self.model.decoders))
+        if unknown:
+            errors.append(f"no decoder for unit(s) {unknown}; their <REF>s are not decoded")
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # unknown units are reported in Result.errors
+            routed = self.model.route_refs([states], units, groups)
+        outputs = self.model.run_decoders(routed, pyramid)
+        merged: dict[int, dict[str, Any]] = {}
+        for unit, decoder in self.model.decoders.items():
+            for item in decoder.postprocess(outputs[unit], routed[unit])[0]:
+                merged.setdefault(item["ordinal"], {}).update(item)
+        return merged
+
+    def _objects(self, parse: trp.TrpParse, decoded: dict[int, dict[str, Any]],
+                 letterbox: Letterbox) -> list[ReferredObject]:
+        size = float(letterbox.size)
+        objects = []
+        for site in parse.refs:
+            if not site.units:
+                continue
+            out = decoded.get(site.ordinal, {})
+            obj = ReferredObject(phrase=site.phrase, units=site.units, instance_index=site.index
+                                 if site.index is not None else -1, ref_ordinal=site.ordinal,
+                                 ref_span=site.span, score=out.get("score"))
+            if "box_cxcywh" in out:
+                xyxy = cxcywh_to_xyxy(np.asarray(out["box_cxcywh"], np.float64)[None]) * size
+                obj.box_xyxy = clip_boxes(letterbox.boxes_to_image(xyxy), letterbox.height,
+                                          letterbox.width)[0].astype(np.float32)
+            if "mask_logits" in out:
+                obj.mask = letterbox.mask_to_image(out["mask_logits"].astype(np.float32)) > 0.0
+            if "keypoints" in out:
+                keypoints = np.asarray(out["keypoints"], np.float64)
+                xy = letterbox.points_to_image(keypoints[:, :2] * size)
+                obj.keypoints = np.concatenate([xy, keypoints[:, 2:3]], -1).astype(np.float32)
+            if "depth" in out:
+                obj.depth = letterbox.dense_to_image(out["depth"].astype(np.float32))
+            objects.append(obj)
+        return objects

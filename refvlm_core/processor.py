@@ -1,0 +1,271 @@
+"""Sample -> model tensors, and image + prompt -> generation inputs.
+
+What one encoded sample holds (see ``encode_sample``):
+  image         [3, S, S] float in [0, 1], letterboxed (model frame)
+  input_ids     [T] with ``<image>`` expanded to one slot per image token
+  labels        [T] -100 everywhere but the assistant answers (and their end-of-turn token)
+  region_masks  [R, S, S] bool, one per ``<region>``, in the model frame
+  ref_units     per <REF> ordinal: the units of its <Unit> block
+  ref_groups    per <REF> ordinal: its unit-block index (all assistant turns, text order)
+  targets       unit -> router.UnitTargets (normalised model frame)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from refvlm_core import trp
+from refvlm_core.config import ModelConfig
+from refvlm_core.errors import InputError
+from refvlm_core.geometry import CLIP_MEAN_RGB, Letterbox, normalize_boxes, validate_image, xyxy_to_cxcywh
+from refvlm_core.router import UnitTargets
+from refvlm_core.sample import RefTarget, Sample
+from refvlm_core.visual_prompts import VisualPrompt, rasterize_in_model_frame
+
+IGNORE = -100
+MASK_STRIDE = 4  # mask and depth targets at S/4, the resolution the pixel decoders work at
+# Used only when a tokenizer has no chat template of its own (ChatML layout).
+FALLBACK_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@dataclass
+class Encoded:
+    image: torch.Tensor
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    region_masks: torch.Tensor
+    ref_units: list[tuple[str, ...]]
+    ref_groups: list[int]
+    targets: dict[str, UnitTargets]
+    letterbox: Letterbox
+
+
+class Processor:
+    def __init__(self, config: ModelConfig, tokenizer, num_image_tokens: int, units: Sequence[str]):
+        self.config = config
+        self.tokenizer = tokenizer
+        self.num_image_tokens = int(num_image_tokens)
+        self.units = tuple(units)
+        if tokenizer.chat_template is None:
+            tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
+        self.image_id = tokenizer.convert_tokens_to_ids(trp.IMAGE)
+        self.region_id = tokenizer.convert_tokens_to_ids(trp.REGION)
+        self.ref_id = tokenizer.convert_tokens_to_ids(trp.REF)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    @property
+    def size(self) -> int:
+        return self.config.vision.image_size
+
+    # ---- image and prompts ----------------------------------------------------------
+    def image_tensor(self, image: np.ndarray) -> tuple[torch.Tensor, Letterbox]:
+        """[H, W, 3] uint8 -> ([3, S, S] float in [0, 1], its Letterbox)."""
+        image = validate_image(image)
+        letterbox = Letterbox.fit(image.shape[0], image.shape[1], self.size)
+        framed = letterbox.image_to_model(image, CLIP_MEAN_RGB)                 # [S, S, 3] uint8
+        return torch.from_numpy(framed).permute(2, 0, 1).float() / 255.0, letterbox
+
+    def region_masks(self, prompts: Sequence[VisualPrompt], letterbox: Letterbox) -> torch.Tensor:
+        """Visual prompts (original pixels) -> [R, S, S] bool in the model frame."""
+        masks = [rasterize_in_model_frame(p, letterbox, self.size) for p in prompts]
+        if not masks:
+            return torch.zeros(0, self.size, self.size, dtype=torch.bool)
+        return torch.from_numpy(np.stack(masks)).bool()
+
+    def user_text(self, text: str) -> str:
+        """User text with its own ``<image>``/``<region>`` placeholders kept and every other
+        tag-like string neutralised (user text never becomes TRP)."""
+        pieces = []
+        for i, part in enumerate(text.split(trp.IMAGE)):
+            if i:
+                pieces.append(trp.IMAGE)
+            pieces.append(trp.REGION.join(trp.neutralize(p) for p in part.split(trp.REGION)))
+        return "".join(pieces)
+
+    # ---- tokens ---------------------------------------------------------------------
+    def _messages(self, system: str | None, turns: Sequence[tuple[str, str]]) -> list[dict[str, str]]:
+        messages = [{"role": "system", "content": system or self.config.system_prompt}]
+        messages += [{"role": role, "content": text} for role, text in turns]
+        return messages
+
+    def _render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
+
+    def _expand_image(self, ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
+        """One ``<image>`` token -> ``num_image_tokens`` slots (never labelled)."""
+        out_ids, out_labels = [], []
+        for token, label in zip(ids, labels):
+            if token == self.image_id:
+                out_ids += [token] * self.num_image_tokens
+                out_labels += [IGNORE] * self.num_image_tokens
+            else:
+                out_ids.append(token)
+                out_labels.append(label)
+        return out_ids, out_labels
+
+    def tokenize_chat(self, system: str | None, turns: Sequence[tuple[str, str]]) -> tuple[list[int], list[int]]:
+        """Token ids and labels: only assistant answers (with their end-of-turn) are labelled."""
+        messages = self._messages(system, turns)
+        text = self._render(messages, add_generation_prompt=False)
+        answer_spans = []
+        for k, message in enumerate(messages):
+            if message["role"] == "assistant":
+                start = len(self._render(messages[:k], add_generation_prompt=True))
+                end = len(self._render(messages[: k + 1], add_generation_prompt=False).rstrip())
+                answer_spans.append((start, end))
+        encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(encoded["input_ids"])
+        labels = [token if any(s <= begin < e for s, e in answer_spans) else IGNORE
+                  for token, (begin, _) in zip(ids, encoded["offset_mapping"])]
+        return self._expand_image(ids, labels)
+
+    def prompt_ids(self, prompt: str, num_regions: int, system: str | None = None) -> torch.Tensor:
+        """Inference: user prompt -> [1, T] ids ending with the assistant generation prompt."""
+        text = self.user_text(prompt) if num_regions else trp.neutralize(prompt)
+        found = text.count(trp.REGION)
+        if num_regions and found == 0:
+            text += " " + ", ".join(f"region {i + 1}: {trp.REGION}" for i in range(num_regions))
+        elif found != num_regions:
+            raise InputError(f"the prompt has {found} <region> placeholders but {num_regions} visual "
+                             "prompts were given: use one <region> per visual prompt, or none")
+        if trp.IMAGE not in text:
+            text = f"{trp.IMAGE}\n{text}"
+        messages = self._messages(system, [("user", text)])
+        ids = self.tokenizer(self._render(messages, add_generation_prompt=True), add_special_tokens=False).input_ids
+        ids, _ = self._expand_image(list(ids), [IGNORE] * len(ids))
+        return torch.tensor([ids])
+
+    # ---- training samples -----------------------------------------------------------
+    def encode_sample(self, sample: Sample) -> Encoded:
+        image, letterbox = self.image_tensor(sample.image)
+        turns = []
+        for i, turn in enumerate(sample.turns):
+            if turn.role not in ("user", "assistant"):
+                raise InputError(f"sample {sample.id}: turn {i} has role {turn.role!r}; use 'user' or 'assistant'")
+            text = self.user_text(turn.text) if turn.role == "user" else turn.text
+            turns.append((turn.role, text))
+        if not any(trp.IMAGE in text for role, text in turns if role == "user"):
+            first = next(i for i, (role, _) in enumerate(turns) if role == "user")
+            turns[first] = ("user", f"{trp.IMAGE}\n{turns[first][1]}")
+        ids, labels = self.tokenize_chat(sample.system, turns)
+        regions = ids.count(self.region_id)
+        if regions != len(sample.visual_prompts):
+            raise InputError(f"sample {sample.id}: {regions} <region> placeholders but "
+                             f"{len(sample.visual_prompts)} visual prompts")
+        ref_units, ref_groups, targets = self._ref_targets(sample, letterbox)
+        if ids.count(self.ref_id) != len(ref_units):
+            raise InputError(f"sample {sample.id}: {ids.count(self.ref_id)} <REF> tokens but the TRP "
+                             f"parse has {len(ref_units)}; is TRP text hidden in the user turns?")
+        return Encoded(image, torch.tensor(ids), torch.tensor(labels),
+                       self.region_masks(sample.visual_prompts, letterbox), ref_units, ref_groups,
+                       targets, letterbox)
+
+    def _ref_targets(self, sample: Sample, letterbox: Letterbox
+                     ) -> tuple[list[tuple[str, ...]], list[int], dict[str, UnitTargets]]:
+        """Per <REF>: units and block index; per unit: targets with block ids."""
+        ref_units: list[tuple[str, ...]] = []
+        ref_groups: list[int] = []
+        per_unit: dict[str, dict[str, list]] = {u: {"group_ids": [], "boxes": [], "masks": [], "keypoints": []}
+                                                for u in self.units}
+        block_index = 0
+        for turn in sample.turns:
+            if turn.role != "assistant":
+                continue
+            blocks = trp.parse(turn.text).blocks()
+            if len(blocks) != len(turn.targets):
+                raise InputError(f"sample {sample.id}: an answer has {len(blocks)} unit blocks but "
+                                 f"{len(turn.targets)} RefTargets; give one RefTarget per block, in text order")
+            for (_, block), target in zip(blocks, turn.targets):
+                if len(block.refs) != target.count and not set(block.units) <= {"depth"}:
+                    raise InputError(f"sample {sample.id}: block {block_index} has {len(block.refs)} <REF>s "
+                                     f"but its RefTarget has {target.count} instances")
+                ref_units += [block.units] * len(block.refs)
+                ref_groups += [block_index] * len(block.refs)
+                for unit in block.units:
+                    if unit in per_unit:
+                        self._add_unit_target(per_unit[unit], unit, target, block_index, letterbox, sample)
+                block_index += 1
+        targets = {unit: self._unit_targets(unit, fields, letterbox, sample) for unit, fields in per_unit.items()}
+        return ref_units, ref_groups, targets
+
+    def _add_unit_target(self, fields: dict[str, list], unit: str, target: RefTarget, block: int,
+                         letterbox: Letterbox, sample: Sample) -> None:
+        count = 1 if unit == "depth" else target.count
+        fields["group_ids"] += [block] * count
+        if unit == "box":
+            boxes = target.boxes if target.boxes is not None else _mask_boxes(target.masks, sample.id)
+            model = letterbox.boxes_to_model(boxes)
+            fields["boxes"].append(xyxy_to_cxcywh(normalize_boxes(model, self.size)).clip(0, 1))
+        elif unit == "mask":
+            if target.masks is None:
+                raise InputError(f"sample {sample.id}: a mask block's RefTarget has no masks")
+            out = self.size // MASK_STRIDE
+            fields["masks"].append(np.stack([letterbox.mask_coverage_to_model(m, out) for m in target.masks]))
+        elif unit == "keypoint":
+            if target.keypoints is None:
+                raise InputError(f"sample {sample.id}: a keypoint block's RefTarget has no keypoints")
+            xy = letterbox.points_to_model(target.keypoints[..., :2]) / self.size
+            fields["keypoints"].append(np.concatenate([xy, target.keypoints[..., 2:3]], -1))
+        elif unit == "depth" and sample.depth is None:
+            raise InputError(f"sample {sample.id}: a depth block but Sample.depth is None")
+
+    def _unit_targets(self, unit: str, fields: dict[str, list], letterbox: Letterbox,
+                      sample: Sample) -> UnitTargets:
+        def cat(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+            parts = fields[name]
+            return torch.from_numpy(np.concatenate(parts).astype(np.float32)) if parts else torch.zeros(shape)
+        out = self.size // MASK_STRIDE
+        group_ids = torch.tensor(fields["group_ids"], dtype=torch.long)
+        targets = UnitTargets(group_ids=group_ids)
+        if unit == "box":
+            targets.boxes = cat("boxes", (0, 4))
+        elif unit == "mask":
+            targets.masks = cat("masks", (0, out, out))
+        elif unit == "keypoint":
+            targets.keypoints = cat("keypoints", (0, 17, 3))
+        elif unit == "depth" and len(group_ids) and sample.depth is not None:
+            depth = letterbox.image_to_model(sample.depth.astype(np.float32), np.nan)
+            depth = torch.from_numpy(np.ascontiguousarray(depth)).float()[None, None]
+            targets.depth = torch.nn.functional.adaptive_avg_pool2d(depth, out)[0, 0]  # NaN where any NaN
+        return targets
+
+    # ---- batches --------------------------------------------------------------------
+    def collate(self, items: Sequence[Encoded]) -> dict[str, Any]:
+        """Right-padded batch. Region masks of all images are concatenated in order."""
+        if not items:
+            raise InputError("collate needs at least one encoded sample")
+        length = max(len(item.input_ids) for item in items)
+        input_ids = torch.full((len(items), length), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(items), length), IGNORE, dtype=torch.long)
+        attention = torch.zeros((len(items), length), dtype=torch.long)
+        for b, item in enumerate(items):
+            n = len(item.input_ids)
+            input_ids[b, :n], labels[b, :n], attention[b, :n] = item.input_ids, item.labels, 1
+        return {
+            "images": torch.stack([item.image for item in items]),                 # [B, 3, S, S]
+            "input_ids": input_ids, "labels": labels, "attention_mask": attention,  # [B, T]
+            "region_masks": torch.cat([item.region_masks for item in items]),      # [R, S, S]
+            "region_counts": [len(item.region_masks) for item in items],
+            "ref_units": [item.ref_units for item in items],
+            "ref_groups": [item.ref_groups for item in items],
+            "targets": {unit: [item.targets[unit] for item in items] for unit in self.units},
+        }
+
+
+def _mask_boxes(masks: np.ndarray | None, sample_id: str) -> np.ndarray:
+    """Tight xyxy boxes of masks (a box block given only masks)."""
+    if masks is None:
+        raise InputError(f"sample {sample_id}: a box block's RefTarget has neither boxes nor masks")
+    boxes = []
+    for mask in masks:
+        ys, xs = np.nonzero(mask)
+        if len(xs) == 0:
+            raise InputError(f"sample {sample_id}: an empty instance mask cannot give a box")
+        boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+    return np.asarray(boxes, dtype=np.float32)
