@@ -8,7 +8,7 @@ import pytest
 from refvlm_core.errors import ConfigError, InputError
 from refvlm_training.simworld import Camera, SceneObject, SimWorld, SimWorldConfig
 from refvlm_training.simworld.figures import COCO_SKELETON
-from refvlm_training.simworld.primitives import Box, Capsule, Cone, Cylinder, Plane, Sphere
+from refvlm_training.simworld.primitives import Box, Capsule, Cone, Cylinder, Sphere
 from refvlm_training.simworld.render import render_layout
 
 SMALL = SimWorldConfig(seed=7, width=96, height=72)

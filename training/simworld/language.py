@@ -11,7 +11,6 @@ import random
 from dataclasses import dataclass
 from itertools import combinations
 
-import numpy as np
 
 from .camera import Camera
 from .splits import SHAPES, allowed_colors

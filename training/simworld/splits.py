@@ -2,10 +2,11 @@
 
 A fixed quarter of the colour x shape pairs (two colours per shape, each colour held
 out for exactly one shape) never occurs in train or val scenes: no such object is
-placed, so no image, caption or expression of those splits can show or name one.
-Every test scene holds at least one such object, and the test split's referring
-tasks target them first. Each colour and each shape still occurs in train, only not
-in those pairs: test measures compositional generalisation.
+placed, so no image, caption or expression of those splits can show or name one
+(existence questions pick their colour among the allowed ones too). Every test scene
+holds at least one such object and about half its rigid objects are such pairs. Each
+colour and each shape still occurs in train, only not in those pairs: test measures
+compositional generalisation.
 """
 from __future__ import annotations
 

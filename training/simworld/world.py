@@ -23,6 +23,8 @@ SIZES = ("small", "large")
 SCALE_RANGE = {"small": (0.16, 0.24), "large": (0.32, 0.44)}           # metres, rigid shapes
 PERSON_HEIGHT = {"small": (1.05, 1.30), "large": (1.60, 1.85)}          # metres
 GROUND_TONES = ((0.62, 0.60, 0.55), (0.50, 0.56, 0.62), (0.58, 0.52, 0.44), (0.52, 0.58, 0.50))
+TROUSER_TONES = {"dark blue": (0.08, 0.10, 0.25), "black": (0.05, 0.05, 0.05), "brown": (0.30, 0.18, 0.08),
+                 "khaki": (0.55, 0.48, 0.30)}
 WALL_TONES = ((0.78, 0.76, 0.70), (0.66, 0.72, 0.78), (0.80, 0.70, 0.62), (0.70, 0.78, 0.70))
 
 
@@ -155,10 +157,10 @@ def _sample_object(rng, config, split, category, instance_id, force_held_out) ->
     yaw = float(rng.uniform(-np.pi, np.pi))
     if category == "person":
         height = float(rng.uniform(*PERSON_HEIGHT[size]))
-        extent = np.array([0.45, 0.3, 1.0]) * [height, height, 1.0 * height]
+        extent = np.array([0.45, 0.3, 1.0]) * height  # refined from the posed body in _build
         obj = SceneObject(instance_id, category, color, material, size, np.zeros(3), extent, 0.3 * height, yaw)
         obj.person_spec = (PersonPose.random(rng), SKIN_TONES[int(rng.integers(len(SKIN_TONES)))],
-                       COLOR_NAMES_TROUSERS[int(rng.integers(len(COLOR_NAMES_TROUSERS)))])
+                       tuple(TROUSER_TONES)[int(rng.integers(len(TROUSER_TONES)))])
         return obj
     scale = float(rng.uniform(*SCALE_RANGE[size]))
     extent, radius = {
@@ -168,11 +170,6 @@ def _sample_object(rng, config, split, category, instance_id, force_held_out) ->
         "cone": (np.array([2.0 * scale, 2.0 * scale, 2.4 * scale]), scale),
     }[category]
     return SceneObject(instance_id, category, color, material, size, np.zeros(3), extent, float(radius), yaw)
-
-
-TROUSER_TONES = {"dark blue": (0.08, 0.10, 0.25), "black": (0.05, 0.05, 0.05), "brown": (0.30, 0.18, 0.08),
-                 "khaki": (0.55, 0.48, 0.30)}
-COLOR_NAMES_TROUSERS = tuple(TROUSER_TONES)
 
 
 def _place(obj: SceneObject, rng, layout: Layout, camera: Camera, tries: int = 30) -> bool:
