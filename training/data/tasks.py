@@ -338,7 +338,7 @@ def make_sample(ann: ImageAnnotations, exchanges: list[Exchange], sample_id: str
         turns += [Turn("user", user), Turn("assistant", exchange.answer, list(exchange.targets))]
         prompts += exchange.visual_prompts
     task_names = {e.task for e in exchanges}
-    task = exchanges[0].task if len(task_names) == 1 and len(exchanges) == 1 else "multi"
+    task = exchanges[0].task if len(task_names) == 1 else "multi"
     depth = ann.depth if any(e.task == "depth" for e in exchanges) else None
     return Sample(id=sample_id, image=ann.image, turns=turns, task=task, visual_prompts=prompts,
                   depth=depth, system=templates.system_instruction(task))
@@ -346,13 +346,18 @@ def make_sample(ann: ImageAnnotations, exchanges: list[Exchange], sample_id: str
 
 def make_conversation(ann: ImageAnnotations, rng: Rng, tasks: tuple[str, ...] | list[str] = TASKS,
                       max_turns: int = 3, sample_id: str | None = None) -> Sample | None:
-    """A multi-turn Sample mixing up to ``max_turns`` different tasks on one image."""
+    """A multi-turn Sample on one image: up to ``max_turns`` exchanges, from as many
+    different tasks as the annotations support; None when fewer than two exist."""
     pool = [exchanges_for(ann, task, rng) for task in tasks]
     pool = [options for options in pool if options]
-    if not pool:
-        return None
     rng.shuffle(pool)
-    chosen = [rng.choice(options) for options in pool[:max_turns]]
+    for options in pool:
+        rng.shuffle(options)
+    chosen = [options[0] for options in pool[:max_turns]]
+    spare = [e for options in pool[:max_turns] for e in options[1:]]
+    chosen += spare[:max_turns - len(chosen)]
+    if len(chosen) < 2:
+        return None
     return make_sample(ann, chosen, sample_id or f"{ann.image_id}_multi")
 
 
