@@ -1,0 +1,449 @@
+"""refvlm_node: the REF-VLM perception node (rclpy lifecycle node).
+
+    (always)   - ~/query service, ~/ground action, /diagnostics
+    configure  - read and validate parameters, load the Predictor, create publishers
+    activate   - subscribe to the camera, depth, CameraInfo and prompts; start the worker
+    deactivate - unsubscribe, stop and join the worker
+    cleanup    - free the model, destroy what configure created
+
+Threads: the executor (multi-threaded) only stores incoming messages; one worker thread
+runs the standing prompt on the newest frame at most ``rate_hz`` times a second, so the
+executor stays free to answer ~/query and ~/ground while a frame is processed. The
+model is guarded by a lock. Nothing queues: one camera slot (frames replaced before the
+worker takes them are counted as dropped), a few depth images for stamp matching.
+
+Every output carries the source image's header. Bad input (encoding, sizes, prompts)
+gives a logged error and an error reply; the node keeps serving.
+"""
+from __future__ import annotations
+
+import gc
+import os
+import threading
+import time
+import traceback
+from typing import Any, Callable
+
+import numpy as np
+import rclpy
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from rclpy.action import ActionServer, CancelResponse, GoalResponse
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
+from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.lifecycle import Node as LifecycleNode
+from rclpy.lifecycle import State, TransitionCallbackReturn
+from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
+from sensor_msgs.msg import CameraInfo, Image
+from std_msgs.msg import String
+
+from refvlm_core import trp
+from refvlm_core.errors import ConfigError, InputError, RefVLMError
+from refvlm_core.results import Result
+from refvlm_core.visual_prompts import validate as validate_visual_prompt
+from refvlm_interfaces.action import Ground
+from refvlm_interfaces.msg import RefResult
+from refvlm_interfaces.msg import VisualPrompt as VisualPromptMsg
+from refvlm_interfaces.srv import Query
+from refvlm_ros import messages, params
+from refvlm_ros.frames import FrameSlot, InferenceStats, StampedBuffer
+from refvlm_ros.image_conversions import array_to_image, depth_to_metres, image_to_rgb
+from refvlm_ros.localization import Intrinsics, LocalizationConfig
+
+SENSOR_QOS = QoSProfile(reliability=ReliabilityPolicy.BEST_EFFORT,
+                        history=HistoryPolicy.KEEP_LAST, depth=1)
+WORKER_NAME = "refvlm-inference"
+ERROR_PROMPT_ECHO = 200  # characters of a refused prompt echoed back in the reply
+
+
+def stamp_seconds(header: Any) -> float:
+    return header.stamp.sec + header.stamp.nanosec * 1e-9
+
+
+class GoalCanceled(Exception):
+    """Raised inside generation to stop it when a ~/ground goal is canceled."""
+
+
+def load_predictor(p: params.NodeParams) -> Any:
+    """The Predictor named by the parameters (imported here: torch loads on configure)."""
+    from refvlm_core.predictor import Predictor  # noqa: PLC0415
+    if p.backend != "torch":
+        raise ConfigError(f"backend={p.backend!r} is not wired into the Predictor yet: use 'torch'")
+    if p.model_path:
+        return Predictor.from_pretrained(p.model_path, device=p.device)
+    return Predictor.from_preset(p.model_preset, device=p.device)
+
+
+def rss_mb() -> float:
+    """Resident memory of this process (Linux), for /diagnostics."""
+    try:
+        with open(f"/proc/{os.getpid()}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return float("nan")
+
+
+class RefVLMNode(LifecycleNode):
+    def __init__(self, node_name: str = "refvlm_node",
+                 predictor_factory: Callable[[params.NodeParams], Any] = load_predictor,
+                 **kwargs: Any) -> None:
+        super().__init__(node_name, **kwargs)
+        params.declare(self)
+        self._predictor_factory = predictor_factory
+        self.p: params.NodeParams | None = None
+        self._predictor: Any = None
+        self._model_lock = threading.Lock()
+        self._frames = FrameSlot()
+        self._depths = StampedBuffer()
+        self._camera_info: CameraInfo | None = None
+        self._standing_prompt = ""
+        self._standing_visual_prompts: list[VisualPromptMsg] = []
+        self._stats = InferenceStats()
+        self._stop = threading.Event()
+        self._worker: threading.Thread | None = None
+        self._outputs: dict[str, Any] = {}
+        self._inputs: list[Any] = []
+        self._overlay_warned = False
+        self._io_group = MutuallyExclusiveCallbackGroup()
+        self._request_group = ReentrantCallbackGroup()
+        # Requests and diagnostics are served in every state: an agent asking an
+        # unconfigured node gets an error it can act on, a monitor sees its state.
+        self.create_service(Query, "~/query", self._on_query, callback_group=self._request_group)
+        self._action = ActionServer(
+            self, Ground, "~/ground", execute_callback=self._on_ground,
+            goal_callback=lambda goal: GoalResponse.ACCEPT,
+            cancel_callback=lambda goal_handle: CancelResponse.ACCEPT,
+            callback_group=self._request_group)
+        self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self._diag_timer = self.create_timer(1.0, self._publish_diagnostics, self._io_group)
+
+    # ---- lifecycle ------------------------------------------------------------------
+    def on_configure(self, state: State) -> TransitionCallbackReturn:
+        try:
+            self.p = params.read(self)
+            t0 = time.perf_counter()
+            self._predictor = self._predictor_factory(self.p)
+            self.get_logger().info(f"model loaded in {time.perf_counter() - t0:.1f} s "
+                                   f"({self.p.model_path or self.p.model_preset}, {self.p.device})")
+        except Exception as error:  # noqa: BLE001 (a failed configure must not kill the node)
+            self.get_logger().error(f"configure failed: {error}")
+            self._predictor = None
+            return TransitionCallbackReturn.FAILURE
+        self._diag_timer.timer_period_ns = int(self.p.diagnostics_period_s * 1e9)
+        self._standing_prompt = self.p.standing_prompt
+        self._create_outputs()
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_activate(self, state: State) -> TransitionCallbackReturn:
+        self._create_inputs()
+        self._stop.clear()
+        self._worker = threading.Thread(target=self._worker_loop, name=WORKER_NAME, daemon=True)
+        self._worker.start()
+        return super().on_activate(state)
+
+    def on_deactivate(self, state: State) -> TransitionCallbackReturn:
+        self._stop_worker()
+        for sub in self._inputs:
+            self.destroy_subscription(sub)
+        self._inputs = []
+        self._frames.clear()
+        self._depths.clear()
+        return super().on_deactivate(state)
+
+    def on_cleanup(self, state: State) -> TransitionCallbackReturn:
+        self._release()
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_shutdown(self, state: State) -> TransitionCallbackReturn:
+        self._stop_worker()
+        self._release()
+        return TransitionCallbackReturn.SUCCESS
+
+    def _stop_worker(self) -> None:
+        self._stop.set()
+        if self._worker is not None:
+            self._worker.join()
+            self._worker = None
+
+    def _release(self) -> None:
+        """Destroy configure's outputs and free the model (waits for a running request)."""
+        for pub in self._outputs.values():
+            self.destroy_publisher(pub)
+        self._outputs = {}
+        with self._model_lock:
+            self._predictor = None
+        gc.collect()
+
+    @property
+    def active(self) -> bool:
+        return self._worker is not None and not self._stop.is_set()
+
+    # ---- wiring -----------------------------------------------------------------------
+    def _create_outputs(self) -> None:
+        pub = self.create_publisher
+        self._outputs = {
+            "result": pub(RefResult, "~/result", 10),
+            "masks": pub(Image, "~/masks", 10),
+            "depth": pub(Image, "~/depth", 10),
+        }
+        if self.p.publish_overlay:
+            self._outputs["overlay"] = pub(Image, "~/overlay", 10)
+        if messages.vision_msgs_available():
+            from vision_msgs.msg import Detection2DArray, Detection3DArray  # noqa: PLC0415
+            self._outputs["detections"] = pub(Detection2DArray, "~/detections", 10)
+            self._outputs["detections_3d"] = pub(Detection3DArray, "~/detections_3d", 10)
+
+    def _create_inputs(self) -> None:
+        sub, p = self.create_subscription, self.p
+        group = self._io_group
+        self._inputs = [
+            sub(Image, p.image_topic, self._frames.put, SENSOR_QOS, callback_group=group),
+            sub(CameraInfo, p.camera_info_topic, self._on_camera_info, SENSOR_QOS, callback_group=group),
+            sub(String, p.prompt_topic, self._on_prompt, 10, callback_group=group),
+            sub(VisualPromptMsg, p.visual_prompt_topic, self._on_visual_prompt, 10, callback_group=group),
+        ]
+        if p.depth_topic:
+            self._inputs.append(sub(
+                Image, p.depth_topic, lambda m: self._depths.put(stamp_seconds(m.header), m),
+                SENSOR_QOS, callback_group=group))
+
+    def _on_camera_info(self, msg: CameraInfo) -> None:
+        self._camera_info = msg
+
+    def _on_prompt(self, msg: String) -> None:
+        self._standing_prompt = msg.data
+        self.get_logger().info(f"standing prompt: {msg.data[:80]!r}")
+
+    def _on_visual_prompt(self, msg: VisualPromptMsg) -> None:
+        self._standing_visual_prompts = [msg] if msg.kind else []
+
+    # ---- inference ---------------------------------------------------------------------
+    def _check_prompt(self, prompt: str) -> str:
+        if not prompt.strip():
+            raise InputError("the prompt is empty: ask a question, e.g. 'where is the red cube?'")
+        if len(prompt) > self.p.max_prompt_chars:
+            raise InputError(f"the prompt has {len(prompt)} characters; the limit is "
+                             f"{self.p.max_prompt_chars} (parameter max_prompt_chars): shorten it")
+        return trp.neutralize(prompt)  # TRP tags typed by a user must not become special tokens
+
+    def _depth_context(self, image: Image) -> messages.DepthContext | None:
+        info = self._camera_info
+        if not self.p.depth_topic or info is None:
+            return None
+        depth = self._depths.match(stamp_seconds(image.header), self.p.sync_tolerance_s,
+                                   wait=self.p.sync_tolerance_s)
+        if depth is None:
+            return None
+        metres = depth_to_metres(depth, self.p.depth_scale, self._image_backend())
+        return messages.DepthContext(metres, Intrinsics.from_k(info.k))
+
+    def _image_backend(self) -> str | None:
+        return None if self.p.image_backend == "auto" else self.p.image_backend
+
+    def answer(self, image: Image, prompt: str, visual_prompts: list[VisualPromptMsg],
+               with_depth: bool, logits_hook: Callable | None = None
+               ) -> tuple[Result, RefResult, np.ndarray]:
+        """One question on one image -> (Result, RefResult message, RGB [H, W, 3] uint8).
+        Raises RefVLMError for input the caller can fix."""
+        t0 = time.perf_counter()
+        rgb = image_to_rgb(image, self._image_backend())
+        prompt = self._check_prompt(prompt)
+        core_prompts = [messages.visual_prompt_from_msg(m, self._image_backend()) for m in visual_prompts]
+        for vp in core_prompts:
+            validate_visual_prompt(vp, rgb.shape[0], rgb.shape[1])
+        context = self._depth_context(image) if with_depth else None
+        with self._model_lock:
+            if self._predictor is None:
+                raise InputError("no model loaded: configure the node first")
+            result = self._predictor.predict(rgb, prompt, visual_prompts=core_prompts,
+                                             logits_hook=logits_hook)
+        config = LocalizationConfig(min_pixels=self.p.localization_min_pixels)
+        msg = messages.result_to_msg(result, image.header, context, config)
+        latency = time.perf_counter() - t0
+        msg.stage_names.append("node_total")
+        msg.stage_seconds.append(latency)
+        self._stats.record(latency)
+        return result, msg, rgb
+
+    def _worker_loop(self) -> None:
+        period = 1.0 / self.p.rate_hz
+        next_start = 0.0
+        while not self._stop.is_set():
+            delay = next_start - time.monotonic()
+            if delay > 0:
+                self._stop.wait(delay)
+                continue
+            frame = self._frames.take(timeout=0.1)
+            prompt = self._standing_prompt
+            if frame is None or not prompt:
+                continue
+            next_start = time.monotonic() + period
+            try:
+                result, msg, rgb = self.answer(frame, prompt, self._standing_visual_prompts, True)
+            except Exception as error:  # noqa: BLE001 (log, count, keep running)
+                self._stats.count_error()
+                self.get_logger().error(f"standing prompt failed: {error}")
+                self._outputs["result"].publish(messages.error_result(
+                    frame.header, prompt[:ERROR_PROMPT_ECHO], str(error)))
+                continue
+            self._publish(result, msg, rgb)
+
+    def _publish(self, result: Result, msg: RefResult, rgb: np.ndarray) -> None:
+        pubs, header = self._outputs, msg.header
+        pubs["result"].publish(msg)
+        if "detections" in pubs:
+            pubs["detections"].publish(messages.detections_2d(msg))
+            pubs["detections_3d"].publish(messages.detections_3d(msg))
+        ids = messages.instance_mask(result)
+        if ids is not None:
+            pubs["masks"].publish(array_to_image(ids, "mono8", header))
+        depth = messages.predicted_depth(result)
+        if depth is not None:
+            pubs["depth"].publish(array_to_image(depth, "32FC1", header))
+        if "overlay" in pubs:
+            overlay = self._overlay(rgb, result)
+            if overlay is not None:
+                pubs["overlay"].publish(array_to_image(overlay, "rgb8", header))
+
+    def _overlay(self, rgb: np.ndarray, result: Result) -> np.ndarray | None:
+        try:
+            from refvlm_core.overlay import draw  # noqa: PLC0415
+        except ImportError:
+            if not self._overlay_warned:
+                self.get_logger().warning("refvlm_core.overlay is not available: no ~/overlay")
+                self._overlay_warned = True
+            return None
+        return np.asarray(draw(rgb, result), dtype=np.uint8)
+
+    # ---- requests ----------------------------------------------------------------------
+    def _request_image(self, use_image: bool, image: Image) -> tuple[Image, bool]:
+        """The image a request is about, and whether depth may be paired with it."""
+        if use_image:
+            return image, False
+        if not self.active:
+            raise InputError("the node is not active: configure and activate it, "
+                             "or send the image in the request (use_image)")
+        frame = self._frames.latest()
+        if frame is None:
+            raise InputError(f"no camera frame received yet on '{self.p.image_topic}': "
+                             "publish images there or send one in the request (use_image)")
+        return frame, True
+
+    def _run_request(self, prompt: str, visual_prompts: list, use_image: bool, image: Image,
+                     reply: Any, logits_hook: Callable | None = None) -> Any:
+        """Fills reply.success/error/result; every failure becomes an error reply."""
+        self._stats.count_query()
+        header = image.header
+        try:
+            if self.p is None:
+                raise InputError("the node is not configured: configure it (lifecycle) first")
+            frame, with_depth = self._request_image(use_image, image)
+            header = frame.header
+            _, reply.result, _ = self.answer(frame, prompt, visual_prompts, with_depth, logits_hook)
+            reply.success = True
+        except GoalCanceled:
+            raise
+        except RefVLMError as error:
+            self._refuse(reply, header, prompt, str(error))
+        except Exception as error:  # noqa: BLE001 (a model failure must not take the node down)
+            self.get_logger().error(traceback.format_exc())
+            self._refuse(reply, header, prompt, f"internal error: {type(error).__name__}: {error}")
+        return reply
+
+    def _refuse(self, reply: Any, header: Any, prompt: str, error: str) -> None:
+        self._stats.count_error()
+        self.get_logger().error(f"request refused: {error}")
+        reply.success, reply.error = False, error
+        reply.result = messages.error_result(header, prompt[:ERROR_PROMPT_ECHO], error)
+
+    def _on_query(self, request: Query.Request, response: Query.Response) -> Query.Response:
+        return self._run_request(request.prompt, list(request.visual_prompts), request.use_image,
+                                 request.image, response)
+
+    def _streaming_hook(self, goal_handle: Any, every: int = 4) -> Callable:
+        """A logits hook that streams the partial answer as feedback and stops generation
+        when the goal is canceled. The Predictor decodes greedily, so the token picked
+        at each step is the argmax of the logits the hook sees."""
+        tokens: list[int] = []
+        tokenizer = self._predictor.model.llm.tokenizer
+
+        def hook(step: int, logits: Any) -> Any:
+            if goal_handle.is_cancel_requested:
+                raise GoalCanceled()
+            if step and step % every == 0:
+                text = tokenizer.decode(tokens, skip_special_tokens=False)
+                goal_handle.publish_feedback(Ground.Feedback(
+                    stage="decode", partial_answer=trp.plain_text(text)))
+            tokens.append(int(logits.argmax(-1)[0]))
+            return logits
+
+        return hook
+
+    def _on_ground(self, goal_handle: Any) -> Ground.Result:
+        goal = goal_handle.request
+        goal_handle.publish_feedback(Ground.Feedback(stage="waiting for the model"))
+        hook = self._streaming_hook(goal_handle) if self._predictor is not None else None
+        try:
+            result = self._run_request(goal.prompt, list(goal.visual_prompts), False, Image(),
+                                       Ground.Result(), hook)
+        except GoalCanceled:
+            goal_handle.canceled()
+            return Ground.Result(success=False, error="canceled")
+        goal_handle.publish_feedback(Ground.Feedback(stage="done", partial_answer=result.result.answer))
+        if result.success:
+            goal_handle.succeed()
+        else:
+            goal_handle.abort()
+        return result
+
+    # ---- diagnostics -------------------------------------------------------------------
+    def _publish_diagnostics(self) -> None:
+        stats, frames = self._stats, self._frames
+        values = {
+            "state": "active" if self.active else ("configured" if self._predictor else "unconfigured"),
+            "rate_hz": f"{stats.rate_hz():.2f}",
+            "latency_ms": f"{stats.mean_latency_s() * 1e3:.1f}",
+            "frames_received": str(frames.received),
+            "frames_dropped": str(frames.dropped),
+            "inferences": str(stats.inferences),
+            "queries": str(stats.queries),
+            "errors": str(stats.errors),
+            "python_threads": str(threading.active_count()),
+            "worker_alive": str(self._worker is not None and self._worker.is_alive()),
+            "rss_mb": f"{rss_mb():.1f}",
+        }
+        status = DiagnosticStatus(level=DiagnosticStatus.OK, name=f"{self.get_name()}: inference",
+                                  hardware_id=self.get_name(), message=values["state"],
+                                  values=[KeyValue(key=k, value=v) for k, v in values.items()])
+        array = DiagnosticArray(status=[status])
+        array.header.stamp = self.get_clock().now().to_msg()
+        self._diag_pub.publish(array)
+
+
+def main(args: list[str] | None = None) -> None:
+    rclpy.init(args=args)
+    run(RefVLMNode())
+
+
+def run(node: RefVLMNode) -> None:
+    """Spins a node on a multi-threaded executor until shutdown (rclpy initialised)."""
+    executor = MultiThreadedExecutor(num_threads=4)
+    executor.add_node(node)
+    if node.get_parameter("autostart").value:
+        if node.trigger_configure() == TransitionCallbackReturn.SUCCESS:
+            node.trigger_activate()
+    try:
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        node._stop_worker()  # noqa: SLF001 (join the worker before tearing down rclpy)
+        node._action.destroy()  # noqa: SLF001
+        node.destroy_node()
+        rclpy.try_shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""Parameters of refvlm_node: one dataclass, each field with the description that is
+declared to ROS (``ros2 param describe``) and listed in the README, and one check.
+
+``NodeParams.validate`` raises ConfigError naming the parameter and the fix, so a bad
+value fails ``configure`` with a message instead of a traceback later.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from refvlm_core.errors import ConfigError
+
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
+IMAGE_BACKENDS = ("auto", "numpy", "cv_bridge")
+
+
+def _describe(text: str) -> dict[str, str]:
+    return {"description": text}
+
+
+@dataclass
+class NodeParams:
+    model_preset: str = field(default="nano", metadata=_describe(
+        "Model preset (tiny, nano, paper) used when model_path is empty"))
+    model_path: str = field(default="", metadata=_describe(
+        "Folder of a saved model (config + weights); overrides model_preset"))
+    device: str = field(default="cpu", metadata=_describe("Torch device: cpu, cuda, cuda:1 ..."))
+    backend: str = field(default="torch", metadata=_describe(
+        "Inference backend: torch, onnxruntime or tensorrt (decoders exported by refvlm export)"))
+    standing_prompt: str = field(default="", metadata=_describe(
+        "Prompt re-run on new camera frames at rate_hz; empty = only answer queries. "
+        "The prompt topic replaces it at run time"))
+    rate_hz: float = field(default=2.0, metadata=_describe(
+        "Most standing-prompt inferences per second; newer frames replace unprocessed ones"))
+    image_topic: str = field(default="image", metadata=_describe("Camera image (sensor_msgs/Image)"))
+    camera_info_topic: str = field(default="camera_info", metadata=_describe(
+        "CameraInfo of the image (intrinsics for 3D positions)"))
+    depth_topic: str = field(default="depth", metadata=_describe(
+        "Depth aligned to the image (32FC1 metres or 16UC1 millimetres); empty = no depth"))
+    prompt_topic: str = field(default="prompt", metadata=_describe(
+        "Operator prompt (std_msgs/String): becomes the standing prompt; empty string stops it"))
+    visual_prompt_topic: str = field(default="visual_prompt", metadata=_describe(
+        "Standing visual prompt (refvlm_interfaces/VisualPrompt); an empty kind clears it"))
+    max_prompt_chars: int = field(default=2000, metadata=_describe(
+        "Longer prompts are refused with an error reply"))
+    depth_scale: float = field(default=0.001, metadata=_describe(
+        "Metres per unit of 16UC1 depth (0.001: millimetres)"))
+    sync_tolerance_s: float = field(default=0.1, metadata=_describe(
+        "Depth is paired with an image when their stamps differ by at most this"))
+    publish_overlay: bool = field(default=True, metadata=_describe(
+        "Publish ~/overlay (rgb8 picture of the answer) for humans"))
+    image_backend: str = field(default="auto", metadata=_describe(
+        "Image conversion: auto (cv_bridge when a working one is installed), numpy, cv_bridge"))
+    localization_min_pixels: int = field(default=20, metadata=_describe(
+        "Fewer valid depth pixels on an object -> no 3D position"))
+    autostart: bool = field(default=False, metadata=_describe(
+        "Configure and activate at start-up (without a lifecycle manager)"))
+    diagnostics_period_s: float = field(default=1.0, metadata=_describe(
+        "Period of /diagnostics messages (rate, latency, dropped frames)"))
+
+    def validate(self) -> "NodeParams":
+        if not self.model_path and not self.model_preset:
+            raise ConfigError("set model_preset (tiny, nano, paper) or model_path")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"backend={self.backend!r}: use one of {', '.join(BACKENDS)}")
+        if self.image_backend not in IMAGE_BACKENDS:
+            raise ConfigError(f"image_backend={self.image_backend!r}: use one of {', '.join(IMAGE_BACKENDS)}")
+        if not 0.0 < self.rate_hz <= 100.0:
+            raise ConfigError(f"rate_hz={self.rate_hz}: use a rate in (0, 100]")
+        if self.max_prompt_chars < 1:
+            raise ConfigError(f"max_prompt_chars={self.max_prompt_chars}: must be >= 1")
+        if self.depth_scale <= 0.0:
+            raise ConfigError(f"depth_scale={self.depth_scale}: must be > 0 (0.001 for millimetres)")
+        if self.sync_tolerance_s < 0.0 or self.diagnostics_period_s <= 0.0:
+            raise ConfigError("sync_tolerance_s must be >= 0 and diagnostics_period_s > 0")
+        if self.localization_min_pixels < 1:
+            raise ConfigError("localization_min_pixels must be >= 1")
+        for name in ("image_topic", "camera_info_topic", "prompt_topic", "visual_prompt_topic"):
+            if not getattr(self, name):
+                raise ConfigError(f"{name} is empty: give a topic name")
+        return self
+
+
+def declare(node: Any) -> None:
+    """Declares every field as a ROS parameter with its description and default."""
+    from rcl_interfaces.msg import ParameterDescriptor  # noqa: PLC0415
+    for f in dataclasses.fields(NodeParams):
+        node.declare_parameter(f.name, f.default,
+                               ParameterDescriptor(description=f.metadata["description"]))
+
+
+def read(node: Any) -> NodeParams:
+    """Current parameter values -> validated NodeParams (ConfigError when invalid)."""
+    values = {f.name: node.get_parameter(f.name).value for f in dataclasses.fields(NodeParams)}
+    return NodeParams(**values).validate()
+
+
+def markdown_table() -> str:
+    """The README's parameter table, generated from the fields (tests keep them in sync)."""
+    rows = ["| parameter | default | description |", "|---|---|---|"]
+    for f in dataclasses.fields(NodeParams):
+        rows.append(f"| `{f.name}` | `{f.default!r}` | {f.metadata['description']} |")
+    return "\n".join(rows)
