@@ -4,8 +4,8 @@
 
 The node runs in its own process (`refvlm bringup camera`, as on a robot); this process
 sends the same SimWorld image with each Query (use_image) and times the service round
-trip. Then it times Predictor.predict on that image here, with the same preset, seed and
-torch thread count. Both must produce the same TRP text (same work), else it says so.
+trip, alternating with Predictor.predict on that image here (same preset, seed and torch
+thread count). Both must produce the same TRP text (same work), else it says so.
 Target: median(node) / median(direct) <= 1.10.
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ def start_node(preset: str, threads: int, env: dict) -> subprocess.Popen:
     params = Path(tempfile.mkdtemp(prefix="refvlm-bench-")) / "params.yaml"
     params.write_text(yaml.safe_dump({"refvlm_node": {"ros__parameters": {
         "model_preset": preset, "model_path": "", "device": "cpu", "publish_overlay": False}}}))
-    env = dict(env, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+    env = dict(env, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")  # same as here
     process = subprocess.Popen([sys.executable, "-m", "refvlm_cli.main", "bringup", "camera",
                                 "--params", str(params)], cwd=REPO, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -50,74 +50,86 @@ def start_node(preset: str, threads: int, env: dict) -> subprocess.Popen:
     raise RuntimeError(f"the node process exited with {process.wait()} before it was up")
 
 
-def time_node(image_msg, runs: int) -> tuple[list[float], str]:
-    import rclpy
-    from refvlm_interfaces.srv import Query
+class NodeClient:
+    """Query client of the node process."""
 
-    rclpy.init()
-    node = rclpy.create_node("latency_bench")
-    client = node.create_client(Query, "/refvlm_node/query")
-    if not client.wait_for_service(timeout_sec=60.0):
-        raise RuntimeError("/refvlm_node/query did not appear within 60 s")
-    request = Query.Request(prompt=PROMPT, use_image=True, image=image_msg)
-    seconds, text = [], ""
-    try:
-        for run in range(runs + 1):  # the first call warms up
-            start = time.perf_counter()
-            future = client.call_async(request)
-            rclpy.spin_until_future_complete(node, future, timeout_sec=120.0)
-            elapsed = time.perf_counter() - start
-            response = future.result()
-            if response is None or not response.success:
-                raise RuntimeError(f"query failed: {response and response.error}")
-            if run:
-                seconds.append(elapsed)
-            text = response.result.trp_text
-    finally:
-        node.destroy_node()
+    def __init__(self) -> None:
+        import rclpy
+        from refvlm_interfaces.srv import Query
+
+        rclpy.init()
+        self.node = rclpy.create_node("latency_bench")
+        self.client = self.node.create_client(Query, "/refvlm_node/query")
+        self.request_type = Query.Request
+        if not self.client.wait_for_service(timeout_sec=60.0):
+            raise RuntimeError("/refvlm_node/query did not appear within 60 s")
+
+    def ask(self, image_msg) -> str:
+        import rclpy
+
+        future = self.client.call_async(self.request_type(prompt=PROMPT, use_image=True,
+                                                          image=image_msg))
+        rclpy.spin_until_future_complete(self.node, future, timeout_sec=120.0)
+        response = future.result()
+        if response is None or not response.success:
+            raise RuntimeError(f"query failed: {response and response.error}")
+        self.stages = dict(zip(response.result.stage_names, response.result.stage_seconds))
+        return response.result.trp_text
+
+    def close(self) -> None:
+        import rclpy
+
+        self.node.destroy_node()
         rclpy.shutdown()
-    return seconds, text
 
 
-def time_direct(rgb, preset: str, runs: int) -> tuple[list[float], str]:
-    from refvlm_core.predictor import Predictor
-
-    predictor = Predictor.from_preset(preset, device="cpu")
-    seconds, text = [], ""
-    for run in range(runs + 1):
-        start = time.perf_counter()
-        result = predictor.predict(rgb, PROMPT)
-        if run:
-            seconds.append(time.perf_counter() - start)
-        text = result.trp_text
-    return seconds, text
+def timed(call) -> tuple[float, str]:
+    start = time.perf_counter()
+    text = call()
+    return time.perf_counter() - start, text
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch/OpenMP threads in both processes (default 1: stable on a "
+                             "shared machine)")
     args = parser.parse_args(argv)
-    env = dict(os.environ)
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     env.setdefault("ROS_DOMAIN_ID", str(random.randint(10, 99)))
     env.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
     env.setdefault("ROS_LOG_DIR", tempfile.mkdtemp(prefix="refvlm-bench-log-"))
     env.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.update(env)  # before rclpy loads here
+    os.environ.update(env)  # before torch and rclpy load here
 
     import torch
 
     from refvlm_ros.image_conversions import array_to_image
 
+    torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
     rgb = sim_image()
+    from refvlm_core.predictor import Predictor
+
+    predictor = Predictor.from_preset(args.preset, device="cpu")
+    image_msg = array_to_image(rgb, "rgb8")
     process = start_node(args.preset, threads, env)
+    node_s, direct_s = [], []
     try:
-        node_s, node_text = time_node(array_to_image(rgb, "rgb8"), args.runs)
+        client = NodeClient()
+        # Alternate the two, so that both see the same machine load; the first pair warms up.
+        for run in range(args.runs + 1):
+            node_time, node_text = timed(lambda: client.ask(image_msg))
+            direct_time, direct_text = timed(lambda: predictor.predict(rgb, PROMPT).trp_text)
+            if run:
+                node_s.append(node_time)
+                direct_s.append(direct_time)
+        client.close()
     finally:
-        process.terminate()  # SIGTERM: the bringup shuts down
+        process.terminate()  # SIGTERM: the bringup shuts down cleanly
         process.wait(timeout=30)
-    direct_s, direct_text = time_direct(rgb, args.preset, args.runs)
 
     node_median, direct_median = statistics.median(node_s), statistics.median(direct_s)
     print(f"preset {args.preset}, 320x240 SimWorld image, {args.runs} runs, {threads} torch threads")
@@ -126,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  Query service round trip     median {node_median * 1e3:8.1f} ms  "
           f"min {min(node_s) * 1e3:8.1f} ms")
     print(f"  ratio node / direct          {node_median / direct_median:8.3f}   (target <= 1.10)")
+    node_stages = ", ".join(f"{k} {v * 1e3:.0f}" for k, v in client.stages.items())
+    print(f"  node's own stage timings of the last call (ms): {node_stages}")
     if node_text != direct_text:
         print("  WARNING: the node and the direct call produced different text, so they did "
               "different amounts of work; the ratio is not comparable", file=sys.stderr)

@@ -23,7 +23,6 @@ from refvlm_core.errors import ConfigError, RefVLMError
 
 QUERY_SERVICE = "/refvlm_node/query"
 SIM_TOPICS = "/sim_camera"
-REPO_ROOT = Path(__file__).resolve().parents[4]
 TRAINED_MODEL_DIRS = ("models/nano",)  # relative to the checkout; REFVLM_MODEL_DIR wins
 
 
@@ -75,7 +74,10 @@ class DemoRow:
 # -- choosing the model and the scene ---------------------------------------------------
 def default_model() -> ModelChoice:
     """The trained nano model when one is installed, else the tiny preset (untrained)."""
-    candidates = [os.environ.get("REFVLM_MODEL_DIR", "")] + [str(REPO_ROOT / d) for d in TRAINED_MODEL_DIRS]
+    from refvlm_ros.graph import checkout_root
+
+    root = checkout_root() or Path.cwd()
+    candidates = [os.environ.get("REFVLM_MODEL_DIR", "")] + [str(root / d) for d in TRAINED_MODEL_DIRS]
     for candidate in filter(None, candidates):
         if Path(candidate).is_dir() and any(Path(candidate).iterdir()):
             return ModelChoice({"model_path": str(Path(candidate).resolve())},
@@ -166,6 +168,7 @@ def format_table(rows: list[DemoRow]) -> str:
             lines.append(f"{(row.question if i == 0 else '')[:34]:34s} {obj['phrase'][:18]:18s} "
                          f"{','.join(obj['units'])[:14]:14s} {_xyz(obj['position']):22s} "
                          f"{truth_xyz:22s} {error:>7s}")
+        lines.append(f"{'':34s} answer: {row.answer.strip()[:80]!r}")
     return "\n".join(lines)
 
 

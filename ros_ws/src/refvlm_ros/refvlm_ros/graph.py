@@ -63,10 +63,18 @@ class GraphSpec:
                           f"it has {[spec.name for spec in self.nodes]}")
 
 
+def checkout_root() -> Path | None:
+    """The repository root when this module runs from a source checkout, else None."""
+    parents = Path(__file__).resolve().parents  # refvlm_ros/, refvlm_ros pkg, src, ros_ws, root
+    if len(parents) > 4 and (parents[3] / "src" / "refvlm_ros").is_dir():
+        return parents[4]
+    return None
+
+
 def default_graph_file() -> Path:
     """launch/graph.yaml of a source checkout, else of an installed share/refvlm/launch."""
-    checkout = Path(__file__).resolve().parents[4] / "launch" / GRAPH_FILE_NAME
-    candidates = [checkout]
+    root = checkout_root()
+    candidates = [root / "launch" / GRAPH_FILE_NAME] if root else []
     prefixes = [sys.prefix] + os.environ.get("AMENT_PREFIX_PATH", "").split(os.pathsep)
     candidates += [Path(p) / SHARE_LAUNCH_DIR / GRAPH_FILE_NAME for p in prefixes if p]
     for candidate in candidates:
