@@ -177,3 +177,34 @@ def test_generate_launch_description_builds_the_graph(recorded_launch, graph_nam
                    if type(a).__name__ == "EmitEvent"]
     lifecycle_count = sum(spec.lifecycle for spec in graph.nodes)
     assert transitions == [lifecycle_msgs.Transition.TRANSITION_CONFIGURE] * lifecycle_count
+
+
+# -- what `refvlm bringup` instantiates is what the launch files describe -------------
+@pytest.mark.ros
+@pytest.mark.parametrize("graph_name", sorted(LAUNCH_FILES))
+def test_bringup_instantiates_what_the_launch_file_describes(graph_name, tmp_path):
+    pytest.importorskip("refvlm_ros.node")
+    from refvlm_ros.bringup import Bringup
+
+    # The camera graph ships the nano preset; the tiny one keeps this test fast, and
+    # exercises the user params file (`params_file:=` / `--params`) on the way.
+    user = tmp_path / "user.yaml"
+    user.write_text("refvlm_node:\n  ros__parameters:\n    model_preset: tiny\n"
+                    "sim_camera:\n  ros__parameters:\n    width: 64\n    height: 48\n")
+    described = load_launch_file(LAUNCH_FILES[graph_name]).graph_spec(str(user))
+    with Bringup(described, num_threads=2) as bringup:
+        assert sorted(bringup.nodes) == sorted(spec.name for spec in described.nodes)
+        for spec in described.nodes:
+            node = bringup.node(spec.name)
+            assert node.get_name() == spec.name
+            assert node.get_namespace() == (spec.namespace or "/")
+            expected = graph_module.file_parameters(spec)
+            assert expected, spec.name
+            for name, value in expected.items():
+                assert node.has_parameter(name), f"{spec.name} does not declare '{name}'"
+                assert node.get_parameter(name).value == value, name
+            for source, target in spec.remappings:
+                assert node.resolve_topic_name(source) == target
+        node = bringup.node("refvlm_node")
+        assert node.get_parameter("model_preset").value == "tiny"
+        assert node.active  # configured and activated

@@ -185,3 +185,44 @@ def test_bringup_runs_a_graph_as_the_graph_file_says(tmp_path):
         assert node.frames_published >= 2  # the executor spins it
     assert not bringup.context.ok()
     assert not any(t.name == "bringup-executor" for t in threading.enumerate())
+
+
+SIM_ONLY_GRAPH = """graphs:
+  sim:
+    nodes:
+      - {name: sim_camera, package: refvlm_ros, executable: refvlm_sim,
+         node_class: 'refvlm_ros.sim_node:SimCameraNode', parameters: {width: 64, height: 48}}
+"""
+
+
+def test_refvlm_bringup_command_stops_on_sigterm_and_after_duration(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    graph_file = tmp_path / "graph.yaml"
+    graph_file.write_text(SIM_ONLY_GRAPH)
+    command = [sys.executable, "-m", "refvlm_cli.main", "bringup", "sim", "--graph-file", str(graph_file)]
+    timed = subprocess.run(command + ["--duration", "0.5"], capture_output=True, text=True, timeout=60)
+    assert timed.returncode == 0, timed.stderr
+    assert "running sim_camera" in timed.stdout and "shut down" in timed.stdout
+
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "running sim_camera" in process.stdout.readline()
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0 and "shut down" in out, err
+    assert "Traceback" not in err
+
+
+def test_refvlm_bringup_refuses_a_bad_params_file(tmp_path):
+    import subprocess
+    import sys
+
+    bad = subprocess.run([sys.executable, "-m", "refvlm_cli.main", "bringup", "sim", "--params",
+                          str(tmp_path / "missing.yaml")], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
