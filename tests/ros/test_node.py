@@ -64,9 +64,17 @@ class Client:
         self.prompt_pub = n.create_publisher(String, "/prompt", 10)
         self.results: list = []
         self.masks: list = []
+        self.overlays: list = []
+        self.detections: list = []
         self.diagnostics: dict[str, str] = {}
         n.create_subscription(RefResult, f"/{NODE}/result", self.results.append, 10)
         n.create_subscription(Image, f"/{NODE}/masks", self.masks.append, 10)
+        n.create_subscription(Image, f"/{NODE}/overlay", self.overlays.append, 10)
+        try:
+            from vision_msgs.msg import Detection2DArray
+            n.create_subscription(Detection2DArray, f"/{NODE}/detections", self.detections.append, 10)
+        except ImportError:
+            pass
         n.create_subscription(DiagnosticArray, "/diagnostics", self._on_diagnostics, 10)
 
         rgb = np.zeros((H, W, 3), np.uint8)
@@ -139,7 +147,7 @@ def node_process(tmp_path_factory):
     log = tmp_path_factory.mktemp("node") / "node.log"
     command = [sys.executable, str(script), "--answer", ANSWER, "--delay", str(DELAY_S),
                "--ros-args", "-p", "model_preset:=tiny", "-p", "rate_hz:=20.0",
-               "-p", "publish_overlay:=false", "-p", "sync_tolerance_s:=0.05"]
+               "-p", "sync_tolerance_s:=0.05"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     with open(log, "w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
@@ -252,10 +260,12 @@ def test_malformed_inputs_get_error_replies_and_the_node_keeps_serving(client):
 
 
 def test_standing_prompt_publishes_results_with_source_headers(client):
-    client.results.clear()
-    client.masks.clear()
+    for received in (client.results, client.masks, client.overlays, client.detections):
+        received.clear()
     client.prompt_pub.publish(client.String(data="where is the red cube?"))
-    client.wait_for(lambda: len(client.results) >= 3 and client.masks, 30, "standing results")
+    from refvlm_ros.messages import vision_msgs_available
+    client.wait_for(lambda: len(client.results) >= 3 and client.masks and client.overlays
+                    and (client.detections or not vision_msgs_available()), 30, "standing results")
     client.prompt_pub.publish(client.String(data=""))
     for result in client.results[:3]:
         assert (result.header.stamp.sec, result.header.stamp.nanosec) in client.stamps
@@ -264,6 +274,13 @@ def test_standing_prompt_publishes_results_with_source_headers(client):
     assert mask.encoding == "mono8" and (mask.height, mask.width) == (H, W)
     assert (mask.header.stamp.sec, mask.header.stamp.nanosec) in client.stamps
     assert set(np.unique(np.frombuffer(mask.data, np.uint8))) <= {0, 1}
+    overlay = client.overlays[0]
+    assert (overlay.encoding, overlay.height, overlay.width) == ("rgb8", H, W)
+    assert (overlay.header.stamp.sec, overlay.header.stamp.nanosec) in client.stamps
+    if vision_msgs_available():  # make setup builds it from ../shared
+        [det] = client.detections[0].detections
+        assert det.results[0].hypothesis.class_id == "red cube"
+        assert det.bbox.size_x > 0 and det.header.stamp == client.detections[0].header.stamp
 
 
 def test_ground_action_streams_and_finishes(client):

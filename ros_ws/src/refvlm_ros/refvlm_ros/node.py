@@ -38,6 +38,7 @@ from std_msgs.msg import String
 
 from refvlm_core import trp
 from refvlm_core.errors import ConfigError, InputError, RefVLMError
+from refvlm_core.overlay import draw_result
 from refvlm_core.results import Result
 from refvlm_core.visual_prompts import validate as validate_visual_prompt
 from refvlm_interfaces.action import Ground
@@ -105,7 +106,6 @@ class RefVLMNode(LifecycleNode):
         self._worker: threading.Thread | None = None
         self._outputs: dict[str, Any] = {}
         self._inputs: list[Any] = []
-        self._overlay_warned = False
         self._io_group = MutuallyExclusiveCallbackGroup()
         self._request_group = ReentrantCallbackGroup()
         # Requests and diagnostics are served in every state: an agent asking an
@@ -303,19 +303,7 @@ class RefVLMNode(LifecycleNode):
         if depth is not None:
             pubs["depth"].publish(array_to_image(depth, "32FC1", header))
         if "overlay" in pubs:
-            overlay = self._overlay(rgb, result)
-            if overlay is not None:
-                pubs["overlay"].publish(array_to_image(overlay, "rgb8", header))
-
-    def _overlay(self, rgb: np.ndarray, result: Result) -> np.ndarray | None:
-        try:
-            from refvlm_core.overlay import draw  # noqa: PLC0415
-        except ImportError:
-            if not self._overlay_warned:
-                self.get_logger().warning("refvlm_core.overlay is not available: no ~/overlay")
-                self._overlay_warned = True
-            return None
-        return np.asarray(draw(rgb, result), dtype=np.uint8)
+            pubs["overlay"].publish(array_to_image(draw_result(rgb, result), "rgb8", header))
 
     # ---- requests ----------------------------------------------------------------------
     def _request_image(self, use_image: bool, image: Image) -> tuple[Image, bool]:
