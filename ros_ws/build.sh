@@ -14,7 +14,7 @@ REPO="$(pwd)"
 
 VENV="${VENV:-$REPO/.venv}"
 BUILD="$REPO/ros_ws/build"
-SHARED_VISION_MSGS="$REPO/../shared/ros/vision_msgs"
+SHARED_VISION_MSGS="${REFVLM_SHARED_DIR:-$REPO/../shared}/ros/vision_msgs"
 JOBS="${JOBS:-$(nproc)}"
 
 die() { echo "ros_ws/build.sh: error: $*" >&2; exit 2; }
@@ -85,12 +85,9 @@ mkdir -p "$BUILD"
 
 # --- 2. vision_msgs ---------------------------------------------------------------
 VISION_CHECK="from vision_msgs.msg import Detection2DArray, Detection3DArray"
-if [[ -f "$VENV/share/vision_msgs/.refvlm-build-hash" ]] || ! "$PY" -c "$VISION_CHECK" 2>/dev/null; then
-  [[ -f "$SHARED_VISION_MSGS/package.xml" ]] || die "vision_msgs does not import and its \
-definitions are missing at ../shared/ros/vision_msgs. Put the 'shared' folder beside \
-this repository, or install vision_msgs (on a ROS machine: apt-get install ros-jazzy-vision-msgs)."
+build_vision_msgs() {
   # Only the definitions ship: copy them and add a minimal CMakeLists.txt.
-  src="$BUILD/vision_msgs_src"
+  local src="$BUILD/vision_msgs_src"
   rm -rf "$src" && mkdir -p "$src"
   cp -r "$SHARED_VISION_MSGS/package.xml" "$SHARED_VISION_MSGS/msg" "$src/"
   [[ -f "$SHARED_VISION_MSGS/LICENSE" ]] && cp "$SHARED_VISION_MSGS/LICENSE" "$src/"
@@ -108,8 +105,20 @@ this repository, or install vision_msgs (on a ROS machine: apt-get install ros-j
     echo 'ament_package()'
   } >"$src/CMakeLists.txt"
   build_if_changed vision_msgs "$src" "$VISION_CHECK"
-else
+}
+
+vision_msgs_ours=false
+[[ -f "$VENV/share/vision_msgs/.refvlm-build-hash" ]] && vision_msgs_ours=true
+if "$PY" -c "$VISION_CHECK" 2>/dev/null && ! $vision_msgs_ours; then
   echo "ros_ws: vision_msgs is installed"
+elif [[ -f "$SHARED_VISION_MSGS/package.xml" ]]; then
+  build_vision_msgs
+elif $vision_msgs_ours && "$PY" -c "$VISION_CHECK" 2>/dev/null; then
+  echo "ros_ws: vision_msgs is built (../shared is not here to check it against)"
+else
+  die "vision_msgs does not import and its definitions are missing at \
+$SHARED_VISION_MSGS. Put the 'shared' folder beside this repository (or point \
+REFVLM_SHARED_DIR at it), or install vision_msgs (ROS machines: apt-get install ros-jazzy-vision-msgs)."
 fi
 
 # --- 3. refvlm_interfaces ---------------------------------------------------------

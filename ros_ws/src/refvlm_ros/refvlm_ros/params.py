@@ -28,7 +28,8 @@ class NodeParams:
         "Folder of a saved model (config + weights); overrides model_preset"))
     device: str = field(default="cpu", metadata=_describe("Torch device: cpu, cuda, cuda:1 ..."))
     backend: str = field(default="torch", metadata=_describe(
-        "Inference backend: torch, onnxruntime or tensorrt (decoders exported by refvlm export)"))
+        "Inference backend; only torch is wired into the Predictor so far (onnxruntime, "
+        "tensorrt are refused at configure)"))
     standing_prompt: str = field(default="", metadata=_describe(
         "Prompt re-run on new camera frames at rate_hz; empty = only answer queries. "
         "The prompt topic replaces it at run time"))
