@@ -340,22 +340,28 @@ def test_15hz_camera_with_slow_model_keeps_memory_flat_and_answers(client, node_
 
 
 def test_lifecycle_transitions_leave_no_threads(client):
-    active_threads = int(client.diagnostics["python_threads"])
+    def fresh_diagnostics() -> dict[str, str]:
+        client.diagnostics = {}
+        client.wait_for(lambda: client.diagnostics, 5, "diagnostics")
+        return client.diagnostics
+
+    active = fresh_diagnostics()
+    assert active["inference_threads"] == "1"
     client.transition("deactivate")
     reply = client.ask("where is the red cube?")
     assert not reply.success and "not active" in reply.error
     client.transition("cleanup")
     assert client.state() == "unconfigured"
-    time.sleep(1.5)                                    # a fresh diagnostics message
-    baseline = int(client.diagnostics["python_threads"])
-    assert client.diagnostics["worker_alive"] == "False" and baseline == active_threads - 1
+    assert fresh_diagnostics()["inference_threads"] == "0"
     for _ in range(2):
         client.transition("configure")
         client.transition("activate")
         client.wait_for(lambda: client.ask("where is the red cube?").success, 10,
                         "an answer on a fresh frame after activation")
+        assert fresh_diagnostics()["inference_threads"] == "1"
         client.transition("deactivate")
         client.transition("cleanup")
-    time.sleep(1.5)
-    assert int(client.diagnostics["python_threads"]) == baseline
-    assert client.diagnostics["state"] == "unconfigured"
+    after = fresh_diagnostics()
+    assert after["state"] == "unconfigured" and after["inference_threads"] == "0"
+    # Besides the executor's bounded pool, only the worker came and went.
+    assert int(after["own_threads"]) == int(active["own_threads"]) - 1

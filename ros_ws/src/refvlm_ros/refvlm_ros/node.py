@@ -399,7 +399,10 @@ class RefVLMNode(LifecycleNode):
             "queries": str(stats.queries),
             "errors": str(stats.errors),
             "python_threads": str(threading.active_count()),
-            "worker_alive": str(self._worker is not None and self._worker.is_alive()),
+            # Without the executor's pool (it grows on demand up to its bound).
+            "own_threads": str(sum(not t.name.startswith("ThreadPoolExecutor")
+                                   for t in threading.enumerate())),
+            "inference_threads": str(sum(t.name == WORKER_NAME for t in threading.enumerate())),
             "rss_mb": f"{rss_mb():.1f}",
         }
         status = DiagnosticStatus(level=DiagnosticStatus.OK, name=f"{self.get_name()}: inference",
