@@ -7,8 +7,21 @@ import json
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.ros
 
+
+def test_demo_without_ros_says_what_to_do():
+    """Where rclpy is missing, `refvlm demo` explains instead of failing with a traceback."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['rclpy'] = None; from refvlm_cli.main import main; "
+            "sys.exit(main(['demo']))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert "make setup" in done.stderr and "Traceback" not in done.stderr
+
+
+pytestmark = pytest.mark.ros
 demo = pytest.importorskip("refvlm_ros.demo")
 
 

@@ -195,7 +195,7 @@ SIM_ONLY_GRAPH = """graphs:
 """
 
 
-def test_refvlm_bringup_command_stops_on_sigterm_and_after_duration(tmp_path):
+def test_refvlm_bringup_command_stops_on_signals_and_after_duration(tmp_path):
     import signal
     import subprocess
     import sys
@@ -207,16 +207,17 @@ def test_refvlm_bringup_command_stops_on_sigterm_and_after_duration(tmp_path):
     assert timed.returncode == 0, timed.stderr
     assert "running sim_camera" in timed.stdout and "shut down" in timed.stdout
 
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert "running sim_camera" in process.stdout.readline()
-        process.send_signal(signal.SIGTERM)
-        out, err = process.communicate(timeout=30)
-    finally:
-        if process.poll() is None:
-            process.kill()
-    assert process.returncode == 0 and "shut down" in out, err
-    assert "Traceback" not in err
+    for signum in (signal.SIGTERM, signal.SIGINT):  # kill, Ctrl-C
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert "running sim_camera" in process.stdout.readline()
+            process.send_signal(signum)
+            out, err = process.communicate(timeout=30)
+        finally:
+            if process.poll() is None:
+                process.kill()
+        assert process.returncode == 0 and "shut down" in out, (signum, err)
+        assert "Traceback" not in err
 
 
 def test_refvlm_bringup_refuses_a_bad_params_file(tmp_path):

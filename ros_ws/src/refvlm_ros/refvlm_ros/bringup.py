@@ -21,6 +21,7 @@ from rclpy.executors import MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, TransitionCallbackReturn
 from rclpy.node import Node
 from rclpy.parameter import Parameter
+from rclpy.signals import SignalHandlerOptions
 
 from refvlm_core.errors import ConfigError, RefVLMError
 from refvlm_ros.graph import GraphSpec, NodeSpec
@@ -59,10 +60,14 @@ class Bringup:
         self._executor: MultiThreadedExecutor | None = None
         self._spin_thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self._stop_requested = threading.Event()
 
     # -- life cycle ------------------------------------------------------------------
     def start(self) -> "Bringup":
-        init_args: dict[str, Any] = {"context": self.context}
+        # No rclpy signal handlers: Ctrl-C / request_stop() end the wait and shutdown()
+        # then runs in order on a live context (rclpy's would shut the context first).
+        init_args: dict[str, Any] = {"context": self.context,
+                                     "signal_handler_options": SignalHandlerOptions.NO}
         if self._domain_id is not None:
             init_args["domain_id"] = self._domain_id
         rclpy.init(**init_args)
@@ -117,13 +122,21 @@ class Bringup:
     def nodes(self) -> dict[str, Node]:
         return dict(self._nodes)
 
-    def spin_until_interrupted(self) -> None:
-        """Block the calling thread until Ctrl-C (KeyboardInterrupt) or shutdown."""
+    def spin_until_interrupted(self, duration: float | None = None) -> None:
+        """Block the calling thread until Ctrl-C, request_stop() (e.g. from a SIGTERM
+        handler), a shutdown of the context, or `duration` seconds."""
+        deadline = None if duration is None else time.monotonic() + duration
         try:
-            while self.context.ok() and self._spin_thread.is_alive():
-                time.sleep(0.2)
+            while (self.context.ok() and self._spin_thread.is_alive()
+                   and not self._stop_requested.is_set()
+                   and (deadline is None or time.monotonic() < deadline)):
+                self._stop_requested.wait(0.1)
         except KeyboardInterrupt:
             pass
+
+    def request_stop(self) -> None:
+        """Make spin_until_interrupted() return; safe from a signal handler."""
+        self._stop_requested.set()
 
     def shutdown(self) -> None:
         """Deactivate and clean up lifecycle nodes, stop the executor, destroy every

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import signal
-import time
 from pathlib import Path
 
 from refvlm_core.errors import ConfigError, RefVLMError
@@ -30,10 +29,6 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
-
-
 def run(args: argparse.Namespace) -> int:
     try:
         from refvlm_ros.bringup import Bringup
@@ -45,13 +40,14 @@ def run(args: argparse.Namespace) -> int:
     if args.duration is not None and args.duration <= 0:
         raise ConfigError(f"--duration must be positive, got {args.duration}")
     graph = load_graph(args.graph, args.graph_file, args.params)
-    signal.signal(signal.SIGTERM, _interrupt)  # `kill` shuts down as cleanly as Ctrl-C
-    with Bringup(graph) as bringup:
+    bringup = Bringup(graph)
+    # Ctrl-C (SIGINT) and `kill` (SIGTERM) end the wait; the main thread then runs the
+    # shutdown, which a second signal does not interrupt.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda signum, frame: bringup.request_stop())
+    with bringup:
         names = ", ".join(bringup.nodes)
         print(f"bringup {graph.name}: running {names} (Ctrl-C to stop)", flush=True)
-        if args.duration is None:
-            bringup.spin_until_interrupted()
-        else:
-            time.sleep(args.duration)
+        bringup.spin_until_interrupted(args.duration)
     print(f"bringup {graph.name}: shut down", flush=True)
     return 0
