@@ -42,7 +42,7 @@ def referred(phrase: str, position=None, box=None, mask: np.ndarray | None = Non
         obj.mask = array_to_image(mask.astype(np.uint8) * 255, "mono8")
     if keypoints is not None:
         obj.keypoint_x, obj.keypoint_y = [float(k[0]) for k in keypoints], [float(k[1]) for k in keypoints]
-        obj.keypoint_visibility = [1.0] * len(keypoints)
+        obj.keypoint_visibility = [float(k[2]) for k in keypoints]
     return obj
 
 
@@ -81,7 +81,8 @@ def test_overlay_draws_mask_box_and_keypoints():
     mask = np.zeros((60, 80), bool)
     mask[10:20, 10:20] = True
     result = RefResult(answer="a cube", objects=[
-        referred("cube", box=(30, 30, 50, 50), mask=mask, keypoints=[(70, 5)])])
+        referred("cube", box=(30, 30, 50, 50), mask=mask,
+                 keypoints=[(70, 5, 1.0)] + [(0, 0, 0.0)] * 16)])  # COCO-17, the nose seen
     picture = demo.draw_overlay(rgb, result, {"box_xyxy": [2, 2, 8, 8]})
     assert picture.shape == rgb.shape and picture.dtype == np.uint8
     assert not np.array_equal(picture[15, 15], rgb[15, 15])   # mask tint

@@ -76,6 +76,8 @@ def collect_frames(context, overrides, frames_wanted: int = 2):
 
 
 def test_every_message_of_a_frame_shares_one_header_and_agrees(context):
+    from refvlm_ros.sim_scenes import SimScenes
+
     frames = collect_frames(context, SMALL)
     for stamp, frame in frames.items():
         image, depth, info = frame["image"], frame["depth"], frame["camera_info"]
@@ -87,9 +89,20 @@ def test_every_message_of_a_frame_shares_one_header_and_agrees(context):
         assert (info.width, info.height, info.distortion_model) == (96, 72, "plumb_bob")
         assert list(info.d) == [0.0] * 5
         k = np.array(info.k).reshape(3, 3)
-        np.testing.assert_allclose(k, np.array(truth["K"]))
+        np.testing.assert_allclose(k, np.array(truth["K"]).reshape(3, 3))
         metres = np.frombuffer(bytes(depth.data), dtype=np.float32).reshape(72, 96)
         assert np.isfinite(metres).any() and np.nanmin(metres) > 0
+        # ROS pixel convention: a pixel's centre is at its integer index, so a depth
+        # reading back-projected with K lands on the ray through that pixel's centre.
+        rows, cols = np.nonzero(np.isfinite(metres))
+        r, c = rows[len(rows) // 2], cols[len(cols) // 2]
+        z = float(metres[r, c])
+        point = np.array([(c - k[0, 2]) * z / k[0, 0], (r - k[1, 2]) * z / k[1, 1], z])
+        sim_camera = SimScenes("val", 0, 96, 72).base_camera  # the node's defaults: val[0], static
+        np.testing.assert_allclose(np.array(truth["world_from_camera"]), sim_camera.world_from_camera)
+        world = sim_camera.world_from_camera[:3, :3] @ point + sim_camera.world_from_camera[:3, 3]
+        pixel, _ = sim_camera.project(world[None])
+        np.testing.assert_allclose(pixel[0], [c + 0.5, r + 0.5], atol=1e-6)  # SimWorld: centre at +0.5
         for obj in truth["objects"]:
             x, y, z = obj["center_camera"]
             assert z > 0, obj  # in front of the camera

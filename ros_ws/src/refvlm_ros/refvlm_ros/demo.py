@@ -173,36 +173,39 @@ def format_table(rows: list[DemoRow]) -> str:
 
 
 # -- drawing -----------------------------------------------------------------------------
-PALETTE = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180))
-
-
-def draw_overlay(rgb: np.ndarray, result, truth_object: dict | None) -> np.ndarray:
-    """[H, W, 3] uint8 RGB picture: ground-truth box (white), then every referred
-    object's mask (tinted), box and keypoints (its colour), and the answer."""
-    import cv2
-
+def result_from_msg(msg) -> "Result":
+    """RefResult message -> refvlm_core Result (what the core overlay draws)."""
+    from refvlm_core.results import ReferredObject, Result
     from refvlm_ros.image_conversions import image_to_array
 
-    canvas = rgb.copy()
+    objects = []
+    for obj in msg.objects:
+        mask = image_to_array(obj.mask) > 0 if obj.mask.height and obj.mask.width else None
+        keypoints = (np.stack([obj.keypoint_x, obj.keypoint_y, obj.keypoint_visibility], axis=1)
+                     if len(obj.keypoint_x) else None)
+        objects.append(ReferredObject(
+            phrase=obj.phrase, units=tuple(obj.units), instance_index=obj.instance_index,
+            ref_ordinal=obj.ref_ordinal, ref_span=(obj.ref_span_start, obj.ref_span_end),
+            score=None if np.isnan(obj.score) else float(obj.score),
+            box_xyxy=np.array(obj.box_xyxy) if obj.has_box else None,
+            mask=mask, keypoints=keypoints))
+    return Result(prompt=msg.prompt, answer=msg.answer, trp_text=msg.trp_text,
+                  image_size=(msg.image_height, msg.image_width), objects=objects)
+
+
+def draw_overlay(rgb: np.ndarray, result_msg, truth_object: dict | None) -> np.ndarray:
+    """[H, W, 3] uint8 RGB picture: the answer as the node's overlay draws it, the
+    ground-truth box of the question's target (white) and the answer text."""
+    import cv2
+
+    from refvlm_core.overlay import draw_result
+
+    canvas = draw_result(rgb, result_from_msg(result_msg))
     if truth_object and truth_object.get("box_xyxy"):
         x0, y0, x1, y1 = (int(round(v)) for v in truth_object["box_xyxy"])
         cv2.rectangle(canvas, (x0, y0), (x1 - 1, y1 - 1), (255, 255, 255), 1)
-    for k, obj in enumerate(result.objects):
-        colour = PALETTE[k % len(PALETTE)]
-        if obj.mask.height and obj.mask.width:
-            mask = image_to_array(obj.mask) > 0
-            if mask.shape == canvas.shape[:2]:
-                canvas[mask] = (0.5 * canvas[mask] + 0.5 * np.array(colour)).astype(np.uint8)
-        if obj.has_box:
-            x0, y0, x1, y1 = (int(round(v)) for v in obj.box_xyxy)
-            cv2.rectangle(canvas, (x0, y0), (x1, y1), colour, 2)
-            cv2.putText(canvas, obj.phrase[:24], (x0, max(y0 - 3, 10)), cv2.FONT_HERSHEY_SIMPLEX,
-                        0.4, colour, 1, cv2.LINE_AA)
-        for x, y, v in zip(obj.keypoint_x, obj.keypoint_y, obj.keypoint_visibility):
-            if v >= 0.5 and np.isfinite(x) and np.isfinite(y):
-                cv2.circle(canvas, (int(round(x)), int(round(y))), 2, colour, -1)
-    cv2.putText(canvas, result.answer[:60], (4, canvas.shape[0] - 6), cv2.FONT_HERSHEY_SIMPLEX,
-                0.4, (255, 255, 0), 1, cv2.LINE_AA)
+    cv2.putText(canvas, result_msg.answer.strip()[:60], (4, canvas.shape[0] - 6),
+                cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 0), 1, cv2.LINE_AA)
     return canvas
 
 

@@ -26,6 +26,7 @@ from std_msgs.msg import Header, String
 
 from refvlm_core.errors import ConfigError
 from refvlm_ros.image_conversions import array_to_image
+from refvlm_ros.sim_scenes import SimScenes, ros_k
 
 MOTIONS = ("static", "orbit", "dolly")
 
@@ -94,11 +95,12 @@ def moved_camera(base, target: np.ndarray, motion: str, speed: float, t: float):
 
 # -- messages ---------------------------------------------------------------------------
 def camera_info_message(camera, header: Header) -> CameraInfo:
-    fx, fy, cx, cy = camera.fx, camera.fy, camera.cx, camera.cy
+    """CameraInfo in the ROS pixel convention (pixel centres at integers)."""
+    k = ros_k(camera)
+    fx, cx, fy, cy = k[0], k[2], k[4], k[5]
     return CameraInfo(
         header=header, width=camera.width, height=camera.height,
-        distortion_model="plumb_bob", d=[0.0] * 5,
-        k=[fx, 0.0, cx, 0.0, fy, cy, 0.0, 0.0, 1.0],
+        distortion_model="plumb_bob", d=[0.0] * 5, k=k,
         r=[1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0],
         p=[fx, 0.0, cx, 0.0, 0.0, fy, cy, 0.0, 0.0, 0.0, 1.0, 0.0])
 
@@ -111,8 +113,6 @@ class SimCameraNode(Node):
         try:
             self.config = self._declare_config()
             self.config.validate()
-            from refvlm_ros.sim_scenes import SimScenes
-
             self.scenes = SimScenes(self.config.split, self.config.layout_index,
                                     self.config.width, self.config.height)
         except Exception:

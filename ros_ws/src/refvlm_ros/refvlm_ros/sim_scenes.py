@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from refvlm_ros.localization import Intrinsics, localize
+
 MIN_VISIBLE_PIXELS = 1
 
 
@@ -14,20 +16,35 @@ def object_name(obj) -> str:
     return f"{obj.color} {obj.category}"
 
 
-def surface_median(points_mask: np.ndarray, depth: np.ndarray, camera) -> list[float] | None:
-    """Median camera-frame point [3] of the visible surface under a mask: what a depth
-    camera can see of the object (its centre lies behind that surface)."""
-    rows, cols = np.nonzero(points_mask & np.isfinite(depth))
-    if len(rows) == 0:
-        return None
-    z = depth[rows, cols].astype(np.float64)
-    x = (cols + 0.5 - camera.cx) / camera.fx * z
-    y = (rows + 0.5 - camera.cy) / camera.fy * z
-    return [float(np.median(x)), float(np.median(y)), float(np.median(z))]
+def ros_intrinsics(camera) -> Intrinsics:
+    """SimWorld puts pixel i's centre at i + 0.5; ROS / OpenCV put it at i, so the
+    principal point moves by half a pixel."""
+    return Intrinsics(camera.fx, camera.fy, camera.cx - 0.5, camera.cy - 0.5)
 
 
-def ground_truth(scene) -> dict:
-    """The scene's objects with boxes (pixels) and 3D centres in the camera frame."""
+def ros_k(camera) -> list[float]:
+    """CameraInfo.k (row-major 3x3) of a SimWorld camera."""
+    k = ros_intrinsics(camera)
+    return [k.fx, 0.0, k.cx, 0.0, k.fy, k.cy, 0.0, 0.0, 1.0]
+
+
+def visible_surface_position(mask: np.ndarray, depth: np.ndarray, camera) -> list[float] | None:
+    """Where the node would place the object given a perfect mask: the same robust
+    statistic over the visible surface (the object's centre lies behind it)."""
+    location, _ = localize(mask, depth, ros_intrinsics(camera))
+    return None if location is None else location.position.tolist()
+
+
+def metric_depth(scene) -> np.ndarray:
+    """[H, W] float32 metres along camera Z, NaN where no surface (as the node expects)."""
+    depth = scene.depth.astype(np.float32, copy=True)
+    depth[~np.isfinite(depth)] = np.nan
+    return depth
+
+
+def ground_truth(scene, depth: np.ndarray) -> dict:
+    """The scene's objects with boxes (pixels) and 3D positions in the camera frame:
+    the centre, and the position of the visible surface (see visible_surface_position)."""
     camera, boxes, counts = scene.camera, scene.boxes, scene.pixel_counts()
     objects = []
     for obj in scene.objects:
@@ -42,8 +59,8 @@ def ground_truth(scene) -> dict:
             "visible_pixels": counts[obj.instance_id],
             "box_xyxy": boxes[obj.instance_id].tolist() if obj.instance_id in boxes else None,
             "center_camera": camera.to_camera(obj.center_world[None])[0].tolist(),
-            "surface_median_camera": (surface_median(scene.masks(obj.instance_id), scene.depth, camera)
-                                      if visible else None),
+            "surface_median_camera": (visible_surface_position(scene.masks(obj.instance_id), depth,
+                                                               camera) if visible else None),
         }
         if obj.category == "person":
             entry["keypoints"] = scene.keypoints(obj.instance_id).tolist()
@@ -53,7 +70,7 @@ def ground_truth(scene) -> dict:
         "layout_index": scene.layout.index,
         "width": camera.width,
         "height": camera.height,
-        "K": camera.K.tolist(),
+        "K": ros_k(camera),
         "world_from_camera": camera.world_from_camera.tolist(),
         "objects": objects,
     }
@@ -76,6 +93,5 @@ class SimScenes:
         from refvlm_training.simworld.render import render_layout
 
         scene = render_layout(self.layout, camera)
-        depth = scene.depth.astype(np.float32, copy=True)
-        depth[~np.isfinite(depth)] = np.nan  # no surface: unknown, as the node expects
-        return scene.rgb, depth, camera, ground_truth(scene)
+        depth = metric_depth(scene)
+        return scene.rgb, depth, camera, ground_truth(scene, depth)
