@@ -21,6 +21,20 @@ os.environ.setdefault("ROS_LOG_DIR", tempfile.mkdtemp(prefix="refvlm-ros-log-"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+_modules_seen = 0
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _ros_domain_per_module():
+    """A fresh ROS domain for every test module: a node left over by one module (or
+    still shutting down) can never answer another module's service calls."""
+    global _modules_seen
+    _modules_seen += 1
+    base = int(os.environ.setdefault("REFVLM_TEST_DOMAIN_BASE", os.environ["ROS_DOMAIN_ID"]))
+    os.environ["ROS_DOMAIN_ID"] = str(1 + (base + _modules_seen) % 100)
+    yield
+
+
 def _missing_ros() -> str | None:
     for module in ("rclpy", "sensor_msgs.msg", "refvlm_interfaces.msg", "refvlm_ros"):
         try:

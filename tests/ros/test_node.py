@@ -118,9 +118,9 @@ class Client:
         request.transition.label = label
         assert self.call(self.change_state, request, timeout=60).success, f"transition {label} failed"
 
-    def state(self) -> str:
+    def state(self, timeout: float = 30.0) -> str:
         from lifecycle_msgs.srv import GetState
-        return self.call(self.get_state, GetState.Request()).current_state.label
+        return self.call(self.get_state, GetState.Request(), timeout).current_state.label
 
     def ask(self, prompt: str, image=None, visual_prompts=(), timeout: float = 30.0):
         from refvlm_interfaces.srv import Query
@@ -175,7 +175,9 @@ def rss_mb(pid: int) -> float:
 def test_configure_and_activate(client, node_process):
     assert client.get_state.wait_for_service(timeout_sec=30) and node_process.poll() is None, \
         node_process.log.read_text()[-3000:]
-    assert client.state() == "unconfigured"
+    # The first answer waits for the node process to finish importing torch and start
+    # spinning: generous on a loaded 2-core machine.
+    assert client.state(timeout=90) == "unconfigured"
     reply = client.ask("where is the red cube?")
     assert not reply.success and "not configured" in reply.error
     client.transition("configure")
