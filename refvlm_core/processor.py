@@ -89,7 +89,8 @@ class Processor:
 
     # ---- tokens ---------------------------------------------------------------------
     def _messages(self, system: str | None, turns: Sequence[tuple[str, str]]) -> list[dict[str, str]]:
-        messages = [{"role": "system", "content": system or self.config.system_prompt}]
+        # Data system prompts may spell out TRP examples: they must never become special tokens.
+        messages = [{"role": "system", "content": trp.neutralize(system or self.config.system_prompt)}]
         messages += [{"role": role, "content": text} for role, text in turns]
         return messages
 
