@@ -1,0 +1,320 @@
+"""ONNX export of the deployable parts: every visual-unit decoder, the two image
+encoders (ViT tokens, ConvNeXt pyramid) and the projector.
+
+Each part is wrapped so that its ONNX graph has plain tensor inputs and outputs:
+
+- decoders: ``ref_embeddings [B, L, D] float``, ``ref_valid [B, L] float`` (1 = real ref,
+  0 = padding; turned into the decoders' float additive mask inside the graph, so a fully
+  padded group stays finite), ``pyramid_0 .. pyramid_{n-1}`` ``[B, C_i, H_i, W_i]``;
+  outputs are the decoder's dict entries in sorted key order;
+- ``vit``: ``images [B, 3, S, S]`` in [0, 1] -> ``tokens [B, G*G, Dv]``;
+- ``convnext``: ``images [B, 3, H, W]`` in [0, 1] -> ``pyramid_0 ..``;
+- ``projector``: ``features [B, N, Dv]`` -> ``projected [B, N, D]``.
+
+Dynamic axes (dynamo exporter): batch, L and the feature sizes. Every file carries
+metadata_props (config hash, part, unit, input/output names, opset, shape templates),
+and the export folder gets a ``manifest.json`` that the engine builder and the runtime
+backends read. Shape templates name each dynamic dim by what sets it: ``batch``, ``L``,
+``size/k`` (image side divided by the stride k) or an integer.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from refvlm_core.errors import CheckpointError, ConfigError
+
+log = logging.getLogger(__name__)
+
+OPSET = 18
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+# Example sizes used while tracing; the parity tests run other sizes on purpose.
+EXPORT_BATCH, EXPORT_L = 2, 8
+
+
+# ---- wrappers: plain tensors in and out ---------------------------------------------
+
+class DecoderGraph(nn.Module):
+    """A UnitDecoder with flat tensor I/O: (ref_embeddings, ref_valid float, *pyramid) -> outputs."""
+
+    def __init__(self, decoder: nn.Module, output_names: Sequence[str]) -> None:
+        super().__init__()
+        self.decoder = decoder
+        self.output_names = tuple(output_names)
+
+    def forward(self, ref_embeddings: Tensor, ref_valid: Tensor, *pyramid: Tensor) -> tuple[Tensor, ...]:
+        outputs = self.decoder(ref_embeddings, ref_valid > 0.5, list(pyramid))
+        return tuple(outputs[name] for name in self.output_names)
+
+
+class VitGraph(nn.Module):
+    """images [B, 3, S, S] in [0, 1] -> ViT tokens [B, G*G, Dv] (normalisation included)."""
+
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.encoder.vit_tokens((images - self.encoder.mean) / self.encoder.std)
+
+
+class ConvNextGraph(nn.Module):
+    """images [B, 3, H, W] in [0, 1] -> the configured ConvNeXt stages."""
+
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, images: Tensor) -> tuple[Tensor, ...]:
+        return tuple(self.encoder.convnext_pyramid((images - self.encoder.mean) / self.encoder.std))
+
+
+# ---- descriptions -------------------------------------------------------------------
+
+@dataclass
+class TensorSpec:
+    name: str
+    shape: list[int | str]          # ints, or "batch", "L", "size/<stride>"
+    dtype: str = "float32"
+
+
+@dataclass
+class PartSpec:
+    """One exported graph, as written to the manifest."""
+    part: str                       # "decoder_box", "vit", "convnext", "projector"
+    file: str
+    unit: str | None
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    onnx_sha256: str = ""
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PartSpec":
+        return cls(part=data["part"], file=data["file"], unit=data.get("unit"),
+                   inputs=[TensorSpec(**t) for t in data["inputs"]],
+                   outputs=[TensorSpec(**t) for t in data["outputs"]],
+                   onnx_sha256=data.get("onnx_sha256", ""))
+
+
+@dataclass
+class Manifest:
+    config_hash: str
+    image_size: int
+    router_length: int
+    opset: int
+    parts: list[PartSpec] = field(default_factory=list)
+    format_version: int = FORMAT_VERSION
+
+    def part(self, name: str) -> PartSpec:
+        for spec in self.parts:
+            if spec.part == name:
+                return spec
+        raise CheckpointError(f"the export has no part {name!r} (has {[p.part for p in self.parts]}): "
+                              "re-run `refvlm export onnx --model M --out DIR`")
+
+    def save(self, folder: Path) -> Path:
+        path = folder / MANIFEST
+        path.write_text(json.dumps(asdict(self), indent=2))
+        return path
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "Manifest":
+        path = Path(folder) / MANIFEST
+        if not path.is_file():
+            raise CheckpointError(f"{path} does not exist: export the model first with "
+                                  f"`refvlm export onnx --model M --out {folder}`")
+        try:
+            data = json.loads(path.read_text())
+            return cls(config_hash=data["config_hash"], image_size=data["image_size"],
+                       router_length=data["router_length"], opset=data["opset"],
+                       parts=[PartSpec.from_dict(p) for p in data["parts"]],
+                       format_version=data.get("format_version", 0))
+        except (KeyError, TypeError, json.JSONDecodeError) as error:
+            raise CheckpointError(f"{path} is not a valid export manifest ({error}): re-run "
+                                  f"`refvlm export onnx --model M --out {folder}`") from error
+
+
+def config_hash(config: Any) -> str:
+    """sha256 of the model config's canonical JSON (what an export was made from)."""
+    return hashlib.sha256(config.to_json().encode()).hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def resolve_shape(template: Sequence[int | str], dims: Mapping[str, int]) -> tuple[int, ...]:
+    """A shape template with concrete named dims, e.g. {"batch": 1, "L": 100, "size": 64, "tokens": 16}."""
+    shape = []
+    for dim in template:
+        if isinstance(dim, int):
+            shape.append(dim)
+            continue
+        name, _, stride = dim.partition("/")
+        if name not in dims:
+            raise ConfigError(f"shape dim {dim!r} needs a value for {name!r}; given {sorted(dims)}")
+        shape.append(dims[name] // int(stride) if stride else dims[name])
+    return tuple(shape)
+
+
+# ---- export -------------------------------------------------------------------------
+
+def decoder_output_names(decoder: nn.Module, llm_dim: int, pyramid: Sequence[Tensor]) -> list[str]:
+    with torch.no_grad():
+        outputs = decoder(torch.zeros(1, 2, llm_dim), torch.ones(1, 2, dtype=torch.bool), list(pyramid))
+    return sorted(outputs)
+
+
+def pyramid_strides(model: nn.Module) -> list[int]:
+    """Stride of each pyramid level relative to the image side (ConvNeXt stage s: 2^(s+2))."""
+    return [2 ** (stage + 2) for stage in model.config.vision.convnext_stages]
+
+
+def _export(module: nn.Module, args: tuple[Tensor, ...], spec: PartSpec, out: Path, opset: int,
+            dynamic_shapes: tuple[dict[int, Any], ...], meta: dict[str, str]) -> None:
+    import onnx
+
+    path = out / spec.file
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(module.eval(), args, dynamo=True, opset_version=opset,
+                                    input_names=[t.name for t in spec.inputs],
+                                    output_names=[t.name for t in spec.outputs],
+                                    dynamic_shapes=dynamic_shapes, verbose=False)
+    proto = program.model_proto
+    meta = {**meta, "part": spec.part, "unit": spec.unit or "", "opset": str(opset),
+            "inputs": json.dumps([asdict(t) for t in spec.inputs]),
+            "outputs": json.dumps([asdict(t) for t in spec.outputs])}
+    del proto.metadata_props[:]
+    for key, value in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save_model(proto, str(path))
+    onnx.checker.check_model(str(path), full_check=True)  # by path: works past the 2 GB proto limit
+    spec.onnx_sha256 = file_sha256(path)
+    log.info("exported %s (%.1f kB)", path, path.stat().st_size / 1024)
+
+
+def _dim(name: str, min_value: int = 1, max_value: int | None = None) -> Any:
+    return torch.export.Dim(name, min=min_value, max=max_value) if max_value else torch.export.Dim(name, min=min_value)
+
+
+def export_decoders(model: nn.Module, out: Path, opset: int, meta: dict[str, str],
+                    units: Sequence[str] | None = None) -> list[PartSpec]:
+    size = model.config.vision.image_size
+    strides = pyramid_strides(model)
+    channels = model.encoder.pyramid_channels
+    llm_dim = model.llm.hidden_size
+    pyramid = [torch.randn(EXPORT_BATCH, c, size // s, size // s) for c, s in zip(channels, strides)]
+    embeddings = torch.randn(EXPORT_BATCH, EXPORT_L, llm_dim)
+    valid = torch.ones(EXPORT_BATCH, EXPORT_L)
+    valid[1, EXPORT_L // 2:] = 0
+    batch, length = _dim("batch"), _dim("L")
+    specs = []
+    for unit in units or list(model.decoders):
+        decoder = model.decoders[unit]
+        names = decoder_output_names(decoder, llm_dim, [p[:1] for p in pyramid])
+        graph = DecoderGraph(decoder, names).eval()
+        with torch.no_grad():
+            sample = graph(embeddings, valid, *pyramid)
+        inputs = ([TensorSpec("ref_embeddings", ["batch", "L", llm_dim]), TensorSpec("ref_valid", ["batch", "L"])]
+                  + [TensorSpec(f"pyramid_{i}", ["batch", c, f"size/{s}", f"size/{s}"])
+                     for i, (c, s) in enumerate(zip(channels, strides))])
+        outputs = [TensorSpec(name, _output_template(tensor, size)) for name, tensor in zip(names, sample)]
+        spec = PartSpec(part=f"decoder_{unit}", file=f"decoder_{unit}.onnx", unit=unit, inputs=inputs, outputs=outputs)
+        # Each level's side is its own dim: the graphs only resize between levels, so nothing ties them.
+        dynamic = ({0: batch, 1: length}, {0: batch, 1: length},  # *pyramid: one nested entry
+                   tuple({0: batch, 2: _dim(f"h{i}"), 3: _dim(f"w{i}")} for i in range(len(pyramid))))
+        _export(graph, (embeddings, valid, *pyramid), spec, out, opset, dynamic, meta)
+        specs.append(spec)
+    return specs
+
+
+def _output_template(tensor: Tensor, size: int) -> list[int | str]:
+    """[B, L, ...] outputs; trailing spatial dims written as size/stride."""
+    template: list[int | str] = ["batch", "L"]
+    rest = list(tensor.shape[2:])
+    if len(rest) == 2 and rest[0] == rest[1] and size % rest[0] == 0 and rest[0] > 1:  # a map [h, w]
+        template += [f"size/{size // rest[0]}"] * 2
+    else:
+        template += [int(d) for d in rest]
+    return template
+
+
+def export_encoders(model: nn.Module, out: Path, opset: int, meta: dict[str, str]) -> list[PartSpec]:
+    encoder = model.encoder
+    size = model.config.vision.image_size
+    images = torch.rand(EXPORT_BATCH, 3, size, size)
+    batch = _dim("batch")
+    vit = PartSpec(part="vit", file="vit.onnx", unit=None,
+                   inputs=[TensorSpec("images", ["batch", 3, size, size])],
+                   outputs=[TensorSpec("tokens", ["batch", encoder.num_image_tokens, encoder.vit_width])])
+    # The ViT's position embedding fixes its input side: only the batch is dynamic.
+    _export(VitGraph(encoder), (images,), vit, out, opset, ({0: batch},), meta)
+
+    strides = pyramid_strides(model)
+    convnext = PartSpec(part="convnext", file="convnext.onnx", unit=None,
+                        inputs=[TensorSpec("images", ["batch", 3, "size", "size"])],
+                        outputs=[TensorSpec(f"pyramid_{i}", ["batch", c, f"size/{s}", f"size/{s}"])
+                                 for i, (c, s) in enumerate(zip(encoder.pyramid_channels, strides))])
+    side = _dim("side32", min_value=1, max_value=256)
+    _export(ConvNextGraph(encoder), (images,), convnext, out, opset,
+            ({0: batch, 2: 32 * side, 3: 32 * side},), meta)  # square, a multiple of the total stride
+
+    dv, dm = encoder.vit_width, model.llm.hidden_size
+    projector = PartSpec(part="projector", file="projector.onnx", unit=None,
+                         inputs=[TensorSpec("features", ["batch", "tokens", dv])],
+                         outputs=[TensorSpec("projected", ["batch", "tokens", dm])])
+    tokens = torch.randn(EXPORT_BATCH, encoder.num_image_tokens, dv)
+    _export(model.projector, (tokens,), projector, out, opset, ({0: batch, 1: _dim("tokens")},), meta)
+    return [vit, convnext, projector]
+
+
+def export_model(model: nn.Module, out_dir: str | Path, opset: int = OPSET, units: Sequence[str] | None = None,
+                 encoders: bool = True) -> Manifest:
+    """Export ``model`` (a RefVLM) to ``out_dir``: one ONNX file per part plus manifest.json
+    and the model's config.json."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = model.cpu().eval()
+    digest = config_hash(model.config)
+    meta = {"config_hash": digest, "model_name": model.config.name, "producer": "refvlm_export"}
+    unknown = sorted(set(units or ()) - set(model.decoders))
+    if unknown:
+        raise ConfigError(f"the model has no decoder for {unknown}: its units are {list(model.decoders)}")
+    parts = export_decoders(model, out, opset, meta, units)
+    if encoders:
+        parts += export_encoders(model, out, opset, meta)
+    model.config.to_json(out / "config.json")
+    manifest = Manifest(config_hash=digest, image_size=model.config.vision.image_size,
+                        router_length=model.config.router_length, opset=opset, parts=parts)
+    manifest.save(out)
+    return manifest
+
+
+def load_export_model(name_or_dir: str, seed: int = 0) -> nn.Module:
+    """A preset name (random init, seeded) or a saved model folder."""
+    from refvlm_core.config import PRESET_NAMES, preset
+    from refvlm_core.model import RefVLM
+
+    if name_or_dir in PRESET_NAMES:
+        torch.manual_seed(seed)
+        return RefVLM.from_config(preset(name_or_dir))
+    if not Path(name_or_dir).is_dir():
+        raise ConfigError(f"--model {name_or_dir!r} is neither a preset {PRESET_NAMES} nor a model folder")
+    from refvlm_core.checkpoint import load_model
+
+    return load_model(name_or_dir)

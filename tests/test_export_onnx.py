@@ -1,0 +1,156 @@
+"""ONNX export of the tiny model: every part passes the full checker and carries its
+metadata; ONNX Runtime CPU matches torch at shapes other than the export shapes
+(L = 100, all refs padded, another batch and image size); the Predictor gives the same
+boxes and masks with the torch and onnxruntime decoder backends; bad files are clear errors."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from refvlm_core import trp
+from refvlm_core.decoders import registered_units
+from refvlm_core.errors import CheckpointError, ConfigError
+from refvlm_export import parity
+from refvlm_export.backends import OnnxRuntimeBackend, TorchBackend, make_backend
+from refvlm_export.onnx_export import ConvNextGraph, Manifest, VitGraph, config_hash
+from tests.export_helpers import tiny_export
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def exported():
+    torch.set_num_threads(1)
+    return tiny_export()
+
+
+@pytest.fixture(scope="module")
+def ort_backend(exported):
+    model, folder = exported
+    return OnnxRuntimeBackend(folder, "cpu", model.config, threads=1)
+
+
+def test_every_part_exported_checked_and_labelled(exported):
+    model, folder = exported
+    manifest = Manifest.load(folder)
+    parts = {p.part for p in manifest.parts}
+    assert parts == {f"decoder_{u}" for u in model.decoders} | {"vit", "convnext", "projector"}
+    assert set(model.decoders) <= set(registered_units())
+    for spec in manifest.parts:
+        proto = onnx.load(str(folder / spec.file))
+        onnx.checker.check_model(proto, full_check=True)
+        meta = {p.key: p.value for p in proto.metadata_props}
+        assert meta["config_hash"] == config_hash(model.config) and meta["part"] == spec.part
+        assert meta["opset"] == str(manifest.opset) and meta["unit"] == (spec.unit or "")
+        assert [t["name"] for t in json.loads(meta["inputs"])] == [i.name for i in proto.graph.input]
+        assert [t["name"] for t in json.loads(meta["outputs"])] == [o.name for o in proto.graph.output]
+    box = onnx.load(str(folder / "decoder_box.onnx")).graph.input
+    assert [d.dim_param for d in box[0].type.tensor_type.shape.dim[:2]] == ["batch", "L"]
+    assert box[2].type.tensor_type.shape.dim[2].dim_param  # feature size is dynamic
+
+
+@pytest.mark.parametrize("batch,length,num_valid,size", [
+    (1, 100, 100, 64),   # L = 100 (the paper's router length), all valid
+    (1, 5, 0, 64),       # every query padded: finite outputs
+    (3, 1, 1, 96),       # other batch, single query, larger feature maps
+    (1, 13, 4, 32),      # partly padded, smaller maps
+])
+def test_decoders_onnxruntime_match_torch(exported, ort_backend, batch, length, num_valid, size):
+    model, _ = exported
+    for unit in model.decoders:
+        report = parity.decoder_parity(model, ort_backend, unit, batch, length, num_valid, size)
+        assert report.ok, str(report)
+
+
+def test_encoders_and_projector_match_torch(exported):
+    model, folder = exported
+    generator = torch.Generator().manual_seed(1)
+    images = torch.rand(3, 3, 64, 64, generator=generator)  # batch 3 (exported with 2)
+    for part, module, inputs in [("vit", VitGraph(model.encoder), (images,)),
+                                 ("convnext", ConvNextGraph(model.encoder), (torch.rand(1, 3, 96, 96),)),
+                                 ("projector", model.projector, (torch.randn(1, 5, model.encoder.vit_width),))]:
+        report = parity.onnx_part_parity(folder, part, module.eval(), inputs)
+        assert report.ok, str(report)
+
+
+def _forcing(tokenizer, text):
+    """A logits hook that makes the LLM write ``text`` then stop."""
+    script = tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+
+    def hook(step, logits):
+        forced = torch.full_like(logits, -1e9)
+        forced[0, script[min(step, len(script) - 1)]] = 0
+        return forced
+    return hook
+
+
+def test_predictor_same_result_with_onnxruntime_decoders(exported, ort_backend):
+    from refvlm_core.predictor import Predictor
+
+    model, _ = exported
+    predictor = Predictor(model)
+    answer = (f"{trp.format_phrase('cups', ('box',), 2)}, {trp.format_phrase('a bowl', ('mask', 'box'), 1)}, "
+              f"{trp.format_phrase('a man', ('keypoint',), 1)}, {trp.format_phrase('floor', ('depth',), 1)}")
+    image = np.random.default_rng(0).integers(0, 255, (60, 80, 3), dtype=np.uint8)
+    reference = predictor.predict(image, "Find things.", max_new_tokens=80,
+                                  logits_hook=_forcing(model.llm.tokenizer, answer))
+    predictor.set_decoder_backend(ort_backend)
+    try:
+        candidate = predictor.predict(image, "Find things.", max_new_tokens=80,
+                                      logits_hook=_forcing(model.llm.tokenizer, answer))
+    finally:
+        predictor.set_decoder_backend(None)
+    assert reference.errors == [] and candidate.trp_text == reference.trp_text
+    assert sum(o.box_xyxy is not None for o in candidate.objects) == 3
+    assert sum(o.mask is not None for o in candidate.objects) == 1
+    scores = parity.result_parity(reference, candidate)
+    assert scores["max_box_error_px"] <= parity.BOX_PIXEL_TOL and scores["min_mask_iou"] >= parity.MASK_IOU_MIN
+    for ref, got in zip(reference.objects, candidate.objects):
+        if ref.keypoints is not None:
+            assert np.allclose(ref.keypoints, got.keypoints, atol=0.5)
+        if ref.depth is not None:
+            assert np.allclose(ref.depth, got.depth, rtol=1e-3, atol=1e-4)
+
+
+def test_missing_corrupt_and_mismatched_files(exported, tmp_path):
+    model, folder = exported
+    with pytest.raises(CheckpointError, match="refvlm export onnx"):
+        OnnxRuntimeBackend(tmp_path, "cpu")
+    for item in folder.iterdir():
+        (tmp_path / item.name).write_bytes(item.read_bytes())
+    (tmp_path / "decoder_mask.onnx").write_bytes(b"not an onnx file")
+    with pytest.raises(CheckpointError, match="decoder_mask.onnx.*refvlm export onnx"):
+        OnnxRuntimeBackend(tmp_path, "cpu")
+    (tmp_path / "decoder_mask.onnx").unlink()
+    with pytest.raises(CheckpointError, match="decoder_mask.onnx is missing"):
+        OnnxRuntimeBackend(tmp_path, "cpu")
+    other = model.config.from_dict(model.config.to_dict())
+    other.router_length = 9
+    with pytest.raises(CheckpointError, match="another model config"):
+        OnnxRuntimeBackend(folder, "cpu", other)
+
+
+def test_backend_choice(exported):
+    model, folder = exported
+    assert isinstance(make_backend("torch", model), TorchBackend)
+    auto = make_backend("auto", model, onnx_dir=folder)
+    assert auto.name == ("onnxruntime" if not torch.cuda.is_available() else auto.name)
+    assert isinstance(make_backend("auto", model), TorchBackend)  # nothing exported: torch
+    with pytest.raises(ConfigError, match="use one of"):
+        make_backend("tflite", model)
+    with pytest.raises(ConfigError, match="needs the export folder"):
+        make_backend("onnxruntime", model)
+
+
+def test_cpu_build_refuses_silent_fallback(exported):
+    import onnxruntime as ort
+
+    _, folder = exported
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("onnxruntime-gpu is installed: the CUDA provider exists")
+    with pytest.raises(ConfigError, match="CUDAExecutionProvider"):
+        OnnxRuntimeBackend(folder, "cuda")
