@@ -30,6 +30,12 @@ class Predictor:
         self.model = model.to(self.device).eval()
         self.processor = model.processor
         self.config: ModelConfig = model.config
+        self.decoder_backend = None  # None: the model's own decoder modules
+
+    def set_decoder_backend(self, backend) -> None:
+        """Run the unit decoders through ``backend`` (``run_decoders(routed, pyramid)``, e.g. a
+        refvlm_export.backends backend: onnxruntime, tensorrt); None restores the model's modules."""
+        self.decoder_backend = backend
 
     @classmethod
     def from_preset(cls, name: str, device: str = "cpu", seed: int = 0) -> "Predictor":
@@ -110,7 +116,8 @@ class Predictor:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # unknown units are reported in Result.errors
             routed = self.model.route_refs([states], units, groups)
-        outputs = self.model.run_decoders(routed, pyramid)
+        runner = self.decoder_backend or self.model
+        outputs = runner.run_decoders(routed, pyramid)
         merged: dict[int, dict[str, Any]] = {}
         for unit, decoder in self.model.decoders.items():
             for item in decoder.postprocess(outputs[unit], routed[unit])[0]:
