@@ -1,0 +1,179 @@
+"""TrainConfig: everything one training run needs, loaded from a YAML or JSON file.
+
+Values come in three layers: the dataclass defaults, the stage preset (``STAGE_PRESETS``),
+then the file. ``--stage`` on the command line picks the preset and overrides the
+file's ``stage``. Relative paths are taken from the working directory.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from refvlm_core.errors import ConfigError
+
+STRATEGIES = ("ddp", "fsdp")
+PRECISIONS = ("auto", "bf16", "no")
+
+
+@dataclass
+class DataConfig:
+    train: str = ""                       # folder of VT-Instruct shards (or one shard)
+    num_workers: int = 0                  # DataLoader worker processes reading shards
+    stage1_decimals: int = 2              # digits of the boxes written as text in stage 1
+
+
+@dataclass
+class ModelSource:
+    preset: str | None = "tiny"           # refvlm_core.config preset, when not init_from
+    init_from: str | None = None          # model folder (config.json + model.safetensors), e.g. stage 1's output
+    overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields replaced on the preset
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 0                 # linear warm-up from 0 to lr
+    min_lr_ratio: float = 0.1             # cosine decays to lr * min_lr_ratio at the last step
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False                 # stage 2: LoRA adapters on the LLM instead of full fine-tuning
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
+class ExternalDecoderConfig:
+    unit: str = "mask"                    # the unit whose decoder is replaced: mask or box
+    kind: str = "sam"                     # sam (mask) or grounding_dino (box)
+    settings: dict[str, Any] = field(default_factory=dict)  # sizes of the external decoder's config
+    weights: str | None = None            # local safetensors of the external decoder, loaded when given
+
+
+@dataclass
+class TrainConfig:
+    stage: int = 1
+    seed: int = 0
+    out: str = "runs/train"
+    steps: int = 100                      # optimizer steps
+    batch_size: int = 1                   # samples per micro-batch per process
+    grad_accum: int = 1                   # micro-batches per optimizer step
+    grad_clip: float = 1.0                # max global grad norm (0: off)
+    strategy: str = "ddp"                 # ddp or fsdp (FSDP2 fully_shard) when world size > 1
+    mixed_precision: str = "auto"         # auto: bf16 autocast on GPU, fp32 on CPU
+    gradient_checkpointing: bool = False  # passed to the LLM
+    train_encoders: bool = False          # unfreeze the vision towers (only where no pretrained towers exist)
+    checkpoint_every: int = 50            # steps between resumable checkpoints
+    log_every: int = 1
+    save_trainable_only: bool = False     # final model folder: only trained tensors (base loads from its path)
+    loss_weights: dict[str, float] = field(default_factory=dict)  # override ModelConfig.loss_weights
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelSource = field(default_factory=ModelSource)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    external_decoder: ExternalDecoderConfig | None = None
+
+    @property
+    def global_batch_per_process(self) -> int:
+        return self.batch_size * self.grad_accum
+
+    def validate(self) -> "TrainConfig":
+        if self.stage not in (1, 2, 3):
+            raise ConfigError(f"stage={self.stage}: use 1, 2 or 3")
+        if not self.data.train:
+            raise ConfigError("data.train is not set: point it at a folder of shards "
+                              "(e.g. written by 'refvlm data simworld')")
+        if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1 or self.checkpoint_every < 1:
+            raise ConfigError("steps, batch_size, grad_accum and checkpoint_every must all be >= 1")
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"strategy={self.strategy!r}: use one of {STRATEGIES}")
+        if self.mixed_precision not in PRECISIONS:
+            raise ConfigError(f"mixed_precision={self.mixed_precision!r}: use one of {PRECISIONS}")
+        if self.model.preset is None and self.model.init_from is None:
+            raise ConfigError("model: set preset (tiny, nano, paper) or init_from (a model folder)")
+        if self.stage == 3 and self.external_decoder is None:
+            raise ConfigError("stage 3 needs external_decoder: {unit: mask, kind: sam} or "
+                              "{unit: box, kind: grounding_dino}")
+        if self.optim.lr <= 0 or self.optim.warmup_steps < 0 or not 0 <= self.optim.min_lr_ratio <= 1:
+            raise ConfigError("optim: lr > 0, warmup_steps >= 0 and 0 <= min_lr_ratio <= 1")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# Defaults per stage (paper IV-D: a high rate for the projector alone, lower once the LLM trains).
+STAGE_PRESETS: dict[int, dict[str, Any]] = {
+    1: {"optim": {"lr": 1e-3, "warmup_steps": 10}},
+    2: {"optim": {"lr": 2e-4, "warmup_steps": 10, "weight_decay": 0.0}},
+    3: {"optim": {"lr": 1e-4, "warmup_steps": 5}},
+}
+
+_NESTED = {"data": DataConfig, "model": ModelSource, "optim": OptimConfig, "lora": LoraConfig,
+           "external_decoder": ExternalDecoderConfig}
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in top.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping, got {type(data).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {unknown}; known: {sorted(known)}")
+    kwargs = {}
+    for key, value in data.items():
+        if cls is TrainConfig and key in _NESTED and value is not None:
+            value = _build(_NESTED[key], value, f"{where}.{key}")
+        elif key == "betas":
+            value = tuple(value)
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any], stage: int | None = None) -> TrainConfig:
+    """Dataclass defaults <- stage preset <- ``data``; ``stage`` (e.g. from --stage) wins."""
+    stage = int(stage if stage is not None else data.get("stage", 1))
+    merged = _merge(STAGE_PRESETS.get(stage, {}), data)
+    merged["stage"] = stage
+    return _build(TrainConfig, merged, "train config").validate()
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"training config {path} does not exist: pass a YAML/JSON file such as "
+                          "configs/train/tiny_stage1.yaml")
+    text = path.read_text()
+    try:
+        if path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+            data = yaml.safe_load(text)
+    except Exception as error:  # yaml.YAMLError / JSONDecodeError: both mean a broken file
+        raise ConfigError(f"{path} does not parse ({error}): fix its syntax") from error
+    return data or {}
+
+
+def load_config(path: str | os.PathLike, stage: int | None = None, **overrides: Any) -> TrainConfig:
+    """TrainConfig from a file; ``overrides`` (e.g. out=...) replace top-level fields."""
+    data = read_config_file(path)
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return config_from_dict(data, stage)
