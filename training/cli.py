@@ -9,6 +9,8 @@ from refvlm_core.errors import InputError
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     register_data(subparsers)
+    from refvlm_training.evaluation.cli import register_eval  # argparse only: cheap
+    register_eval(subparsers)
     from refvlm_training.engine.cli import register_train  # argparse only: cheap
     register_train(subparsers)
 
