@@ -53,15 +53,16 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def wrap_model(model: nn.Module, info: DistInfo, strategy: str) -> nn.Module:
-    """DDP (replicated parameters, averaged gradients) or FSDP2 (sharded parameters)."""
+def wrap_model(model: nn.Module, info: DistInfo, strategy: str, find_unused: bool = False) -> nn.Module:
+    """DDP (replicated parameters, averaged gradients) or FSDP2 (sharded parameters).
+    ``find_unused``: some trainable parameters get no gradient (e.g. SAM's unused mask tokens)."""
     if not info.distributed:
         return model
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [info.device.index] if info.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids)
+        return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused)
     if strategy == "fsdp":
         from torch.distributed.fsdp import fully_shard
 

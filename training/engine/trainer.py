@@ -152,7 +152,7 @@ class Trainer:
         trainable, total = count_trainable(model)
         if self.info.is_main:
             log.info("stage %d: %d of %d parameters train", self.cfg.stage, trainable, total)
-        return wrap_model(model, self.info, self.cfg.strategy)
+        return wrap_model(model, self.info, self.cfg.strategy, find_unused=self.cfg.stage == 3)
 
     # ---- checkpoints ------------------------------------------------------------------
     def save_checkpoint(self) -> None:
