@@ -47,7 +47,7 @@ def mask_intersection_union(pred: np.ndarray | None, gt: np.ndarray) -> tuple[fl
 
 def iou(inter: float, union: float) -> float:
     """Intersection over union; two empty regions agree perfectly (1.0)."""
-    return inter / union if union > 0 else 1.0
+    return float(inter / union) if union > 0 else 1.0
 
 
 def _pairs(preds: Sequence, gts: Sequence, kind: str) -> list[tuple[float, float]]:
@@ -70,7 +70,7 @@ def ciou_giou(pairs: list[tuple[float, float]]) -> dict[str, float]:
     """cIoU (cumulative) and gIoU (mean per sample) of (intersection, union) pairs."""
     if not pairs:
         return {"ciou": 0.0, "giou": 0.0}
-    inter, union = (sum(values) for values in zip(*pairs))
+    inter, union = (float(sum(values)) for values in zip(*pairs))
     return {"ciou": iou(inter, union), "giou": float(np.mean([iou(*pair) for pair in pairs]))}
 
 
