@@ -66,13 +66,14 @@ class Predictor:
     # ---- prediction -------------------------------------------------------------------
     @torch.no_grad()
     def predict(self, image: np.ndarray, prompt: str, visual_prompts: Sequence[VisualPrompt] = (),
-                max_new_tokens: int | None = None, logits_hook=None) -> Result:
+                max_new_tokens: int | None = None, logits_hook=None, system: str | None = None) -> Result:
+        """``system``: the task's system instruction (the config's default when None)."""
         image = self.check_inputs(image, prompt, visual_prompts)
         timings: dict[str, float] = {}
         start = time.perf_counter()
         pixels, letterbox = self.processor.image_tensor(image)
         masks = self.processor.region_masks(visual_prompts, letterbox).to(self.device)
-        ids = self.processor.prompt_ids(prompt, len(visual_prompts)).to(self.device)
+        ids = self.processor.prompt_ids(prompt, len(visual_prompts), system).to(self.device)
         features = self.model.encode_images(pixels[None].to(self.device))
         embeds = self.model.llm.embed_multimodal(
             ids, self.model.image_tokens(features),

@@ -52,7 +52,7 @@ class ForcedAnswers:
         self.predictor, self.answers = predictor, list(answers)
         self.tokenizer = predictor.model.llm.tokenizer
 
-    def predict(self, image, prompt, visual_prompts=()):
+    def predict(self, image, prompt, visual_prompts=(), system=None):
         ids = self.tokenizer(self.answers.pop(0), add_special_tokens=False).input_ids
         script = ids + [self.tokenizer.convert_tokens_to_ids("<|im_end|>")]
 
@@ -61,7 +61,7 @@ class ForcedAnswers:
             forced[0, script[min(step, len(script) - 1)]] = 0
             return forced
         return self.predictor.predict(image, prompt, visual_prompts, max_new_tokens=len(script) + 1,
-                                      logits_hook=force)
+                                      logits_hook=force, system=system)
 
 
 def _forced_report(predictor, samples, task, limit=3):

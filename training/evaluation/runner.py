@@ -147,7 +147,8 @@ def predict_all(predictor, items: Sequence[EvalItem], progress: bool = True) -> 
     from tqdm import tqdm
 
     bar = tqdm(items, desc="eval", unit="sample", disable=not progress)
-    return [predictor.predict(item.sample.image, item.prompt, item.visual_prompts) for item in bar]
+    return [predictor.predict(item.sample.image, item.prompt, item.visual_prompts,
+                              system=item.sample.system) for item in bar]
 
 
 def _first(result: Result, attribute: str):
