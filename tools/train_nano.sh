@@ -18,6 +18,7 @@ export HF_HUB_OFFLINE=1
 SCENES=${NANO_SCENES:-3000}
 TEST_SCENES=${NANO_TEST_SCENES:-200}
 DATA=${DATA_DIR:-runs/data/simworld}
+mkdir -p "$RUN_DIR"
 start=$(date +%s)
 
 [[ -d $DATA/nano-train ]] || refvlm data simworld --split train --n "$SCENES" --out $DATA/nano-train --size 256x192
