@@ -39,10 +39,12 @@ stage 1 "$RUN_DIR/stage1.yaml" "$RUN_DIR/stage1" "${STAGE1_STEPS:-}"
 stage 2 "$RUN_DIR/stage2.yaml" "$RUN_DIR/stage2" "${STAGE2_STEPS:-}"
 end=$(date +%s)
 
-METRICS="evaluation not run: no 'refvlm eval' command is installed"
-if refvlm eval --help > /dev/null 2>&1; then
-  METRICS=$(refvlm eval --task all --model "$RUN_DIR/stage2/model" --data $DATA/nano-test 2>&1 | tail -40 || true)
-fi
+# The issue's targets: REC Acc@0.5, RES cIoU, keypoint PCK@0.1, depth AbsRel, valid TRP rate.
+METRICS=""
+for task in rec res keypoint depth; do
+  METRICS+="$(refvlm eval --task $task --model "$RUN_DIR/stage2/model" --data $DATA/nano-test \
+    --limit "${NANO_EVAL_LIMIT:-300}" --out "$RUN_DIR/eval-$task.json" 2>&1 | tail -20)"$'\n'
+done
 cat > "$RUN_DIR/MODEL_CARD.md" <<CARD
 # REF-VLM nano (SimWorld)
 
