@@ -43,7 +43,7 @@ end=$(date +%s)
 METRICS=""
 for task in rec res keypoint depth; do
   METRICS+="$(refvlm eval --task $task --model "$RUN_DIR/stage2/model" --data $DATA/nano-test \
-    --limit "${NANO_EVAL_LIMIT:-300}" --out "$RUN_DIR/eval-$task.json" 2>&1 | tail -20)"$'\n'
+    --limit "${NANO_EVAL_LIMIT:-300}" --out "$RUN_DIR/eval-$task.json" 2>>"$RUN_DIR/eval.log")"$'\n'
 done
 cat > "$RUN_DIR/MODEL_CARD.md" <<CARD
 # REF-VLM nano (SimWorld)
