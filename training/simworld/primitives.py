@@ -168,8 +168,9 @@ class Box(Primitive):
 
 
 @dataclass
-class Cylinder(Primitive):
-    """Upright cylinder standing on ``base`` (the centre of its bottom disc)."""
+class UprightSolid(Primitive):
+    """A solid of revolution about the vertical axis through ``base`` (the centre of
+    its bottom disc): shared fields and bounds of Cylinder and Cone."""
 
     base: np.ndarray = None  # [3]
     radius: float = 0.0
@@ -177,6 +178,11 @@ class Cylinder(Primitive):
 
     def bounding_sphere(self):
         return self.base + [0.0, 0.0, self.height / 2.0], float(np.hypot(self.radius, self.height / 2.0))
+
+
+@dataclass
+class Cylinder(UprightSolid):
+    """Upright cylinder standing on ``base``."""
 
     def intersect(self, origin, directions):
         o = origin - self.base
@@ -213,16 +219,9 @@ class Cylinder(Primitive):
 
 
 @dataclass
-class Cone(Primitive):
-    """Upright cone: base disc centred on ``base``, apex ``height`` above it."""
-
-    base: np.ndarray = None  # [3]
-    radius: float = 0.0
-    height: float = 0.0
-
-    def bounding_sphere(self):
-        # The circumsphere of the cone's cross-section triangle would be tighter; this is simple.
-        return self.base + [0.0, 0.0, self.height / 2.0], float(np.hypot(self.radius, self.height / 2.0))
+class Cone(UprightSolid):
+    """Upright cone: base disc centred on ``base``, apex ``height`` above it. (The
+    circumsphere of its cross-section would bound it tighter; the shared one is simple.)"""
 
     def intersect(self, origin, directions):
         o = origin - self.base
