@@ -3,6 +3,7 @@ optionally write an overlay. Registered from refvlm_core.cli; imports lazily."""
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from refvlm_core.errors import InputError
@@ -73,12 +74,17 @@ def run_infer(args) -> int:
 
     image = _read_image(args.image)
     prompts = visual_prompts(args)
-    predictor = Predictor.from_pretrained(args.model) if args.model else Predictor.from_preset(args.preset or "tiny")
+    if args.model:
+        predictor = Predictor.from_pretrained(args.model)
+    else:
+        predictor = Predictor.from_preset(args.preset or "tiny")
+        print(f"note: the {args.preset or 'tiny'} preset is built with untrained vision towers and decoders, "
+              "so its answers are arbitrary; pass --model DIR for a trained model", file=sys.stderr)
     result = predictor.predict(image, args.prompt, prompts, max_new_tokens=args.max_new_tokens)
     if args.json:
         print(result.to_json(indent=2))
     else:
-        print(result.answer or "(empty answer)")
+        print(result.answer.strip() or "(empty answer)")
         for obj in result.objects:
             box = "" if obj.box_xyxy is None else " box=" + ",".join(f"{v:.0f}" for v in obj.box_xyxy)
             print(f"  [{obj.ref_ordinal}] {obj.phrase} ({', '.join(obj.units)}){box}")
