@@ -66,9 +66,18 @@ def wrap_model(model: nn.Module, info: DistInfo, strategy: str, find_unused: boo
     if strategy == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
-        # Shard each LLM block, each decoder and the projector, then the rest at the root.
+        from refvlm_core.checkpoint import has_lora
+
+        if has_lora(model):  # the TRP-row gradient mask indexes full vocabulary rows, not shards
+            raise ConfigError("strategy fsdp does not support lora.enabled (its token-row gradient hooks need "
+                              "unsharded weights): use strategy: ddp, or disable lora")
+
+        # Shard each LLM block and each decoder (each runs exactly once per forward on every
+        # process), then the rest at the root. The projector stays in the root group: it runs
+        # once or twice depending on whether a sample has region prompts, and a separate group
+        # would then issue a different number of all-gathers per process (gloo aborts).
         layers = getattr(getattr(_base_llm(model), "model", None), "layers", [])
-        for block in [*layers, *model.decoders.values(), model.projector]:
+        for block in [*layers, *model.decoders.values()]:
             if any(p.requires_grad for p in block.parameters()):
                 fully_shard(block)
         fully_shard(model)

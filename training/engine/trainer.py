@@ -152,7 +152,10 @@ class Trainer:
         trainable, total = count_trainable(model)
         if self.info.is_main:
             log.info("stage %d: %d of %d parameters train", self.cfg.stage, trainable, total)
-        return wrap_model(model, self.info, self.cfg.strategy, find_unused=self.cfg.stage == 3)
+        wrapped = wrap_model(model, self.info, self.cfg.strategy, find_unused=self.cfg.stage == 3)
+        # FSDP2 swaps each parameter for a sharded DTensor one: the optimizer must hold those.
+        self.params = [p for p in wrapped.parameters() if p.requires_grad]
+        return wrapped
 
     # ---- checkpoints ------------------------------------------------------------------
     def save_checkpoint(self) -> None:
@@ -272,7 +275,11 @@ class Trainer:
 
         folder = self.out / MODEL_DIR
         if self.cfg.strategy == "fsdp" and self.info.distributed:
-            return _save_fsdp_model(self.model, folder, self.info)
+            saved = _save_fsdp_model(self.model, folder, self.info, self.cfg.save_trainable_only)
+            if saved is not None and self.cfg.stage == 3:
+                (folder / "external_decoder.json").write_text(
+                    json.dumps(dataclasses.asdict(self.cfg.external_decoder), indent=2))
+            return saved
         if self.info.is_main:
             model = unwrap(self.model)
             if self.cfg.lora.enabled:  # adapters unmerged + TRP rows over the installed base LLM
@@ -295,24 +302,35 @@ def _restore_gradient_sync(model: nn.Module):
         model.set_requires_gradient_sync(True)
 
 
-def _save_fsdp_model(model: nn.Module, folder: Path, info: DistInfo) -> Path | None:
+def _save_fsdp_model(model: nn.Module, folder: Path, info: DistInfo, trainable_only: bool) -> Path | None:
+    """Gather the sharded parameters in full on rank 0 (a collective: every process calls
+    it) and write the same model folder as the unsharded path."""
     from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
+    full = get_model_state_dict(model, options=options)  # on rank 0 only; {} elsewhere
     if info.is_main:
         folder.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.contiguous().clone() for k, v in full.items()}
-        unique, seen = {}, set()
-        for name, tensor in tensors.items():  # tied weights (lm_head = embeddings) once
-            key = (tensor.data_ptr(), tensor.shape)
-            if key not in seen:
-                seen.add(key)
-                unique[name] = tensor
-        save_file(unique, str(folder / "model.safetensors"), metadata={"format": "refvlm", "trainable_only": "false"})
+        dropped = _tied_aliases(model)
+        unique = {name: tensor.contiguous().clone() for name, tensor in full.items() if name not in dropped}
+        metadata = {"format": "refvlm", "mode": "trainable" if trainable_only else "full",
+                    "trainable_only": str(trainable_only).lower()}
+        temp = folder / "model.safetensors.tmp"
+        save_file(unique, str(temp), metadata=metadata)
+        temp.replace(folder / "model.safetensors")
         (folder / "config.json").write_text(model.config.to_json())
     barrier(info)
     return folder if info.is_main else None
+
+
+def _tied_aliases(model: nn.Module) -> set[str]:
+    """Names of tied parameters (lm_head = embeddings) to leave out: all but the first
+    in sorted order, the one safetensors keeps on the unsharded path."""
+    names: dict[int, list[str]] = defaultdict(list)
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names[id(param)].append(name)
+    return {name for group in names.values() for name in sorted(group)[1:]}
 
 
 def _progress(total: int, initial: int, enabled: bool):
