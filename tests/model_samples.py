@@ -58,3 +58,17 @@ def mixed_samples(height: int = 60, width: int = 80) -> list[Sample]:
                                 Turn("assistant", depth_answer, [RefTarget("the depth", ("depth",))])],
                "depth", depth=depth),
     ]
+
+
+def forced_answer_hook(tokenizer, text: str):
+    """A Predictor logits hook that makes the LLM write ``text`` and then stop: the real
+    model still runs, and the real decoders read the hidden states at its <REF>s."""
+    import torch
+
+    script = tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+
+    def force(step, logits):
+        forced = torch.full_like(logits, -1e9)
+        forced[0, script[min(step, len(script) - 1)]] = 0
+        return forced
+    return force

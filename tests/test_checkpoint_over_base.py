@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from model_samples import mixed_samples
+from model_samples import forced_answer_hook, mixed_samples
 from refvlm_core import trp
 from refvlm_core.config import preset
 from refvlm_core.errors import CheckpointError, ConfigError
@@ -65,16 +65,6 @@ def _load(folder: Path, seed: int = SEED):
     return load_model(folder).eval()
 
 
-def _forcing(tokenizer, text: str):
-    script = tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.convert_tokens_to_ids("<|im_end|>")]
-
-    def force(step, logits):
-        forced = torch.full_like(logits, -1e9)
-        forced[0, script[min(step, len(script) - 1)]] = 0
-        return forced
-    return force
-
-
 def test_float32_round_trip_is_exact(lora_model, tmp_path):
     from refvlm_core.checkpoint import save_model
 
@@ -98,7 +88,7 @@ def test_float16_predictions_match(lora_model, tmp_path):
     answer = f"{trp.format_phrase('cups', ('box',), 2)} and {trp.format_phrase('a bowl', ('mask',), 1)}"
     image = mixed_samples()[0].image
     results = [p.predict(image, "Find things.", max_new_tokens=40,
-                         logits_hook=_forcing(lora_model.llm.tokenizer, answer))
+                         logits_hook=forced_answer_hook(lora_model.llm.tokenizer, answer))
                for p in (Predictor(lora_model), loaded)]
     a, b = results
     assert a.trp_text == b.trp_text == answer

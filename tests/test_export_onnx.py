@@ -18,6 +18,7 @@ from refvlm_export import parity
 from refvlm_export.backends import OnnxRuntimeBackend, TorchBackend, make_backend
 from refvlm_export.onnx_export import ConvNextGraph, Manifest, VitGraph, config_hash
 from tests.export_helpers import tiny_export
+from tests.model_samples import forced_answer_hook
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -77,17 +78,6 @@ def test_encoders_and_projector_match_torch(exported):
         assert report.ok, str(report)
 
 
-def _forcing(tokenizer, text):
-    """A logits hook that makes the LLM write ``text`` then stop."""
-    script = tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.convert_tokens_to_ids("<|im_end|>")]
-
-    def hook(step, logits):
-        forced = torch.full_like(logits, -1e9)
-        forced[0, script[min(step, len(script) - 1)]] = 0
-        return forced
-    return hook
-
-
 def test_predictor_same_result_with_onnxruntime_decoders(exported, ort_backend):
     from refvlm_core.predictor import Predictor
 
@@ -97,11 +87,11 @@ def test_predictor_same_result_with_onnxruntime_decoders(exported, ort_backend):
               f"{trp.format_phrase('a man', ('keypoint',), 1)}, {trp.format_phrase('floor', ('depth',), 1)}")
     image = np.random.default_rng(0).integers(0, 255, (60, 80, 3), dtype=np.uint8)
     reference = predictor.predict(image, "Find things.", max_new_tokens=80,
-                                  logits_hook=_forcing(model.llm.tokenizer, answer))
+                                  logits_hook=forced_answer_hook(model.llm.tokenizer, answer))
     predictor.set_decoder_backend(ort_backend)
     try:
         candidate = predictor.predict(image, "Find things.", max_new_tokens=80,
-                                      logits_hook=_forcing(model.llm.tokenizer, answer))
+                                      logits_hook=forced_answer_hook(model.llm.tokenizer, answer))
     finally:
         predictor.set_decoder_backend(None)
     assert reference.errors == [] and candidate.trp_text == reference.trp_text

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from model_samples import mixed_samples
+from model_samples import forced_answer_hook, mixed_samples
 from refvlm_core import trp
 from refvlm_core.config import preset
 from refvlm_core.errors import ConfigError, InputError
@@ -117,16 +117,6 @@ def test_overfit_fixed_batch(batch):
     assert last["loss_lm"] < first["loss_lm"] * 0.8 and last["loss_box_l1"] < first["loss_box_l1"]
 
 
-def _forcing(tokenizer, text: str):
-    script = tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.convert_tokens_to_ids("<|im_end|>")]
-
-    def force(step, logits):
-        forced = torch.full_like(logits, -1e9)
-        forced[0, script[min(step, len(script) - 1)]] = 0
-        return forced
-    return force
-
-
 def test_generated_refs_reach_their_decoders(model):
     """A forced TRP answer: box <REF>s give boxes, the mask <REF> a mask, box+keypoint
     both, depth a depth map; each equals the decoder applied to the teacher-forced state."""
@@ -137,7 +127,7 @@ def test_generated_refs_reach_their_decoders(model):
               f"{trp.format_phrase('a man', ('box', 'keypoint'), 1)}, {trp.format_phrase('depth', ('depth',), 1)}")
     image = mixed_samples()[0].image
     result = predictor.predict(image, "Find things.", max_new_tokens=80,
-                               logits_hook=_forcing(model.llm.tokenizer, answer))
+                               logits_hook=forced_answer_hook(model.llm.tokenizer, answer))
     assert result.trp_text == answer and result.errors == []
     assert result.answer == "cups and a bowl, a man, depth"
     kinds = [(o.phrase, o.units, o.box_xyxy is not None, o.mask is not None, o.keypoints is not None,
@@ -173,7 +163,7 @@ def test_malformed_output_goes_to_errors(model):
     predictor = Predictor(model)
     bad = "<Phrase>cup (<Unit>box</Unit>[0]<REF>"
     result = predictor.predict(mixed_samples()[0].image, "Find the cup.", max_new_tokens=30,
-                               logits_hook=_forcing(model.llm.tokenizer, bad))
+                               logits_hook=forced_answer_hook(model.llm.tokenizer, bad))
     assert result.errors and result.trp_text == bad
 
 

@@ -17,6 +17,7 @@ import yaml
 
 from refvlm_core.errors import CheckpointError, ConfigError
 from refvlm_training.engine.config import config_from_dict, load_config
+from train_helpers import tiny_train_config, write_tiny_train_data
 from refvlm_training.engine.optim import lr_factor
 
 torch.set_num_threads(1)
@@ -25,19 +26,8 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
-    from refvlm_training.simworld import SimWorldConfig, write_split
+    return write_tiny_train_data(tmp_path_factory)
 
-    out = tmp_path_factory.mktemp("simworld") / "train"
-    write_split("train", 2, out, SimWorldConfig(seed=3, width=64, height=48), progress=False, max_per_task=1)
-    return out
-
-
-def _config(data_dir: Path, out: Path, **fields):
-    base = {"stage": 2, "out": str(out), "steps": 4, "batch_size": 1, "checkpoint_every": 2,
-            "data": {"train": str(data_dir)}, "model": {"preset": "tiny"},
-            "optim": {"lr": 1e-3, "warmup_steps": 1}}
-    base.update(fields)
-    return config_from_dict(base)
 
 
 def _fixed_loss(trainer, n: int = 6) -> dict[str, float]:
@@ -86,7 +76,7 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path, data_dir):
     from refvlm_training.engine.trainer import Trainer
 
     with pytest.raises(CheckpointError, match="without --resume"):
-        Trainer(_config(data_dir, tmp_path / "none"), progress=False).resume()
+        Trainer(tiny_train_config(data_dir, tmp_path / "none"), progress=False).resume()
 
 
 # ---- stages -----------------------------------------------------------------------
@@ -94,7 +84,7 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path, data_dir):
 def test_stage1_then_stage2_lower_the_loss(tmp_path, data_dir):
     from refvlm_training.engine.trainer import Trainer
 
-    s1 = Trainer(_config(data_dir, tmp_path / "s1", stage=1, steps=8, batch_size=2,
+    s1 = Trainer(tiny_train_config(data_dir, tmp_path / "s1", stage=1, steps=8, batch_size=2,
                          optim={"lr": 1e-2, "warmup_steps": 1}), progress=False)
     trainable = {n for n, p in s1.model.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith("projector.") for n in trainable)
@@ -106,7 +96,7 @@ def test_stage1_then_stage2_lower_the_loss(tmp_path, data_dir):
     # Only the projector moves over a random-init LLM: a small but real drop (~0.06 nats measured).
     assert after1["loss"] < before1["loss"] - 0.02, (before1, after1)
 
-    s2 = Trainer(_config(data_dir, tmp_path / "s2", steps=8, batch_size=2,
+    s2 = Trainer(tiny_train_config(data_dir, tmp_path / "s2", steps=8, batch_size=2,
                          model={"init_from": str(result1.model_dir), "preset": None}), progress=False)
     names = {n.split(".")[0] for n, p in s2.model.named_parameters() if p.requires_grad}
     assert names == {"projector", "llm", "decoders"}
@@ -133,7 +123,7 @@ def test_stage3_external_decoder_trains(tmp_path, data_dir, kind, unit, settings
     from refvlm_training.engine.trainer import Trainer
 
     try:
-        trainer = Trainer(_config(data_dir, tmp_path / kind, stage=3, steps=8, batch_size=2,
+        trainer = Trainer(tiny_train_config(data_dir, tmp_path / kind, stage=3, steps=8, batch_size=2,
                                   optim={"lr": 2e-3, "warmup_steps": 1},
                                   external_decoder={"unit": unit, "kind": kind, "settings": settings}),
                           progress=False)
@@ -165,9 +155,9 @@ def test_two_process_ddp_equals_one_process(tmp_path, data_dir):
     from refvlm_training.engine.trainer import train
 
     fields = {"steps": 2, "batch_size": 1, "checkpoint_every": 10}
-    single = train(_config(data_dir, tmp_path / "single", grad_accum=2, **fields), progress=False)
+    single = train(tiny_train_config(data_dir, tmp_path / "single", grad_accum=2, **fields), progress=False)
     cfg_path = tmp_path / "ddp.yaml"
-    cfg_path.write_text(yaml.safe_dump(_config(data_dir, tmp_path / "ddp", grad_accum=1, **fields).to_dict()))
+    cfg_path.write_text(yaml.safe_dump(tiny_train_config(data_dir, tmp_path / "ddp", grad_accum=1, **fields).to_dict()))
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                           "--master_port", "29571", "-m", "refvlm_training.engine", "--stage", "2",
                           "--config", str(cfg_path), "--no-progress"],
@@ -187,7 +177,7 @@ def test_two_process_ddp_equals_one_process(tmp_path, data_dir):
 def _weights_of_fresh_model(data_dir: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
     from refvlm_training.engine.stages import build_model
 
-    model = build_model(_config(data_dir, tmp_path / "fresh"))
+    model = build_model(tiny_train_config(data_dir, tmp_path / "fresh"))
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
@@ -195,9 +185,9 @@ def test_sigkill_then_resume_follows_the_same_loss_curve(tmp_path, data_dir):
     from refvlm_training.engine.trainer import train
 
     fields = {"steps": 6, "batch_size": 1, "grad_accum": 2, "checkpoint_every": 2}
-    reference = train(_config(data_dir, tmp_path / "ref", **fields), progress=False)
+    reference = train(tiny_train_config(data_dir, tmp_path / "ref", **fields), progress=False)
     cfg_path = tmp_path / "kill.yaml"
-    cfg_path.write_text(yaml.safe_dump(_config(data_dir, tmp_path / "kill", **fields).to_dict()))
+    cfg_path.write_text(yaml.safe_dump(tiny_train_config(data_dir, tmp_path / "kill", **fields).to_dict()))
     command = [sys.executable, "-m", "refvlm_training.engine", "--stage", "2", "--config", str(cfg_path),
                "--no-progress"]
     process = subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)

@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from refvlm_core.errors import ConfigError
-from refvlm_training.engine.config import config_from_dict
+from train_helpers import tiny_train_config, write_tiny_train_data
 
 torch.set_num_threads(1)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
@@ -31,19 +31,8 @@ ZERO_GRADIENT = re.compile(r"(memory\.proj\.\d+\.0\.bias|smooth\.\d+\.0\.bias|\.
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
-    from refvlm_training.simworld import SimWorldConfig, write_split
+    return write_tiny_train_data(tmp_path_factory)
 
-    out = tmp_path_factory.mktemp("simworld") / "train"
-    write_split("train", 2, out, SimWorldConfig(seed=3, width=64, height=48), progress=False, max_per_task=1)
-    return out
-
-
-def _config(data_dir: Path, out: Path, **fields):
-    base = {"stage": 2, "out": str(out), "steps": 4, "batch_size": 1, "checkpoint_every": 2,
-            "data": {"train": str(data_dir)}, "model": {"preset": "tiny"},
-            "optim": {"lr": LR, "warmup_steps": 1}}
-    base.update(fields)
-    return config_from_dict(base)
 
 
 def _torchrun(cfg_path: Path, port: int, *extra: str) -> list[str]:
@@ -78,7 +67,7 @@ def single(data_dir, tmp_path_factory):
     from refvlm_training.engine.trainer import train
 
     out = tmp_path_factory.mktemp("single")
-    return train(_config(data_dir, out, grad_accum=2), progress=False)
+    return train(tiny_train_config(data_dir, out, lr=LR, grad_accum=2), progress=False)
 
 
 def test_two_process_fsdp_equals_one_process(tmp_path, data_dir, single):
@@ -86,7 +75,7 @@ def test_two_process_fsdp_equals_one_process(tmp_path, data_dir, single):
     from refvlm_training.engine.checkpoint import checkpoint_path, load_checkpoint
 
     cfg_path = tmp_path / "fsdp.yaml"
-    cfg_path.write_text(yaml.safe_dump(_config(data_dir, tmp_path / "fsdp", grad_accum=1, strategy="fsdp").to_dict()))
+    cfg_path.write_text(yaml.safe_dump(tiny_train_config(data_dir, tmp_path / "fsdp", lr=LR, grad_accum=1, strategy="fsdp").to_dict()))
     run = subprocess.run(_torchrun(cfg_path, 29581), env=ENV, capture_output=True, text=True, timeout=150)
     assert run.returncode == 0, run.stderr[-3000:]
 
@@ -111,7 +100,7 @@ def test_two_process_fsdp_equals_one_process(tmp_path, data_dir, single):
 
 def test_fsdp_sigkill_then_resume_ends_on_the_same_weights(tmp_path, data_dir, single):
     cfg_path = tmp_path / "kill.yaml"
-    cfg_path.write_text(yaml.safe_dump(_config(data_dir, tmp_path / "kill", grad_accum=1, strategy="fsdp").to_dict()))
+    cfg_path.write_text(yaml.safe_dump(tiny_train_config(data_dir, tmp_path / "kill", lr=LR, grad_accum=1, strategy="fsdp").to_dict()))
     process = subprocess.Popen(_torchrun(cfg_path, 29582), env=ENV, stdout=subprocess.PIPE,
                                stderr=subprocess.DEVNULL, text=True, start_new_session=True)
     try:
@@ -135,7 +124,7 @@ def test_fsdp_with_lora_is_refused(tmp_path, data_dir):
     from refvlm_training.engine.distributed import DistInfo
     from refvlm_training.engine.trainer import Trainer
 
-    cfg = _config(data_dir, tmp_path / "lora", strategy="fsdp", lora={"enabled": True},
+    cfg = tiny_train_config(data_dir, tmp_path / "lora", lr=LR, strategy="fsdp", lora={"enabled": True},
                   optim={"lr": 1e-3, "weight_decay": 0.0})
     with pytest.raises(ConfigError, match="use strategy: ddp"):
         Trainer(cfg, info=DistInfo(rank=0, world_size=2), progress=False)
