@@ -220,7 +220,7 @@ def _nano() -> ModelConfig:
         name="nano",
         vision=VisionConfig(
             image_size=256,
-            vit_custom={"image_size": 224, "patch_size": 16, "width": 256, "layers": 6, "head_width": 64},
+            vit_custom={"image_size": 128, "patch_size": 16, "width": 256, "layers": 6, "head_width": 64},
             vit_layer=-2,
             convnext_custom={"depths": [2, 2, 4, 2], "dims": [32, 64, 128, 256]},
             convnext_stages=(1, 2, 3),

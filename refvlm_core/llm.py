@@ -19,11 +19,13 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from refvlm_core import torchvision_compat, trp
 from refvlm_core.config import ModelConfig
 from refvlm_core.errors import ConfigError
+from refvlm_core.processor import IGNORE
 
 torchvision_compat.install_import_hook()  # some transformers imports pull torchvision
 
@@ -247,10 +249,26 @@ class RefLLM(nn.Module):
     def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """inputs_embeds [B, T, D] -> (logits [B, T, V], final-norm hidden states [B, T, D])."""
-        lm = self.causal_lm
-        hidden = lm.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                          use_cache=False).last_hidden_state
-        return lm.lm_head(hidden), hidden
+        hidden = self.hidden_states(inputs_embeds, attention_mask)
+        return self.causal_lm.lm_head(hidden), hidden
+
+    def hidden_states(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+        """inputs_embeds [B, T, D] -> final-norm hidden states [B, T, D] (no logits: training
+        needs them only at the answer tokens, see ``lm_loss``)."""
+        return self.causal_lm.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                    use_cache=False).last_hidden_state
+
+    def lm_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Next-token cross-entropy over labelled (answer) tokens: hidden [B, T, D], labels [B, T].
+        Logits are computed at those positions only: over a 49k vocabulary the full [B, T, V]
+        would cost a third of the forward pass for the ~6% of tokens that are answers."""
+        targets = labels[:, 1:]
+        supervised = targets != IGNORE                                     # [B, T-1]
+        if not bool(supervised.any()):
+            return hidden.sum() * 0.0
+        logits = self.causal_lm.lm_head(hidden[:, :-1][supervised])             # [N, V]
+        return F.cross_entropy(logits.float(), targets[supervised])
 
     # ---- generation -----------------------------------------------------------------
     @torch.no_grad()

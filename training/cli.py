@@ -42,6 +42,10 @@ def register_data(subparsers: argparse._SubParsersAction) -> None:
     simworld.add_argument("--out", required=True, help="output folder for the shards")
     simworld.add_argument("--seed", type=int, default=0)
     simworld.add_argument("--size", default="320x240", help="image size WxH (default 320x240)")
+    simworld.add_argument("--tasks", default=None,
+                          help="comma-separated tasks to write (default: all), e.g. rec,res,keypoint,depth")
+    simworld.add_argument("--conversations", type=int, default=1,
+                          help="mixed multi-turn conversations per scene (default 1)")
     simworld.set_defaults(func=_simworld)
 
     show = commands.add_parser("show", help="draw one sample (image, targets, depth, dialogue) to a PNG")
@@ -76,10 +80,13 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def _simworld(args: argparse.Namespace) -> int:
+    from refvlm_training.data.templates import TASKS
     from refvlm_training.simworld import SimWorldConfig, write_split
 
     width, height = parse_size(args.size)
-    summary = write_split(args.split, args.n, args.out, SimWorldConfig(seed=args.seed, width=width, height=height))
+    tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip()) if args.tasks else TASKS
+    summary = write_split(args.split, args.n, args.out, SimWorldConfig(seed=args.seed, width=width, height=height),
+                          tasks=tasks, conversations=args.conversations)
     for key, value in summary.items():
         print(f"{key}: {value}")
     return 0
