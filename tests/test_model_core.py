@@ -211,6 +211,20 @@ def test_generate_captures_ref_states_of_teacher_forcing(tiny_llm):
     assert not trp.parse(generation.text).refs[1].units == ()
 
 
+def test_lm_loss_at_answer_tokens_equals_full_logits_cross_entropy(tiny_llm):
+    torch.manual_seed(1)
+    hidden = torch.randn(2, 7, 64)
+    labels = torch.full((2, 7), -100)
+    labels[0, 3:6] = torch.tensor([11, 12, 13])
+    labels[1, 6] = 14
+    logits = tiny_llm.model.lm_head(hidden)
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
+                                                 ignore_index=-100)
+    assert torch.allclose(tiny_llm.lm_loss(hidden, labels), expected, atol=1e-6)
+    unlabelled = tiny_llm.lm_loss(hidden.requires_grad_(), torch.full((2, 7), -100))
+    assert unlabelled.item() == 0.0 and unlabelled.requires_grad
+
+
 def test_paper_llm_on_meta_device():
     from refvlm_core.llm import RefLLM
 

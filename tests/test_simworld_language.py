@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from refvlm_core import trp
+from refvlm_core.errors import InputError
 from refvlm_training.data.shards import read_samples
 from refvlm_training.data.templates import TASKS
 from refvlm_training.simworld import HELD_OUT_COLOR_SHAPE, SimWorld, SimWorldConfig, write_split
@@ -169,3 +170,11 @@ def test_write_split_writes_readable_shards(tmp_path):
     scene = SimWorld(CONFIG, "val").scene(0)
     first = next(s for s in samples if s.id.startswith("simworld_val_s5_0000000"))
     assert first.image.tobytes() == scene.rgb.tobytes()
+
+
+def test_write_split_keeps_only_the_requested_tasks(tmp_path):
+    summary = write_split("val", 2, tmp_path, CONFIG, progress=False, tasks=("rec", "depth"), conversations=0)
+    assert set(summary["per_task"]) == {"rec", "depth"}
+    assert {s.task for s in read_samples(tmp_path)} == {"rec", "depth"}
+    with pytest.raises(InputError, match="unknown task.*rec"):
+        write_split("val", 1, tmp_path / "bad", CONFIG, progress=False, tasks=("recc",))

@@ -11,14 +11,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
 
-from refvlm_core.errors import CheckpointError, ConfigError
+from refvlm_core.errors import CheckpointError, ConfigError, InputError
 from refvlm_training.engine.config import config_from_dict, load_config
-from train_helpers import tiny_train_config, write_tiny_train_data
 from refvlm_training.engine.optim import lr_factor
+from refvlm_training.engine.plots import moving_average, plot_losses
+from train_helpers import tiny_train_config, write_tiny_train_data
 
 torch.set_num_threads(1)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -63,6 +65,15 @@ def test_config_layers_and_errors(tmp_path, data_dir):
         config_from_dict({"stage": 3, "data": {"train": "x"}})
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_loss_plot_inputs_and_moving_average(tmp_path):
+    assert moving_average(np.array([2.0, 4.0, 6.0, 8.0]), 2).tolist() == [2.0, 3.0, 5.0, 7.0]
+    with pytest.raises(InputError, match="metrics.jsonl"):
+        plot_losses([tmp_path / "missing"], tmp_path / "x.png")
+    (tmp_path / "metrics.jsonl").write_text('{"model_dir": "m"}\n')
+    with pytest.raises(InputError, match="no loss records"):
+        plot_losses([tmp_path], tmp_path / "x.png")
 
 
 def test_warmup_then_cosine():
@@ -110,6 +121,8 @@ def test_stage1_then_stage2_lower_the_loss(tmp_path, data_dir):
     assert [m["step"] for m in lines] == list(range(1, 9)) and all("loss_box_l1" in m for m in lines)
     assert (tmp_path / "s2" / "model" / "model.safetensors").is_file()
     assert any((tmp_path / "s2" / "tensorboard").iterdir())
+    picture = plot_losses([tmp_path / "s1", tmp_path / "s2"], tmp_path / "losses.png")
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     print(f"stage 1 loss {before1['loss']:.3f} -> {after1['loss']:.3f}; "
           f"stage 2 loss {before2['loss']:.3f} -> {after2['loss']:.3f}")
 
