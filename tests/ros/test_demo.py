@@ -64,9 +64,9 @@ def test_table_puts_answers_next_to_ground_truth():
     truth = {"name": "red cube", "surface_median_camera": [0.1, 0.2, 2.0], "box_xyxy": [1, 2, 3, 4]}
     result = RefResult(answer="there", objects=[referred("red cube", (0.1, 0.2, 2.5)),
                                                 referred("cube")])
-    rows = [demo.DemoRow("where is the red cube?", True, result.answer, truth=truth,
+    rows = [demo.DemoRow("Locate the red cube.", True, result.answer, truth=truth,
                          objects=demo.object_rows(result, truth)),
-            demo.DemoRow("segment the person", False, "", error="no camera frame yet")]
+            demo.DemoRow("Segment the person.", False, "", error="no camera frame yet")]
     assert rows[0].objects[0]["error_m"] == pytest.approx(0.5)
     assert rows[0].objects[1]["position"] is None
     table = demo.format_table(rows)
@@ -120,5 +120,5 @@ def test_demo_runs_end_to_end(tmp_path):
     saved = json.loads((tmp_path / "answers.json").read_text())
     assert len(saved["rows"]) == 2 and saved["trained"] is False
     output = "\n".join(lines)
-    assert "where is the red cube?" in output and "truth xyz" in output
+    assert "Locate the red cube." in output and "truth xyz" in output
     assert "untrained" in output

@@ -122,11 +122,14 @@ class Client:
         from lifecycle_msgs.srv import GetState
         return self.call(self.get_state, GetState.Request(), timeout).current_state.label
 
-    def ask(self, prompt: str, image=None, visual_prompts=(), timeout: float = 30.0):
+    def ask(self, prompt: str, image=None, visual_prompts=(), timeout: float = 30.0, depth=None,
+            camera_info=None):
         from refvlm_interfaces.srv import Query
         request = Query.Request(prompt=prompt, visual_prompts=list(visual_prompts))
         if image is not None:
             request.use_image, request.image = True, image
+        if depth is not None:
+            request.depth, request.camera_info = depth, camera_info
         return self.call(self.query, request, timeout)
 
     def wait_for(self, condition, timeout: float, what: str) -> None:
@@ -221,6 +224,24 @@ def test_query_with_request_image_keeps_its_header(client):
     assert (reply.result.image_height, reply.result.image_width) == (40, 60)
     [obj] = reply.result.objects
     assert not obj.has_position and "no aligned depth" in obj.position_status
+
+
+def test_query_with_request_image_depth_and_camera_info_gets_3d(client):
+    from sensor_msgs.msg import CameraInfo
+    from refvlm_ros.image_conversions import array_to_image
+    image = array_to_image(np.full((40, 60, 3), 128, np.uint8), "rgb8")
+    millimetres = array_to_image(np.full((40, 60), 1500, np.uint16), "16UC1")
+    info = CameraInfo(height=40, width=60, k=[50.0, 0.0, 29.5, 0.0, 50.0, 19.5, 0.0, 0.0, 1.0])
+    reply = client.ask("segment the cube", image=image, depth=millimetres, camera_info=info)
+    assert reply.success, reply.error
+    [obj] = reply.result.objects
+    assert obj.has_position, obj.position_status
+    assert obj.position.z == pytest.approx(1.5, abs=1e-3)   # depth_scale 0.001: millimetres
+    wrong_size = array_to_image(np.full((20, 30), 1500, np.uint16), "16UC1")
+    reply = client.ask("segment the cube", image=image, depth=wrong_size, camera_info=info)
+    assert not reply.success and "30x20 but the image is 60x40" in reply.error
+    reply = client.ask("segment the cube", image=image, depth=millimetres, camera_info=CameraInfo())
+    assert not reply.success and "no intrinsics" in reply.error
 
 
 def bad_images():

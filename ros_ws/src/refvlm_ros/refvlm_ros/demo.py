@@ -32,10 +32,11 @@ class DemoQuestion:
     target: str  # ground-truth object name it is about ("red cube", "person")
 
 
+# Phrased as the shipped nano model was taught (SimWorld REC / RES / keypoint requests).
 DEFAULT_QUESTIONS = (
-    DemoQuestion("where is the red cube?", "red cube"),
-    DemoQuestion("segment the person", "person"),
-    DemoQuestion("show the keypoints of the person", "person"),
+    DemoQuestion("Locate the red cube.", "red cube"),
+    DemoQuestion("Segment the person.", "person"),
+    DemoQuestion("Estimate the pose of the person.", "person"),
 )
 
 

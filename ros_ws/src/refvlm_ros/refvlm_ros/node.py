@@ -229,6 +229,7 @@ class RefVLMNode(LifecycleNode):
         return trp.neutralize(prompt)  # TRP tags typed by a user must not become special tokens
 
     def _depth_context(self, image: Image) -> messages.DepthContext | None:
+        """The depth topic's frame paired with ``image`` by stamp, with the latest CameraInfo."""
         info = self._camera_info
         if not self.p.depth_topic or info is None:
             return None
@@ -236,16 +237,33 @@ class RefVLMNode(LifecycleNode):
                                    wait=self.p.sync_tolerance_s)
         if depth is None:
             return None
+        return self._make_depth_context(depth, info)
+
+    def _make_depth_context(self, depth: Image, info: CameraInfo) -> messages.DepthContext:
         metres = depth_to_metres(depth, self.p.depth_scale, self._image_backend())
         return messages.DepthContext(metres, Intrinsics.from_k(info.k))
+
+    def _request_depth_context(self, image: Image, depth: Image, info: CameraInfo
+                               ) -> messages.DepthContext | None:
+        """Depth sent with a request image: None when absent, InputError when it cannot fit."""
+        if not depth.data:
+            return None
+        if (depth.height, depth.width) != (image.height, image.width):
+            raise InputError(f"the request depth is {depth.width}x{depth.height} but the image is "
+                             f"{image.width}x{image.height}: send depth aligned to the image")
+        if len(info.k) != 9 or info.k[0] <= 0 or info.k[4] <= 0:
+            raise InputError("the request has depth but its camera_info has no intrinsics (k): "
+                             "send the image's CameraInfo with the depth")
+        return self._make_depth_context(depth, info)
 
     def _image_backend(self) -> str | None:
         return None if self.p.image_backend == "auto" else self.p.image_backend
 
     def answer(self, image: Image, prompt: str, visual_prompts: list[VisualPromptMsg],
-               with_depth: bool, logits_hook: Callable | None = None
+               depth: Callable[[], messages.DepthContext | None], logits_hook: Callable | None = None
                ) -> tuple[Result, RefResult, np.ndarray]:
         """One question on one image -> (Result, RefResult message, RGB [H, W, 3] uint8).
+        ``depth()`` gives the image's depth context (called once the inputs are valid).
         Raises RefVLMError for input the caller can fix."""
         t0 = time.perf_counter()
         rgb = image_to_rgb(image, self._image_backend())
@@ -253,7 +271,7 @@ class RefVLMNode(LifecycleNode):
         core_prompts = [messages.visual_prompt_from_msg(m, self._image_backend()) for m in visual_prompts]
         for vp in core_prompts:
             validate_visual_prompt(vp, rgb.shape[0], rgb.shape[1])
-        context = self._depth_context(image) if with_depth else None
+        context = depth()
         with self._model_lock:
             if self._predictor is None:
                 raise InputError("no model loaded: configure the node first")
@@ -281,7 +299,8 @@ class RefVLMNode(LifecycleNode):
                 continue
             next_start = time.monotonic() + period
             try:
-                result, msg, rgb = self.answer(frame, prompt, self._standing_visual_prompts, True)
+                result, msg, rgb = self.answer(frame, prompt, self._standing_visual_prompts,
+                                               lambda: self._depth_context(frame))
             except Exception as error:  # noqa: BLE001 (log, count, keep running)
                 self._stats.count_error()
                 self.get_logger().error(f"standing prompt failed: {error}")
@@ -306,10 +325,12 @@ class RefVLMNode(LifecycleNode):
             pubs["overlay"].publish(array_to_image(draw_result(rgb, result), "rgb8", header))
 
     # ---- requests ----------------------------------------------------------------------
-    def _request_image(self, use_image: bool, image: Image) -> tuple[Image, bool]:
-        """The image a request is about, and whether depth may be paired with it."""
-        if use_image:
-            return image, False
+    def _request_frame(self, request: Any) -> tuple[Image, Callable[[], messages.DepthContext | None]]:
+        """The image a request is about and how to get its depth context: the request's own
+        image with the depth sent along, or the latest camera frame with its paired depth."""
+        if getattr(request, "use_image", False):
+            image = request.image
+            return image, lambda: self._request_depth_context(image, request.depth, request.camera_info)
         if not self.active:
             raise InputError("the node is not active: configure and activate it, "
                              "or send the image in the request (use_image)")
@@ -317,19 +338,20 @@ class RefVLMNode(LifecycleNode):
         if frame is None:
             raise InputError(f"no camera frame received yet on '{self.p.image_topic}': "
                              "publish images there or send one in the request (use_image)")
-        return frame, True
+        return frame, lambda: self._depth_context(frame)
 
-    def _run_request(self, prompt: str, visual_prompts: list, use_image: bool, image: Image,
-                     reply: Any, logits_hook: Callable | None = None) -> Any:
-        """Fills reply.success/error/result; every failure becomes an error reply."""
+    def _run_request(self, request: Any, reply: Any, logits_hook: Callable | None = None) -> Any:
+        """Answers a Query request or Ground goal: fills reply.success/error/result; every
+        failure becomes an error reply."""
         self._stats.count_query()
-        header = image.header
+        prompt = request.prompt
+        header = request.image.header if getattr(request, "use_image", False) else Image().header
         try:
             if self.p is None:
                 raise InputError("the node is not configured: configure it (lifecycle) first")
-            frame, with_depth = self._request_image(use_image, image)
+            frame, depth = self._request_frame(request)
             header = frame.header
-            _, reply.result, _ = self.answer(frame, prompt, visual_prompts, with_depth, logits_hook)
+            _, reply.result, _ = self.answer(frame, prompt, list(request.visual_prompts), depth, logits_hook)
             reply.success = True
         except GoalCanceled:
             raise
@@ -347,8 +369,7 @@ class RefVLMNode(LifecycleNode):
         reply.result = messages.error_result(header, prompt[:ERROR_PROMPT_ECHO], error)
 
     def _on_query(self, request: Query.Request, response: Query.Response) -> Query.Response:
-        return self._run_request(request.prompt, list(request.visual_prompts), request.use_image,
-                                 request.image, response)
+        return self._run_request(request, response)
 
     def _streaming_hook(self, goal_handle: Any, every: int = 4) -> Callable:
         """A logits hook that streams the partial answer as feedback and stops generation
@@ -374,8 +395,7 @@ class RefVLMNode(LifecycleNode):
         goal_handle.publish_feedback(Ground.Feedback(stage="waiting for the model"))
         hook = self._streaming_hook(goal_handle) if self._predictor is not None else None
         try:
-            result = self._run_request(goal.prompt, list(goal.visual_prompts), False, Image(),
-                                       Ground.Result(), hook)
+            result = self._run_request(goal, Ground.Result(), hook)
         except GoalCanceled:
             goal_handle.canceled()
             return Ground.Result(success=False, error="canceled")
