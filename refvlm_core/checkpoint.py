@@ -157,6 +157,10 @@ def base_fingerprint(model) -> list[float]:
 # ---- loading ------------------------------------------------------------------------
 def load_config(folder: str | os.PathLike) -> ModelConfig:
     path = Path(folder) / CONFIG_FILE
+    if not Path(folder).is_dir():
+        raise CheckpointError(f"model folder {folder} does not exist (relative paths are taken from "
+                              f"{Path.cwd()}): pass the folder of a trained model, e.g. models/nano, "
+                              "or train one with tools/train_nano.sh")
     if not path.is_file():
         raise CheckpointError(f"{path} is missing: pass a folder written by refvlm_core.checkpoint.save_model")
     try:

@@ -58,6 +58,8 @@ def test_trainable_only_checkpoint(model, tmp_path):
 def test_corrupt_and_missing_checkpoints(model, tmp_path):
     from refvlm_core.checkpoint import load_model, save_model
 
+    with pytest.raises(CheckpointError, match="model folder .*absent does not exist.*tools/train_nano.sh"):
+        load_model(tmp_path / "absent")
     with pytest.raises(CheckpointError, match="config.json is missing"):
         load_model(tmp_path)
     save_model(model, tmp_path)

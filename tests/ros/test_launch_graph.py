@@ -186,10 +186,10 @@ def test_bringup_instantiates_what_the_launch_file_describes(graph_name, tmp_pat
     pytest.importorskip("refvlm_ros.node")
     from refvlm_ros.bringup import Bringup
 
-    # The camera graph ships the nano preset; the tiny one keeps this test fast, and
-    # exercises the user params file (`params_file:=` / `--params`) on the way.
+    # The camera graph ships the trained nano model; the tiny preset keeps this test fast,
+    # and exercises the user params file (`params_file:=` / `--params`) on the way.
     user = tmp_path / "user.yaml"
-    user.write_text("refvlm_node:\n  ros__parameters:\n    model_preset: tiny\n"
+    user.write_text("refvlm_node:\n  ros__parameters:\n    model_preset: tiny\n    model_path: ''\n"
                     "sim_camera:\n  ros__parameters:\n    width: 64\n    height: 48\n")
     described = load_launch_file(LAUNCH_FILES[graph_name]).graph_spec(str(user))
     with Bringup(described, num_threads=2) as bringup:
