@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from refvlm_core.errors import InputError
+from refvlm_training.engine.plots import read_metrics
 
 
 @dataclass(frozen=True)
@@ -43,13 +44,13 @@ VALID_TRP_TARGET = 0.99   # fraction of answers that parse as TRP, every task
 
 def read_reports(run: Path) -> dict[str, dict]:
     """task -> its eval JSON report, for every RUN/eval-<task>.json."""
-    return {json.loads(p.read_text())["task"]: json.loads(p.read_text()) for p in sorted(run.glob("eval-*.json"))}
+    reports = [json.loads(p.read_text()) for p in sorted(run.glob("eval-*.json"))]
+    return {report["task"]: report for report in reports}
 
 
 def stage_summary(stage_dir: Path) -> dict:
     """Steps done, seconds, batch and last logged losses of one stage's run folder."""
-    records = [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    steps = [r for r in records if "step" in r and "loss" in r]
+    steps = read_metrics(stage_dir)
     if not steps:
         raise InputError(f"{stage_dir}/metrics.jsonl has no logged step: did the stage run?")
     config = json.loads((stage_dir / "train_config.json").read_text())
