@@ -2,7 +2,10 @@
 
 Both towers are built by open_clip (``pretrained=None``: never downloads) or, for the
 small presets, from tower configs given in code; weights come from local files named in
-the config. Both are frozen: ``requires_grad=False`` and always in eval mode.
+the config. They start frozen (``requires_grad=False``, eval mode, no autograd graph), as
+in the paper where the CLIP towers never train. ``set_trainable(True)`` unfreezes them
+(stage 0 pretraining, or a run that fine-tunes them): then they follow ``train()`` /
+``eval()`` and their forward builds a graph, so an optimizer step moves their weights.
 """
 from __future__ import annotations
 
@@ -82,7 +85,7 @@ def load_tower_weights(tower: nn.Module, path: str, prefixes: tuple[str, ...]) -
 
 
 class DualImageEncoder(nn.Module):
-    """Frozen CLIP-ViT + CLIP-ConvNeXt. ``forward(images [B,3,S,S] in [0,1]) -> ImageFeatures``."""
+    """CLIP-ViT + CLIP-ConvNeXt. ``forward(images [B,3,S,S] in [0,1]) -> ImageFeatures``."""
 
     def __init__(self, cfg: VisionConfig):
         super().__init__()
@@ -100,11 +103,20 @@ class DualImageEncoder(nn.Module):
         self.vit_blocks = cfg.vit_layer % num_blocks + 1  # blocks to run: layer -2 of 24 -> 23
         if not -num_blocks <= cfg.vit_layer < num_blocks:
             raise ConfigError(f"vision.vit_layer={cfg.vit_layer} outside a {num_blocks}-block ViT")
-        self.requires_grad_(False)
-        self.eval()
+        self.set_trainable(False)
+
+    @property
+    def trainable(self) -> bool:
+        """True when any tower weight takes a gradient (set_trainable or requires_grad_)."""
+        return any(p.requires_grad for p in self.parameters())
+
+    def set_trainable(self, trainable: bool) -> "DualImageEncoder":
+        self.requires_grad_(trainable)
+        return self.train(trainable and self.training)
 
     def train(self, mode: bool = True) -> "DualImageEncoder":
-        return super().train(False)  # frozen: batch statistics and dropout stay off
+        # frozen towers stay in eval mode (dropout off) even when the whole model trains
+        return super().train(mode and self.trainable)
 
     @property
     def vit_width(self) -> int:
@@ -142,9 +154,9 @@ class DualImageEncoder(nn.Module):
                 levels.append(x)
         return levels
 
-    @torch.no_grad()
     def forward(self, images: torch.Tensor) -> ImageFeatures:
-        """images: [B, 3, S, S] float in [0, 1] (model frame)."""
-        normalised = (images - self.mean) / self.std
-        return ImageFeatures(global_tokens=self.vit_tokens(normalised),
-                             pyramid=self.convnext_pyramid(normalised))
+        """images: [B, 3, S, S] float in [0, 1] (model frame). Frozen towers build no graph."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.trainable):
+            normalised = (images - self.mean) / self.std
+            return ImageFeatures(global_tokens=self.vit_tokens(normalised),
+                                 pyramid=self.convnext_pyramid(normalised))

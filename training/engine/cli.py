@@ -7,8 +7,9 @@ import logging
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--stage", type=int, choices=(1, 2, 3), required=True,
-                        help="1: projector, boxes as text; 2: projector + LLM + decoders; 3: external decoder")
+    parser.add_argument("--stage", type=int, choices=(0, 1, 2, 3), required=True,
+                        help="0: vision towers on SimWorld's dense ground truth; 1: projector, boxes as text; "
+                        "2: projector + LLM + decoders; 3: external decoder")
     parser.add_argument("--config", required=True, help="training config (YAML or JSON), e.g. configs/train/tiny_stage1.yaml")
     parser.add_argument("--out", default=None, help="run folder (overrides the config's 'out')")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides the config)")
@@ -25,7 +26,12 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = load_config(args.config, stage=args.stage, out=args.out, steps=args.steps)
     try:
-        result = train(cfg, resume=args.resume, progress=not args.no_progress)
+        if cfg.stage == 0:
+            from refvlm_training.engine.stage0 import pretrain_towers
+
+            result = pretrain_towers(cfg, resume=args.resume, progress=not args.no_progress)
+        else:
+            result = train(cfg, resume=args.resume, progress=not args.no_progress)
     finally:
         shutdown()
     if result.model_dir is not None:
@@ -37,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register_train(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("train", help="train REF-VLM (stage 1, 2 or 3); also runs under torchrun",
+    parser = subparsers.add_parser("train", help="train REF-VLM (stage 0, 1, 2 or 3); also runs under torchrun",
                                    description="Staged training on torch.distributed: "
                                    "torchrun --nproc_per_node N -m refvlm_training.engine takes the same arguments.")
     add_arguments(parser)

@@ -16,6 +16,7 @@ from typing import Any
 
 from refvlm_core.errors import ConfigError
 
+STAGES = (0, 1, 2, 3)
 STRATEGIES = ("ddp", "fsdp")
 PRECISIONS = ("auto", "bf16", "no")
 
@@ -61,6 +62,16 @@ class ExternalDecoderConfig:
 
 
 @dataclass
+class VisionPretrainConfig:
+    """Stage 0: the towers learn SimWorld's dense ground truth (refvlm_training.engine.stage0)."""
+    scenes: int = 2000                    # train-split scenes rendered on the fly (0..scenes-1)
+    width: int = 256                      # render size
+    height: int = 192
+    head_dim: int = 64                    # width of the FPN under the dense heads
+    loss_weights: dict[str, float] = field(default_factory=dict)  # e.g. {depth: 0.5, token_color: 1.0}
+
+
+@dataclass
 class TrainConfig:
     stage: int = 1
     seed: int = 0
@@ -82,15 +93,19 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     external_decoder: ExternalDecoderConfig | None = None
+    vision_pretrain: VisionPretrainConfig = field(default_factory=VisionPretrainConfig)
 
     @property
     def global_batch_per_process(self) -> int:
         return self.batch_size * self.grad_accum
 
     def validate(self) -> "TrainConfig":
-        if self.stage not in (1, 2, 3):
-            raise ConfigError(f"stage={self.stage}: use 1, 2 or 3")
-        if not self.data.train:
+        if self.stage not in STAGES:
+            raise ConfigError(f"stage={self.stage}: use one of {STAGES}")
+        if self.stage == 0:
+            if self.vision_pretrain.scenes < 1:
+                raise ConfigError("vision_pretrain.scenes must be >= 1")
+        elif not self.data.train:
             raise ConfigError("data.train is not set: point it at a folder of shards "
                               "(e.g. written by 'refvlm data simworld')")
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1 or self.checkpoint_every < 1:
@@ -114,13 +129,14 @@ class TrainConfig:
 
 # Defaults per stage (paper IV-D: a high rate for the projector alone, lower once the LLM trains).
 STAGE_PRESETS: dict[int, dict[str, Any]] = {
+    0: {"optim": {"lr": 2e-3, "warmup_steps": 20, "weight_decay": 0.05}},
     1: {"optim": {"lr": 1e-3, "warmup_steps": 10}},
     2: {"optim": {"lr": 2e-4, "warmup_steps": 10, "weight_decay": 0.0}},
     3: {"optim": {"lr": 1e-4, "warmup_steps": 5}},
 }
 
 _NESTED = {"data": DataConfig, "model": ModelSource, "optim": OptimConfig, "lora": LoraConfig,
-           "external_decoder": ExternalDecoderConfig}
+           "external_decoder": ExternalDecoderConfig, "vision_pretrain": VisionPretrainConfig}
 
 
 def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:

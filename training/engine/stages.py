@@ -71,7 +71,7 @@ def configure_stage(model, cfg: TrainConfig) -> list[nn.Parameter]:
     if cfg.lora.enabled:
         add_lora(model, cfg)
     if cfg.train_encoders:
-        model.encoder.requires_grad_(True)
+        model.encoder.set_trainable(True)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ConfigError(f"stage {cfg.stage} leaves no trainable parameter: check the model config")

@@ -1,0 +1,296 @@
+"""Stage 0: vision pretraining of the towers on SimWorld's exact dense ground truth.
+
+The paper starts from CLIP towers; none can be installed here, so the towers learn
+what the decoders need from what the simulator knows exactly, per pixel: each object's
+colour, shape (category), material and size, an object-centre heatmap and metric depth.
+Separate colour and shape heads make both linearly readable from the features, which is
+what referring to a held-out colour x shape pair needs (compositional features).
+
+Heads: an FPN over the ConvNeXt pyramid for every target, and a linear head on the ViT
+tokens for colour and shape (the tokens the LLM sees). Scenes are rendered on the fly
+from the train split (scene ``k`` of the step's permutation), so a resumed run sees the
+same scenes in the same order. Output: ``OUT/model/{vit,convnext}.safetensors`` (set
+``vision.vit_weights`` / ``vision.convnext_weights`` of stage 1 to them) and the heads.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from refvlm_core.errors import ConfigError
+
+log = logging.getLogger(__name__)
+MASK_STRIDE = 4   # targets at S/4, as the processor's mask and depth targets
+IGNORE = -1
+
+
+# ---- targets ------------------------------------------------------------------------
+
+@dataclass
+class DenseTargets:
+    """One scene's per-pixel ground truth at S/4 in the model frame (letterboxed)."""
+
+    image: Tensor      # [3, S, S] float in [0, 1]
+    color: Tensor      # [R, R] long: 0 background, 1 + colour index
+    shape: Tensor      # [R, R] long: 0 background, 1 + category index
+    material: Tensor   # [R, R] long: material index, IGNORE on background
+    size: Tensor       # [R, R] long: size index, IGNORE on background
+    centre: Tensor     # [R, R] float in [0, 1]: Gaussian bumps at the objects' box centres
+    depth: Tensor      # [R, R] float metres, NaN where unknown (sky, padding)
+
+
+def _letterbox_sample(values: np.ndarray, letterbox, out: int, fill) -> np.ndarray:
+    """Nearest sample of an [H, W] map at the centres of an out x out model-frame grid."""
+    step = letterbox.side / out
+    coords = (np.arange(out) + 0.5) * step
+    xs, ys = np.floor(coords - letterbox.left).astype(int), np.floor(coords - letterbox.top).astype(int)
+    inside = (ys[:, None] >= 0) & (ys[:, None] < letterbox.height) & (xs[None] >= 0) & (xs[None] < letterbox.width)
+    picked = values[ys.clip(0, letterbox.height - 1)][:, xs.clip(0, letterbox.width - 1)]
+    return np.where(inside, picked, fill)
+
+
+def dense_targets(scene, image_size: int) -> DenseTargets:
+    """A rendered SimWorld scene -> its DenseTargets for a model frame of ``image_size``."""
+    from refvlm_core.geometry import CLIP_MEAN_RGB, Letterbox
+    from refvlm_training.simworld.splits import COLOR_NAMES
+    from refvlm_training.simworld.world import CATEGORIES, MATERIALS, SIZES
+
+    height, width = scene.rgb.shape[:2]
+    letterbox = Letterbox.fit(height, width, image_size)
+    out = image_size // MASK_STRIDE
+    ids = _letterbox_sample(scene.instance_ids, letterbox, out, 0)
+    count = len(scene.objects) + 1
+    tables = {name: np.full(count, IGNORE, np.int64) for name in ("color", "shape", "material", "size")}
+    tables["color"][0] = tables["shape"][0] = 0
+    for obj in scene.objects:
+        tables["color"][obj.instance_id] = 1 + COLOR_NAMES.index(obj.color)
+        tables["shape"][obj.instance_id] = 1 + CATEGORIES.index(obj.category)
+        tables["material"][obj.instance_id] = MATERIALS.index(obj.material)
+        tables["size"][obj.instance_id] = SIZES.index(obj.size)
+    depth = np.where(np.isfinite(scene.depth), scene.depth, np.nan).astype(np.float32)
+    framed = letterbox.image_to_model(scene.rgb, CLIP_MEAN_RGB)
+    return DenseTargets(
+        image=torch.from_numpy(framed).permute(2, 0, 1).float() / 255.0,
+        **{name: torch.from_numpy(table[ids]) for name, table in tables.items()},
+        centre=torch.from_numpy(_centre_heatmap(scene.boxes, letterbox, out)),
+        depth=torch.from_numpy(_letterbox_sample(depth, letterbox, out, np.nan).astype(np.float32)),
+    )
+
+
+def _centre_heatmap(boxes: dict[int, np.ndarray], letterbox, out: int) -> np.ndarray:
+    """Max over objects of a Gaussian at each box centre, sigma a sixth of the box size."""
+    heat = np.zeros((out, out), np.float32)
+    grid = np.arange(out) + 0.5
+    for xyxy in boxes.values():
+        x0, y0, x1, y1 = letterbox.boxes_to_model(xyxy[None])[0] / MASK_STRIDE
+        sx, sy = max((x1 - x0) / 6, 0.5), max((y1 - y0) / 6, 0.5)
+        bump = np.exp(-((grid[None] - (x0 + x1) / 2) ** 2) / (2 * sx ** 2)
+                      - ((grid[:, None] - (y0 + y1) / 2) ** 2) / (2 * sy ** 2))
+        heat = np.maximum(heat, bump.astype(np.float32))
+    return heat
+
+
+class SceneTargets(torch.utils.data.Dataset):
+    """Train-split SimWorld scenes rendered on demand, as DenseTargets."""
+
+    def __init__(self, scenes: int, width: int, height: int, image_size: int, seed: int = 0) -> None:
+        from refvlm_training.simworld import SimWorld, SimWorldConfig
+
+        self.world = SimWorld(SimWorldConfig(seed=seed, width=width, height=height), "train")
+        self.scenes, self.image_size = scenes, image_size
+
+    def __len__(self) -> int:
+        return self.scenes
+
+    def __getitem__(self, index: int) -> DenseTargets:
+        return dense_targets(self.world.scene(index), self.image_size)
+
+
+def collate_targets(items: list[DenseTargets]) -> DenseTargets:
+    return DenseTargets(**{name: torch.stack([getattr(t, name) for t in items])
+                           for name in DenseTargets.__dataclass_fields__})
+
+
+# ---- heads and losses ---------------------------------------------------------------
+
+def head_sizes() -> dict[str, int]:
+    """Output channels per dense target (classes include background where it is a class)."""
+    from refvlm_training.simworld.splits import COLOR_NAMES
+    from refvlm_training.simworld.world import CATEGORIES, MATERIALS, SIZES
+
+    return {"color": 1 + len(COLOR_NAMES), "shape": 1 + len(CATEGORIES), "material": len(MATERIALS),
+            "size": len(SIZES), "centre": 1, "depth": 1}
+
+
+class DenseHeads(nn.Module):
+    """Per-pixel heads on an FPN of the pyramid, and colour + shape heads on the ViT tokens."""
+
+    def __init__(self, pyramid_channels: list[int], vit_width: int, hidden_dim: int = 64) -> None:
+        super().__init__()
+        from refvlm_core.decoders.layers import PixelDecoder
+
+        self.sizes = head_sizes()
+        self.pixel_decoder = PixelDecoder(pyramid_channels, hidden_dim, hidden_dim)
+        self.pixel_head = nn.Conv2d(hidden_dim, sum(self.sizes.values()), 1)
+        self.token_sizes = {k: self.sizes[k] for k in ("color", "shape")}
+        self.token_head = nn.Sequential(nn.LayerNorm(vit_width), nn.Linear(vit_width, sum(self.token_sizes.values())))
+
+    def forward(self, features) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """ImageFeatures -> (pixel outputs [B, C_k, h, w], token outputs [B, C_k, G, G])."""
+        pixel = self.pixel_head(F.relu(self.pixel_decoder(features.pyramid)))
+        tokens = self.token_head(features.global_tokens)                           # [B, G*G, C]
+        grid = int(math.isqrt(tokens.shape[1]))
+        tokens = tokens.transpose(1, 2).unflatten(-1, (grid, grid))
+        return (dict(zip(self.sizes, pixel.split(list(self.sizes.values()), dim=1))),
+                dict(zip(self.token_sizes, tokens.split(list(self.token_sizes.values()), dim=1))))
+
+
+def dense_losses(pixel: dict[str, Tensor], tokens: dict[str, Tensor], targets: DenseTargets) -> dict[str, Tensor]:
+    """Cross-entropy per class map, focal-free BCE on the centre heatmap, log-depth L1."""
+    size = targets.color.shape[-2:]
+
+    def up(x: Tensor) -> Tensor:
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+    losses = {}
+    for name in ("color", "shape", "material", "size"):
+        losses[f"loss_{name}"] = F.cross_entropy(up(pixel[name]), getattr(targets, name), ignore_index=IGNORE)
+    for name in tokens:
+        losses[f"loss_token_{name}"] = F.cross_entropy(up(tokens[name]), getattr(targets, name), ignore_index=IGNORE)
+    losses["loss_centre"] = F.binary_cross_entropy_with_logits(up(pixel["centre"])[:, 0], targets.centre)
+    valid = torch.isfinite(targets.depth) & (targets.depth > 0)
+    log_depth = up(pixel["depth"])[:, 0]  # predicts log metres
+    safe = torch.where(valid, targets.depth, torch.ones_like(targets.depth)).log()
+    losses["loss_depth"] = ((log_depth - safe).abs() * valid).sum() / valid.sum().clamp(min=1)
+    return losses
+
+
+@torch.no_grad()
+def foreground_accuracy(pixel: dict[str, Tensor], targets: DenseTargets) -> dict[str, float]:
+    """Per-pixel colour and shape accuracy on object pixels (what the card reports)."""
+    size = targets.color.shape[-2:]
+    fg = targets.shape > 0
+    out = {}
+    for name in ("color", "shape"):
+        pred = F.interpolate(pixel[name], size=size, mode="bilinear", align_corners=False).argmax(1)
+        out[f"acc_{name}"] = float((pred == getattr(targets, name))[fg].float().mean()) if fg.any() else 0.0
+    return out
+
+
+# ---- the loop -----------------------------------------------------------------------
+
+def _scene_order(scenes: int, seed: int, step: int, batch: int) -> list[int]:
+    """Scene indices of one step: a fresh permutation per epoch, a pure function of the step."""
+    start = step * batch
+    order = []
+    for position in range(start, start + batch):
+        epoch, offset = divmod(position, scenes)
+        order.append(int(np.random.default_rng([seed, epoch]).permutation(scenes)[offset]))
+    return order
+
+
+def pretrain_towers(cfg, resume: bool = False, progress: bool = True):
+    """Run (or resume) stage 0 as configured by a TrainConfig (stage 0)."""
+    from refvlm_core.config import preset
+    from refvlm_core.encoders import DualImageEncoder
+    from refvlm_training.engine import checkpoint as ckpt
+    from refvlm_training.engine.optim import build_optimizer, build_scheduler
+    from refvlm_training.engine.stages import _with_overrides
+    from refvlm_training.engine.trainer import METRICS_FILE, TrainResult, _MetricsLogger, _progress
+
+    if cfg.model.preset is None:
+        raise ConfigError("stage 0 builds the towers from model.preset (+ overrides); set model.preset")
+    vp = cfg.vision_pretrain
+    torch.manual_seed(cfg.seed)
+    vision = _with_overrides(preset(cfg.model.preset), cfg.model.overrides).vision
+    encoder = DualImageEncoder(vision).set_trainable(True)
+    heads = DenseHeads(encoder.pyramid_channels, encoder.vit_width, vp.head_dim)
+    model = nn.ModuleDict({"encoder": encoder, "heads": heads}).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(params, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.steps)
+    data = SceneTargets(vp.scenes, vp.width, vp.height, vision.image_size, cfg.seed)
+    out, step = Path(cfg.out), 0
+    path = ckpt.checkpoint_path(out)
+    if resume:
+        state = ckpt.load_checkpoint(path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step = int(state["step"])
+        _truncate(out / METRICS_FILE, step)
+    loader = _prefetch(data, cfg, step)
+    logger, bar = _MetricsLogger(out, cfg), _progress(cfg.steps, step, progress)
+    start = time.perf_counter()
+    try:
+        while step < cfg.steps:
+            targets = next(loader)
+            pixel, tokens = heads(encoder(targets.image))
+            losses = dense_losses(pixel, tokens, targets)
+            weights = vp.loss_weights
+            loss = sum(weights.get(name.removeprefix("loss_"), 1.0) * value for name, value in losses.items())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf")))
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            metrics = {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in losses.items()},
+                       **foreground_accuracy(pixel, targets), "grad_norm": grad_norm,
+                       "lr": scheduler.get_last_lr()[0], "seconds": round(time.perf_counter() - start, 3)}
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                logger.log(step, metrics)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['loss']:.3g}", color=f"{metrics['acc_color']:.2f}",
+                                shape=f"{metrics['acc_shape']:.2f}", refresh=False)
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                ckpt.save_checkpoint(path, step=step, model_sd=model.state_dict(), optim_sd=optimizer.state_dict(),
+                                     scheduler_sd=scheduler.state_dict(), rng_states=[ckpt.rng_state()],
+                                     loader_states=[{"step": step}], extra={"config": cfg.to_dict()})
+    finally:
+        if bar is not None:
+            bar.close()
+        logger.close()
+    folder = save_towers(encoder, heads, out / "model")
+    return TrainResult(out, folder, step, [], time.perf_counter() - start)
+
+
+def _prefetch(data: SceneTargets, cfg, step: int):
+    """Batches from ``step`` on; rendering runs in worker processes when data.num_workers > 0."""
+    batch = cfg.batch_size
+    sampler = [_scene_order(len(data), cfg.seed, s, batch) for s in range(step, cfg.steps)]
+    loader = torch.utils.data.DataLoader(data, batch_sampler=sampler, collate_fn=collate_targets,
+                                         num_workers=cfg.data.num_workers)
+    return iter(loader)
+
+
+def _truncate(path: Path, step: int) -> None:
+    from refvlm_training.engine.trainer import _truncate_metrics
+
+    _truncate_metrics(path, step)
+
+
+def save_towers(encoder, heads: nn.Module, folder: Path) -> Path:
+    """Tower weights as two safetensors files (the config's vit_weights / convnext_weights)
+    plus the heads, each written atomically."""
+    from safetensors.torch import save_file
+
+    from refvlm_core.checkpoint import _atomic_write
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, module in (("vit", encoder.vit), ("convnext", encoder.convnext), ("dense_heads", heads)):
+        tensors = {k: v.detach().contiguous().clone() for k, v in module.state_dict().items()}
+        _atomic_write(folder / f"{name}.safetensors", lambda tmp, t=tensors: save_file(t, tmp))
+    (folder / "vision.json").write_text(json.dumps({"vit_weights": "vit.safetensors",
+                                                    "convnext_weights": "convnext.safetensors"}, indent=2))
+    return folder
