@@ -26,6 +26,9 @@ class LossWeights:
     box_l1: float = 5.0
     box_giou: float = 2.0
     box_score: float = 1.0             # BCE of the box score towards the matched IoU
+    box_heatmap: float = 1.0           # -log of the box heatmap's mass inside the target box
+    keypoint_heatmap: float = 1.0      # cross-entropy of each keypoint heatmap against a Gaussian at the target
+    aux: float = 1.0                   # weight of the per-layer auxiliary losses (0: last layer only)
     mask_focal: float = 20.0
     mask_dice: float = 1.0
     keypoint_l1: float = 1.0
@@ -72,6 +75,26 @@ def box_giou_loss(pred: Tensor, target: Tensor, num_boxes: float) -> Tensor:
     return (1.0 - giou).sum() / num_boxes
 
 
+def heatmap_box_loss(prob: Tensor, target: Tensor, eps: float = 1e-6) -> Tensor:
+    """prob [K, h, w] (a softmax over cells), target [K, 4] cxcywh -> mean -log(mass inside the box).
+
+    The cell holding the box centre always counts as inside, so a box smaller than a cell
+    still has a cell to pull the mass to.
+    """
+    h, w = prob.shape[-2:]
+    ys = (torch.arange(h, device=prob.device, dtype=prob.dtype) + 0.5) / h
+    xs = (torch.arange(w, device=prob.device, dtype=prob.dtype) + 0.5) / w
+    x0, y0, x1, y1 = cxcywh_to_xyxy(target).unbind(-1)                                 # [K] each
+    inside_x = (xs[None] >= x0[:, None]) & (xs[None] <= x1[:, None])                   # [K, w]
+    inside_y = (ys[None] >= y0[:, None]) & (ys[None] <= y1[:, None])                   # [K, h]
+    inside = inside_y[:, :, None] & inside_x[:, None, :]                               # [K, h, w]
+    cx = (target[:, 0] * w).long().clamp(0, w - 1)
+    cy = (target[:, 1] * h).long().clamp(0, h - 1)
+    inside[torch.arange(len(target), device=prob.device), cy, cx] = True
+    mass = (prob * inside).flatten(1).sum(dim=1)
+    return -(mass + eps).log().mean()
+
+
 # ---- masks -------------------------------------------------------------------------
 
 def sigmoid_focal_loss(logits: Tensor, target: Tensor, num_masks: float,
@@ -101,6 +124,22 @@ def keypoint_l1_loss(pred_xy: Tensor, target: Tensor) -> Tensor:
     labelled = (target[..., 2] > 0).to(pred_xy.dtype)  # [K, 17]
     error = (pred_xy - target[..., :2]).abs().sum(dim=-1)  # [K, 17]
     return (error * labelled).sum() / labelled.sum().clamp(min=1.0)
+
+
+def heatmap_keypoint_loss(logits: Tensor, target: Tensor, sigma_cells: float = 1.0) -> Tensor:
+    """logits [K, 17, h, w], target [K, 17, 3] -> cross-entropy against a Gaussian (sigma in cells)
+    around each labelled keypoint, mean over labelled keypoints."""
+    h, w = logits.shape[-2:]
+    ys = torch.arange(h, device=logits.device, dtype=logits.dtype) + 0.5
+    xs = torch.arange(w, device=logits.device, dtype=logits.dtype) + 0.5
+    dx = xs.view(1, 1, 1, w) - (target[..., 0] * w)[..., None, None]                   # [K, 17, 1, w]
+    dy = ys.view(1, 1, h, 1) - (target[..., 1] * h)[..., None, None]                   # [K, 17, h, 1]
+    goal = torch.exp(-(dx ** 2 + dy ** 2) / (2 * sigma_cells ** 2))                     # [K, 17, h, w]
+    goal = goal / goal.flatten(-2).sum(-1).clamp(min=1e-6)[..., None, None]
+    log_prob = logits.flatten(-2).log_softmax(dim=-1).unflatten(-1, (h, w))
+    ce = -(goal * log_prob).flatten(-2).sum(dim=-1)                                     # [K, 17]
+    labelled = (target[..., 2] > 0).to(ce.dtype)
+    return (ce * labelled).sum() / labelled.sum().clamp(min=1.0)
 
 
 def keypoint_visibility_loss(vis_logits: Tensor, target: Tensor) -> Tensor:

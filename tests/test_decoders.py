@@ -72,11 +72,16 @@ EXPECTED_SHAPES = {"box": {"boxes": (4,), "scores": ()}, "mask": {"mask_logits":
 @pytest.mark.parametrize("unit", BUILTIN)
 @pytest.mark.parametrize("valid", [0, 1, 7, 100])
 def test_shapes_and_finite_outputs(unit, valid):
-    decoder = make_decoder(unit)
+    """Eval mode gives exactly the export contract's outputs; training mode adds per-layer ones."""
+    decoder = make_decoder(unit).eval()
     routed = routed_refs((valid, min(valid, 3)), max_refs=100, unit=unit)
     with torch.no_grad():
         outputs = decoder(routed.embeddings, routed.valid, make_pyramid())
+        training_outputs = decoder.train()(routed.embeddings, routed.valid, make_pyramid())
     assert set(outputs) == set(EXPECTED_SHAPES[unit])
+    assert set(training_outputs) >= set(outputs)
+    for name in set(training_outputs) - set(outputs):
+        assert name.startswith("layer_") and torch.isfinite(training_outputs[name]).all()
     for name, tail in EXPECTED_SHAPES[unit].items():
         assert outputs[name].shape == (2, 100, *tail)
         assert torch.isfinite(outputs[name]).all(), f"{unit}.{name} not finite with {valid} valid refs"
@@ -84,7 +89,7 @@ def test_shapes_and_finite_outputs(unit, valid):
 
 @pytest.mark.parametrize("unit", ("box", "mask", "keypoint"))
 def test_padding_does_not_leak_into_valid_refs(unit):
-    decoder = make_decoder(unit)
+    decoder = make_decoder(unit).eval()
     routed = routed_refs((3, 1), max_refs=8, unit=unit)
     noisy = routed.embeddings.clone()
     noisy[~routed.valid] = torch.randn(int((~routed.valid).sum()), LLM_DIM) * 10
@@ -139,13 +144,17 @@ def test_overfits_a_single_target(unit):
     steps, factor = OVERFIT[unit]
     optimizer = torch.optim.Adam(decoder.parameters(), lr=3e-3)
     first = last = None
+    floors = []  # the keypoint heatmap cross-entropy cannot go below its Gaussian target's entropy
     for _ in range(steps):
-        loss = sum(decoder.loss(decoder(routed.embeddings, routed.valid, pyramid), routed, target).values())
+        losses = decoder.loss(decoder(routed.embeddings, routed.valid, pyramid), routed, target)
         optimizer.zero_grad()
-        loss.backward()
+        sum(losses.values()).backward()
         optimizer.step()
+        loss = sum(v for k, v in losses.items() if k != "loss_keypoint_heatmap")
+        floors.append(float(losses.get("loss_keypoint_heatmap", torch.zeros(()))))
         first = float(loss.detach()) if first is None else first
         last = float(loss.detach())
+    assert floors[-1] <= floors[0]
     print(f"{unit}: loss {first:.4f} -> {last:.4f} in {steps} steps ({first / last:.1f}x)")
     assert last * factor < first, f"{unit}: loss {first:.4f} -> {last:.4f}, expected a drop by {factor}x"
 

@@ -63,6 +63,11 @@ class UnitDecoder(nn.Module):
         return values
 
 
+def layer_weights(num_layers: int, aux: float) -> list[float]:
+    """Loss weight of each decoder layer's outputs: ``aux`` for the earlier (auxiliary) ones, 1 for the last."""
+    return [aux] * (num_layers - 1) + [1.0]
+
+
 def valid_refs(routed: RoutedRefs) -> Iterator[tuple[int, int, dict[str, int]]]:
     """(image, slot, {"ordinal", "group"}) of every valid routed ref, image by image."""
     valid, ordinals, groups = routed.valid.cpu(), routed.ordinals.cpu(), routed.group_ids.cpu()

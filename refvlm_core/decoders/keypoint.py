@@ -1,6 +1,9 @@
-"""Keypoint decoder: 17 COCO keypoints per <REF>. Each REF query cross-attends to the
-pyramid; an MLP gives x, y (sigmoid, normalised model frame) and a visibility logit per
-keypoint ("labelled": v > 0 in COCO terms)."""
+"""Keypoint decoder: 17 COCO keypoints per <REF>, on the shared dense path
+(layers.DenseRefDecoder). Each decoded REF query gives one embedding per keypoint; dotted
+with every pixel of the FPN map it is a heatmap whose expectation is the keypoint's x, y
+(normalised model frame). A visibility logit per keypoint ("labelled": v > 0 in COCO
+terms) comes from the query. Losses: L1 on x, y, a cross-entropy of each heatmap against
+a Gaussian at the target, visibility BCE; L1 and heatmap on every layer (auxiliary)."""
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -8,9 +11,9 @@ from typing import Any, Sequence
 import numpy as np
 from torch import Tensor
 
-from refvlm_core.decoders.base import UnitDecoder, per_image, register_decoder
-from refvlm_core.decoders.layers import MLP, RefImageDecoder
-from refvlm_core.losses import connected_zero, keypoint_l1_loss, keypoint_visibility_loss
+from refvlm_core.decoders.base import UnitDecoder, layer_weights, per_image, register_decoder
+from refvlm_core.decoders.layers import MLP, DenseRefDecoder, dot_heatmap, soft_argmax
+from refvlm_core.losses import connected_zero, heatmap_keypoint_loss, keypoint_l1_loss, keypoint_visibility_loss
 from refvlm_core.matching import (grouped_hungarian, keypoint_cost, matched_predictions, matched_targets,
                                   pad_groups, pad_stack)
 from refvlm_core.router import RoutedRefs, UnitTargets
@@ -21,21 +24,30 @@ NUM_KEYPOINTS = 17
 @register_decoder("keypoint")
 class KeypointDecoder(UnitDecoder):
     def __init__(self, llm_dim: int, pyramid_channels: Sequence[int], hidden_dim: int = 256, num_heads: int = 8,
-                 num_layers: int = 6, ffn_dim: int | None = None, memory_levels: int = 3, **kwargs: Any) -> None:
+                 num_layers: int = 6, ffn_dim: int | None = None, memory_levels: int = 3,
+                 pixel_dim: int | None = None, **kwargs: Any) -> None:
         super().__init__(llm_dim, pyramid_channels, **kwargs)
-        self.trunk = RefImageDecoder(llm_dim, pyramid_channels, hidden_dim, num_heads, num_layers,
-                                     ffn_dim or 4 * hidden_dim, memory_levels)
-        self.head = MLP(hidden_dim, hidden_dim, NUM_KEYPOINTS * 3, 3)
+        self.pixel_dim = pixel_dim or hidden_dim
+        self.trunk = DenseRefDecoder(llm_dim, pyramid_channels, hidden_dim, num_heads, num_layers,
+                                     ffn_dim or 4 * hidden_dim, memory_levels, self.pixel_dim)
+        self.point_embed = MLP(hidden_dim, hidden_dim, NUM_KEYPOINTS * self.pixel_dim, 2)
+        self.visibility_head = MLP(hidden_dim, hidden_dim, NUM_KEYPOINTS, 2)
 
     def forward(self, ref_embeddings: Tensor, ref_valid: Tensor, pyramid: Sequence[Tensor]) -> dict[str, Tensor]:
-        x = self.head(self.trunk(ref_embeddings, ref_valid, pyramid)).unflatten(-1, (NUM_KEYPOINTS, 3))
-        return {"keypoints": x[..., :2].sigmoid(),    # [B, L, 17, 2] x, y in [0, 1]
-                "visibility_logits": x[..., 2]}        # [B, L, 17]
+        queries, pixels = self.trunk(ref_embeddings, ref_valid, pyramid)        # [N, B, L, D], [B, C, h, w]
+        embeds = self.point_embed(queries).unflatten(-1, (NUM_KEYPOINTS, self.pixel_dim))  # [N, B, L, 17, C]
+        heat = dot_heatmap(embeds, pixels)                                      # [N, B, L, 17, h, w]
+        xy, _ = soft_argmax(heat)                                               # [N, B, L, 17, 2]
+        outputs = {"keypoints": xy[-1],                                         # [B, L, 17, 2] x, y in [0, 1]
+                   "visibility_logits": self.visibility_head(queries[-1])}      # [B, L, 17]
+        if self.training:
+            outputs.update(layer_keypoints=xy, layer_keypoint_heatmaps=heat)
+        return outputs
 
     def loss(self, outputs: dict[str, Tensor], routed: RoutedRefs, targets: list[UnitTargets]) -> dict[str, Tensor]:
         keypoints = self.check_targets(routed, targets, "keypoints")
         w, zero = self.weights, connected_zero(outputs)
-        names = ("loss_keypoint_l1", "loss_keypoint_visibility")
+        names = ("loss_keypoint_l1", "loss_keypoint_visibility", "loss_keypoint_heatmap")
         if sum(t.count for t in targets) == 0 or not bool(routed.valid.any()):
             return dict.fromkeys(names, zero)
         xy, vis = outputs["keypoints"], outputs["visibility_logits"]
@@ -44,10 +56,17 @@ class KeypointDecoder(UnitDecoder):
         cost = keypoint_cost(xy.detach(), vis.detach(), pad_stack(keypoints), w.keypoint_l1, w.keypoint_visibility)
         matches = grouped_hungarian(cost, routed.group_ids, pad_groups(groups))
         tgt = matched_targets(keypoints, matches)
+        layers, heatmaps = outputs.get("layer_keypoints", xy[None]), outputs.get("layer_keypoint_heatmaps")
+        l1 = heat = zero
+        for n, weight in enumerate(layer_weights(len(layers), w.aux)):
+            l1 = l1 + weight * keypoint_l1_loss(matched_predictions(layers[n], matches), tgt)
+            if heatmaps is not None:
+                heat = heat + weight * heatmap_keypoint_loss(matched_predictions(heatmaps[n], matches), tgt)
         return {
-            "loss_keypoint_l1": w.keypoint_l1 * keypoint_l1_loss(matched_predictions(xy, matches), tgt) + zero,
+            "loss_keypoint_l1": w.keypoint_l1 * l1 + zero,
             "loss_keypoint_visibility": w.keypoint_visibility * keypoint_visibility_loss(
                 matched_predictions(vis, matches), tgt) + zero,
+            "loss_keypoint_heatmap": w.keypoint_heatmap * heat + zero,
         }
 
     def postprocess(self, outputs: dict[str, Tensor], routed: RoutedRefs) -> list[list[dict[str, Any]]]:

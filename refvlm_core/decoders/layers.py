@@ -84,11 +84,15 @@ class QueryDecoder(nn.Module):
         self.layers = nn.ModuleList(QueryDecoderLayer(dim, num_heads, ffn_dim) for _ in range(num_layers))
         self.norm = nn.LayerNorm(dim)
 
-    def forward(self, queries: Tensor, query_pos: Tensor, valid: Tensor, memory: Tensor, memory_pos: Tensor) -> Tensor:
+    def forward(self, queries: Tensor, query_pos: Tensor, valid: Tensor, memory: Tensor, memory_pos: Tensor,
+                all_layers: bool = False) -> Tensor:
+        """-> [B, L, D], or [num_layers, B, L, D] (each layer normalised: auxiliary losses) with all_layers."""
         bias = key_padding_bias(valid, queries.dtype)
+        outputs = []
         for layer in self.layers:
             queries = layer(queries, query_pos, bias, memory, memory_pos)
-        return self.norm(queries)
+            outputs.append(self.norm(queries))
+        return torch.stack(outputs) if all_layers else outputs[-1]
 
 
 def sine_position_2d(height: int, width: int, dim: int, like: Tensor, temperature: float = 10000.0) -> Tensor:
@@ -184,3 +188,55 @@ class RefImageDecoder(nn.Module):
         queries, query_pos = self.queries(ref_embeddings)
         memory, memory_pos = self.memory(pyramid)
         return self.decoder(queries, query_pos, ref_valid, memory, memory_pos)
+
+
+class DenseRefDecoder(nn.Module):
+    """The dense query-to-pixel path shared by the box, mask and keypoint decoders.
+
+    REF queries are decoded against the multi-scale memory (DETR layers) and then dotted
+    with every pixel of an FPN map, so a query scores each location directly. A query
+    that carries the phrase finds its object from the first steps this way, where boxes
+    regressed from the query alone stayed at chance (docs/architecture.md). ``forward``
+    returns the decoded queries, of every layer in training mode (auxiliary losses) or of
+    the last layer, and the pixel map.
+    """
+
+    def __init__(self, llm_dim: int, pyramid_channels: Sequence[int], hidden_dim: int, num_heads: int,
+                 num_layers: int, ffn_dim: int, memory_levels: int, pixel_dim: int) -> None:
+        super().__init__()
+        self.queries = RefQueries(llm_dim, hidden_dim)
+        self.memory = MultiScaleMemory(pyramid_channels, hidden_dim, memory_levels)
+        self.decoder = QueryDecoder(hidden_dim, num_heads, num_layers, ffn_dim)
+        self.pixel_decoder = PixelDecoder(pyramid_channels, hidden_dim, pixel_dim)
+
+    def forward(self, ref_embeddings: Tensor, ref_valid: Tensor, pyramid: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        """-> queries [N, B, L, D] (N = num_layers in training, 1 in eval), pixels [B, C, h, w]."""
+        queries, query_pos = self.queries(ref_embeddings)
+        memory, memory_pos = self.memory(pyramid)
+        decoded = self.decoder(queries, query_pos, ref_valid, memory, memory_pos, all_layers=self.training)
+        return (decoded if self.training else decoded[None]), self.pixel_decoder(pyramid)
+
+
+def dot_heatmap(embeds: Tensor, pixels: Tensor) -> Tensor:
+    """embeds [N, B, L, (K,) C] . pixels [B, C, h, w] -> logits [N, B, L, (K,) h, w], scaled by 1/sqrt(C)."""
+    flat = embeds.flatten(2, -2) if embeds.dim() == 5 else embeds          # [N, B, L*K, C]
+    logits = torch.einsum("nbqc,bchw->nbqhw", flat, pixels) / math.sqrt(pixels.shape[1])
+    return logits.unflatten(2, embeds.shape[2:-1]) if embeds.dim() == 5 else logits
+
+
+def soft_argmax(logits: Tensor) -> tuple[Tensor, Tensor]:
+    """logits [..., h, w] -> (expected location [..., 2] as x, y in [0, 1], probabilities [..., h, w])."""
+    h, w = logits.shape[-2:]
+    prob = logits.flatten(-2).softmax(dim=-1).unflatten(-1, (h, w))
+    ys = (torch.arange(h, device=logits.device, dtype=logits.dtype) + 0.5) / h
+    xs = (torch.arange(w, device=logits.device, dtype=logits.dtype) + 0.5) / w
+    x = (prob.sum(dim=-2) * xs).sum(dim=-1)
+    y = (prob.sum(dim=-1) * ys).sum(dim=-1)
+    return torch.stack([x, y], dim=-1), prob
+
+
+def cell_centres(h: int, w: int, like: Tensor) -> Tensor:
+    """[h, w, 2] x, y of each cell centre in [0, 1]."""
+    ys = (torch.arange(h, device=like.device, dtype=like.dtype) + 0.5) / h
+    xs = (torch.arange(w, device=like.device, dtype=like.dtype) + 0.5) / w
+    return torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)

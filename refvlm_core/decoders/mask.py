@@ -1,6 +1,8 @@
-"""MaskFormer-like mask decoder: an FPN pixel decoder builds a stride-4-ish mask feature
-map, the REF queries decode against the multi-scale memory, and each query's mask
-embedding dotted with the feature map gives its mask logits."""
+"""MaskFormer-like mask decoder on the shared dense path (layers.DenseRefDecoder): an FPN
+pixel decoder builds the mask feature map, the REF queries decode against the
+multi-scale memory, and each query's mask embedding dotted with the feature map gives
+its mask logits. Focal + dice losses on the last layer and, weighted ``aux``, on every
+earlier layer with the last layer's matching."""
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -9,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from refvlm_core.decoders.base import UnitDecoder, per_image, register_decoder
-from refvlm_core.decoders.layers import MLP, PixelDecoder, RefImageDecoder
+from refvlm_core.decoders.base import UnitDecoder, layer_weights, per_image, register_decoder
+from refvlm_core.decoders.layers import MLP, DenseRefDecoder, dot_heatmap
 from refvlm_core.losses import connected_zero, dice_loss, sigmoid_focal_loss
 from refvlm_core.matching import grouped_hungarian, mask_cost, matched_predictions, matched_targets, pad_groups, pad_stack
 from refvlm_core.router import RoutedRefs, UnitTargets
@@ -23,15 +25,17 @@ class MaskDecoder(UnitDecoder):
                  mask_dim: int | None = None, **kwargs: Any) -> None:
         super().__init__(llm_dim, pyramid_channels, **kwargs)
         mask_dim = mask_dim or hidden_dim
-        self.pixel_decoder = PixelDecoder(pyramid_channels, hidden_dim, mask_dim)
-        self.trunk = RefImageDecoder(llm_dim, pyramid_channels, hidden_dim, num_heads, num_layers,
-                                     ffn_dim or 4 * hidden_dim, memory_levels)
+        self.trunk = DenseRefDecoder(llm_dim, pyramid_channels, hidden_dim, num_heads, num_layers,
+                                     ffn_dim or 4 * hidden_dim, memory_levels, mask_dim)
         self.mask_embed = MLP(hidden_dim, hidden_dim, mask_dim, 3)
 
     def forward(self, ref_embeddings: Tensor, ref_valid: Tensor, pyramid: Sequence[Tensor]) -> dict[str, Tensor]:
-        features = self.pixel_decoder(pyramid)                       # [B, mask_dim, H0, W0]
-        embeds = self.mask_embed(self.trunk(ref_embeddings, ref_valid, pyramid))  # [B, L, mask_dim]
-        return {"mask_logits": torch.einsum("blc,bchw->blhw", embeds, features)}  # [B, L, H0, W0]
+        queries, pixels = self.trunk(ref_embeddings, ref_valid, pyramid)       # [N, B, L, D], [B, C, H0, W0]
+        logits = dot_heatmap(self.mask_embed(queries), pixels)                 # [N, B, L, H0, W0]
+        outputs = {"mask_logits": logits[-1]}
+        if self.training:
+            outputs["layer_mask_logits"] = logits
+        return outputs
 
     def loss(self, outputs: dict[str, Tensor], routed: RoutedRefs, targets: list[UnitTargets]) -> dict[str, Tensor]:
         masks = self.check_targets(routed, targets, "masks")
@@ -48,12 +52,15 @@ class MaskDecoder(UnitDecoder):
         cost = mask_cost(logits.detach().flatten(2), pad_stack(flat), w.mask_focal, w.mask_dice,
                          w.focal_alpha, w.focal_gamma)
         matches = grouped_hungarian(cost, routed.group_ids, pad_groups(groups))
-        src, tgt = matched_predictions(logits.flatten(2), matches), matched_targets(flat, matches)
-        num = max(src.shape[0], 1)
-        return {
-            "loss_mask_focal": w.mask_focal * sigmoid_focal_loss(src, tgt, num, w.focal_alpha, w.focal_gamma) + zero,
-            "loss_mask_dice": w.mask_dice * dice_loss(src, tgt, num) + zero,
-        }
+        tgt = matched_targets(flat, matches)
+        num = max(tgt.shape[0], 1)
+        layers = outputs.get("layer_mask_logits", logits[None])
+        focal = dice = zero
+        for n, weight in enumerate(layer_weights(len(layers), w.aux)):
+            src = matched_predictions(layers[n].flatten(2), matches)
+            focal = focal + weight * sigmoid_focal_loss(src, tgt, num, w.focal_alpha, w.focal_gamma)
+            dice = dice + weight * dice_loss(src, tgt, num)
+        return {"loss_mask_focal": w.mask_focal * focal + zero, "loss_mask_dice": w.mask_dice * dice + zero}
 
     def postprocess(self, outputs: dict[str, Tensor], routed: RoutedRefs) -> list[list[dict[str, Any]]]:
         logits = outputs["mask_logits"].detach().float().cpu().numpy()
