@@ -26,6 +26,11 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 LLM_KINDS = ("llama-random", "gguf", "hf")
 PRESET_NAMES = ("tiny", "nano", "paper")
+# What the node and `refvlm infer` send unless told otherwise, and what training data
+# written with `--system default` carries: one prompt for every task, so the request's
+# wording alone picks the answer's form and unit.
+DEFAULT_SYSTEM_PROMPT = ("You are a visual assistant. Answer each request in the form it asks for: plain "
+                         "text, or <Phrase>s with <Unit> blocks and one <REF> per referred instance.")
 
 
 @dataclass
@@ -75,7 +80,7 @@ class ModelConfig:
     router_length: int = 100                  # L: REF embeddings per unit group, padded
     decoders: dict[str, dict] = field(default_factory=dict)   # unit -> kwargs of the decoder registry
     loss_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_LOSS_WEIGHTS))
-    system_prompt: str = "You are a helpful assistant that refers to objects in the image."
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
     max_prompt_chars: int = 2000
     cache_dir: str | None = None              # None: $REFVLM_CACHE_DIR or ~/.cache/refvlm
 

@@ -46,6 +46,9 @@ def register_data(subparsers: argparse._SubParsersAction) -> None:
                           help="comma-separated tasks to write (default: all), e.g. rec,res,keypoint,depth")
     simworld.add_argument("--conversations", type=int, default=1,
                           help="mixed multi-turn conversations per scene (default 1)")
+    simworld.add_argument("--system", choices=("task", "default"), default="task",
+                          help="system prompt of the samples: each task's instruction (task), or none stored so "
+                          "the model's default prompt is used, as the node and `refvlm infer` send (default)")
     simworld.set_defaults(func=_simworld)
 
     show = commands.add_parser("show", help="draw one sample (image, targets, depth, dialogue) to a PNG")
@@ -86,7 +89,7 @@ def _simworld(args: argparse.Namespace) -> int:
     width, height = parse_size(args.size)
     tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip()) if args.tasks else TASKS
     summary = write_split(args.split, args.n, args.out, SimWorldConfig(seed=args.seed, width=width, height=height),
-                          tasks=tasks, conversations=args.conversations)
+                          tasks=tasks, conversations=args.conversations, system=args.system)
     for key, value in summary.items():
         print(f"{key}: {value}")
     return 0

@@ -62,6 +62,7 @@ class ImageAnnotations:
     grounded_captions: list[GroundedCaption] = field(default_factory=list)
     qa: list[tuple[str, str]] = field(default_factory=list)
     depth: np.ndarray | None = None             # [H, W] float32 metres, NaN unknown
+    absent: list[str] = field(default_factory=list)  # expressions that match nothing in the image
 
 
 @dataclass
@@ -192,6 +193,10 @@ def referring_exchanges(ann: ImageAnnotations, rng: Rng, task: str) -> list[Exch
             user = templates.render_user_prompt(task, rng, phrase=phrase)
             out.append(Exchange(task, user, trp.format_phrase(phrase, (unit,), 1),
                                 [target_for([obj], phrase, (unit,))]))
+    for expression in ann.absent:  # "nothing matches": a plain answer, no <REF>
+        phrase = _safe(expression)
+        out.append(Exchange(task, templates.render_user_prompt(task, rng, phrase=phrase),
+                            f"There is no {phrase.removeprefix('the ')} in the image."))
     return out
 
 
@@ -326,9 +331,15 @@ def exchanges_for(ann: ImageAnnotations, task: str, rng: Rng) -> list[Exchange]:
 
 # ----------------------------------------------------------------- samples
 
-def make_sample(ann: ImageAnnotations, exchanges: list[Exchange], sample_id: str) -> Sample:
-    """Exchanges -> one Sample: ``<image>`` opens the first user turn; one task's system
-    instruction, or the multi-task one when tasks are mixed."""
+SYSTEM_CHOICES = ("task", "default")
+
+
+def make_sample(ann: ImageAnnotations, exchanges: list[Exchange], sample_id: str, system: str = "task") -> Sample:
+    """Exchanges -> one Sample: ``<image>`` opens the first user turn. ``system="task"``: one
+    task's system instruction, or the multi-task one when tasks are mixed; ``"default"``:
+    none stored, so the model's own default prompt is used, as the node and the CLI do."""
+    if system not in SYSTEM_CHOICES:
+        raise InputError(f"system={system!r}: use one of {SYSTEM_CHOICES}")
     if not exchanges:
         raise InputError(f"sample {sample_id!r} needs at least one exchange")
     turns: list[Turn] = []
@@ -341,11 +352,11 @@ def make_sample(ann: ImageAnnotations, exchanges: list[Exchange], sample_id: str
     task = exchanges[0].task if len(task_names) == 1 else "multi"
     depth = ann.depth if any(e.task == "depth" for e in exchanges) else None
     return Sample(id=sample_id, image=ann.image, turns=turns, task=task, visual_prompts=prompts,
-                  depth=depth, system=templates.system_instruction(task))
+                  depth=depth, system=templates.system_instruction(task) if system == "task" else None)
 
 
 def make_conversation(ann: ImageAnnotations, rng: Rng, tasks: tuple[str, ...] | list[str] = TASKS,
-                      max_turns: int = 3, sample_id: str | None = None) -> Sample | None:
+                      max_turns: int = 3, sample_id: str | None = None, system: str = "task") -> Sample | None:
     """A multi-turn Sample on one image: up to ``max_turns`` exchanges, from as many
     different tasks as the annotations support; None when fewer than two exist."""
     pool = [exchanges_for(ann, task, rng) for task in tasks]
@@ -358,12 +369,12 @@ def make_conversation(ann: ImageAnnotations, rng: Rng, tasks: tuple[str, ...] | 
     chosen += spare[:max_turns - len(chosen)]
     if len(chosen) < 2:
         return None
-    return make_sample(ann, chosen, sample_id or f"{ann.image_id}_multi")
+    return make_sample(ann, chosen, sample_id or f"{ann.image_id}_multi", system)
 
 
 def build_samples(ann: ImageAnnotations, rng: Rng, tasks: tuple[str, ...] | list[str] = TASKS,
                   max_per_task: int | None = None, conversations: int = 0,
-                  max_turns: int = 3) -> list[Sample]:
+                  max_turns: int = 3, system: str = "task") -> list[Sample]:
     """Single-task Samples (at most ``max_per_task`` each) plus ``conversations`` mixed
     multi-turn ones. Ids: ``<image_id>_<task>_<k>`` and ``<image_id>_multi_<k>``."""
     samples = []
@@ -371,9 +382,9 @@ def build_samples(ann: ImageAnnotations, rng: Rng, tasks: tuple[str, ...] | list
         exchanges = exchanges_for(ann, task, rng)
         if max_per_task is not None and len(exchanges) > max_per_task:
             exchanges = rng.sample(exchanges, max_per_task)
-        samples += [make_sample(ann, [e], f"{ann.image_id}_{task}_{k}") for k, e in enumerate(exchanges)]
+        samples += [make_sample(ann, [e], f"{ann.image_id}_{task}_{k}", system) for k, e in enumerate(exchanges)]
     for k in range(conversations):
-        sample = make_conversation(ann, rng, tasks, max_turns, f"{ann.image_id}_multi_{k}")
+        sample = make_conversation(ann, rng, tasks, max_turns, f"{ann.image_id}_multi_{k}", system)
         if sample is not None:
             samples.append(sample)
     return samples

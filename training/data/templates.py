@@ -17,6 +17,7 @@ from functools import lru_cache
 import numpy as np
 
 from refvlm_core import trp
+from refvlm_core.config import DEFAULT_SYSTEM_PROMPT
 from refvlm_core.errors import InputError
 
 IMAGE_TOKEN = trp.IMAGE
@@ -244,8 +245,7 @@ for _kind in PROMPT_KINDS:
         SYSTEM_INSTRUCTIONS[f"ig_{_kind}_{_unit}"] = (
             f"You find the object a user marks with a {_kind} (<region>) and answer with its name "
             f"and a {_unit} unit: <Phrase>name</Phrase> (<Unit>{_unit}</Unit>[0]<REF>).")
-MULTI_TASK_SYSTEM = ("You are a visual assistant. Answer each request in the form it asks for: plain "
-                     "text, or <Phrase>s with <Unit> blocks and one <REF> per referred instance.")
+MULTI_TASK_SYSTEM = DEFAULT_SYSTEM_PROMPT  # mixed conversations: the model's default prompt
 
 # Fixed evaluation prompts, one per task, never sampled in training (our own wording,
 # following the slot layout of the paper's evaluation table).

@@ -40,8 +40,9 @@ class DenseTargets:
     """One scene's per-pixel ground truth at S/4 in the model frame (letterboxed)."""
 
     image: Tensor      # [3, S, S] float in [0, 1]
-    color: Tensor      # [R, R] long: 0 background, 1 + colour index
-    shape: Tensor      # [R, R] long: 0 background, 1 + category index
+    objects: Tensor    # [R, R] float: 1 on object pixels, 0 on background
+    color: Tensor      # [R, R] long: colour index, IGNORE on background
+    shape: Tensor      # [R, R] long: category index, IGNORE on background
     material: Tensor   # [R, R] long: material index, IGNORE on background
     size: Tensor       # [R, R] long: size index, IGNORE on background
     centre: Tensor     # [R, R] float in [0, 1]: Gaussian bumps at the objects' box centres
@@ -70,16 +71,16 @@ def dense_targets(scene, image_size: int) -> DenseTargets:
     ids = _letterbox_sample(scene.instance_ids, letterbox, out, 0)
     count = len(scene.objects) + 1
     tables = {name: np.full(count, IGNORE, np.int64) for name in ("color", "shape", "material", "size")}
-    tables["color"][0] = tables["shape"][0] = 0
     for obj in scene.objects:
-        tables["color"][obj.instance_id] = 1 + COLOR_NAMES.index(obj.color)
-        tables["shape"][obj.instance_id] = 1 + CATEGORIES.index(obj.category)
+        tables["color"][obj.instance_id] = COLOR_NAMES.index(obj.color)
+        tables["shape"][obj.instance_id] = CATEGORIES.index(obj.category)
         tables["material"][obj.instance_id] = MATERIALS.index(obj.material)
         tables["size"][obj.instance_id] = SIZES.index(obj.size)
     depth = np.where(np.isfinite(scene.depth), scene.depth, np.nan).astype(np.float32)
     framed = letterbox.image_to_model(scene.rgb, CLIP_MEAN_RGB)
     return DenseTargets(
         image=torch.from_numpy(framed).permute(2, 0, 1).float() / 255.0,
+        objects=torch.from_numpy((ids > 0).astype(np.float32)),
         **{name: torch.from_numpy(table[ids]) for name, table in tables.items()},
         centre=torch.from_numpy(_centre_heatmap(scene.boxes, letterbox, out)),
         depth=torch.from_numpy(_letterbox_sample(depth, letterbox, out, np.nan).astype(np.float32)),
@@ -123,11 +124,12 @@ def collate_targets(items: list[DenseTargets]) -> DenseTargets:
 # ---- heads and losses ---------------------------------------------------------------
 
 def head_sizes() -> dict[str, int]:
-    """Output channels per dense target (classes include background where it is a class)."""
+    """Output channels per dense target. Attribute classes are learnt on object pixels only
+    (background would swamp them: ~90% of pixels); ``objects`` separates the two."""
     from refvlm_training.simworld.splits import COLOR_NAMES
     from refvlm_training.simworld.world import CATEGORIES, MATERIALS, SIZES
 
-    return {"color": 1 + len(COLOR_NAMES), "shape": 1 + len(CATEGORIES), "material": len(MATERIALS),
+    return {"objects": 1, "color": len(COLOR_NAMES), "shape": len(CATEGORIES), "material": len(MATERIALS),
             "size": len(SIZES), "centre": 1, "depth": 1}
 
 
@@ -155,7 +157,7 @@ class DenseHeads(nn.Module):
 
 
 def dense_losses(pixel: dict[str, Tensor], tokens: dict[str, Tensor], targets: DenseTargets) -> dict[str, Tensor]:
-    """Cross-entropy per class map, focal-free BCE on the centre heatmap, log-depth L1."""
+    """Cross-entropy per attribute on object pixels, BCE for objects and the centre heatmap, log-depth L1."""
     size = targets.color.shape[-2:]
 
     def up(x: Tensor) -> Tensor:
@@ -166,7 +168,8 @@ def dense_losses(pixel: dict[str, Tensor], tokens: dict[str, Tensor], targets: D
         losses[f"loss_{name}"] = F.cross_entropy(up(pixel[name]), getattr(targets, name), ignore_index=IGNORE)
     for name in tokens:
         losses[f"loss_token_{name}"] = F.cross_entropy(up(tokens[name]), getattr(targets, name), ignore_index=IGNORE)
-    losses["loss_centre"] = F.binary_cross_entropy_with_logits(up(pixel["centre"])[:, 0], targets.centre)
+    for name in ("objects", "centre"):
+        losses[f"loss_{name}"] = F.binary_cross_entropy_with_logits(up(pixel[name])[:, 0], getattr(targets, name))
     valid = torch.isfinite(targets.depth) & (targets.depth > 0)
     log_depth = up(pixel["depth"])[:, 0]  # predicts log metres
     safe = torch.where(valid, targets.depth, torch.ones_like(targets.depth)).log()
@@ -178,7 +181,7 @@ def dense_losses(pixel: dict[str, Tensor], tokens: dict[str, Tensor], targets: D
 def foreground_accuracy(pixel: dict[str, Tensor], targets: DenseTargets) -> dict[str, float]:
     """Per-pixel colour and shape accuracy on object pixels (what the card reports)."""
     size = targets.color.shape[-2:]
-    fg = targets.shape > 0
+    fg = targets.shape != IGNORE
     out = {}
     for name in ("color", "shape"):
         pred = F.interpolate(pixel[name], size=size, mode="bilinear", align_corners=False).argmax(1)

@@ -101,10 +101,14 @@ def eval_slots(sample: Sample) -> dict[str, str]:
     return {}
 
 
+REFERRING_TASKS = ("rec", "res", "keypoint", "ovd", "ovs")
+
+
 def _usable(sample: Sample, sample_tasks: tuple[str, ...]) -> bool:
     turns = sample.turns
     return (sample.task in sample_tasks and len(turns) >= 2 and turns[0].role == "user"
-            and turns[1].role == "assistant")
+            and turns[1].role == "assistant"
+            and (bool(turns[1].targets) or sample.task not in REFERRING_TASKS))  # "nothing matches" has no box
 
 
 def _is_yes_no(sample: Sample) -> bool:

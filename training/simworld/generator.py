@@ -37,16 +37,18 @@ class SimWorld:
         return self.render(self.layout(index))
 
     def samples(self, index: int, max_per_task: int = 2, conversations: int = 1,
-                tasks: tuple[str, ...] = TASKS) -> list[Sample]:
-        """Samples of each of ``tasks`` the scene supports (language from its own seed)."""
+                tasks: tuple[str, ...] = TASKS, system: str = "task") -> list[Sample]:
+        """Samples of each of ``tasks`` the scene supports (language from its own seed);
+        ``system``: "task" (each task's instruction) or "default" (the model's own prompt)."""
         rng = random.Random(f"{self.config.seed}-{SPLIT_CODES[self.split]}-{index}")
         return scene_samples(self.scene(index), rng, tasks=tasks, max_per_task=max_per_task,
-                             conversations=conversations, min_pixels=self.config.min_visible_pixels)
+                             conversations=conversations, min_pixels=self.config.min_visible_pixels,
+                             system=system)
 
 
 def write_split(split: str, n: int, out_dir: str | os.PathLike, config: SimWorldConfig | None = None,
                 progress: bool = True, max_per_task: int = 2, conversations: int = 1,
-                samples_per_shard: int = 1000, tasks: tuple[str, ...] = TASKS) -> dict:
+                samples_per_shard: int = 1000, tasks: tuple[str, ...] = TASKS, system: str = "task") -> dict:
     """Render scenes 0..n-1 of ``split``, make their samples (of ``tasks`` only) and write tar
     shards to ``out_dir``. Returns a summary: scenes, samples, samples per task, shards, seconds."""
     from refvlm_training.data.shards import ShardWriter  # the tar writer pulls in OpenCV
@@ -65,7 +67,7 @@ def write_split(split: str, n: int, out_dir: str | os.PathLike, config: SimWorld
         indices = tqdm(indices, desc=f"simworld {split}", unit="scene")
     with ShardWriter(out_dir, prefix=f"simworld-{split}", max_samples_per_shard=samples_per_shard) as writer:
         for index in indices:
-            for sample in world.samples(index, max_per_task, conversations, tuple(tasks)):
+            for sample in world.samples(index, max_per_task, conversations, tuple(tasks), system):
                 writer.write(sample, source={"dataset": "simworld", "split": split, "seed": world.config.seed,
                                              "scene": index, "scene_id": scene_id(split, world.config.seed, index)})
                 per_task[sample.task] += 1

@@ -46,15 +46,32 @@ def annotations(scene: Scene, rng: random.Random, min_pixels: int = 25) -> Image
         text, spans = language.grounded_caption(seen, rng)
         grounded.append(GroundedCaption(text, spans))
     depth = np.where(np.isfinite(scene.depth), scene.depth, np.nan).astype(np.float32)  # sky: no metric target
+    absent = [] if scene.layout.split == "test" else absent_expressions(scene, rng)
     return ImageAnnotations(
         image_id=scene_id(scene.layout.split, scene.layout.seed, scene.layout.index), image=scene.rgb, objects=objects,
         captions=language.captions(seen, rng), grounded_captions=grounded,
-        qa=language.questions(seen, scene.layout.split, rng), depth=depth,
+        qa=language.questions(seen, scene.layout.split, rng), depth=depth, absent=absent,
     )
 
 
+def absent_expressions(scene: Scene, rng: random.Random, probability: float = 0.5) -> list[str]:
+    """With ``probability``, one "the <colour> <shape>" that no object of the scene is, with a
+    colour the split allows for that shape (so no held-out pair is ever named in training)."""
+    from .splits import SHAPES, allowed_colors
+
+    if rng.random() >= probability:
+        return []
+    present = {(obj.color, obj.category) for obj in scene.objects}
+    options = [(c, s) for s in SHAPES for c in allowed_colors(scene.layout.split, s) if (c, s) not in present]
+    if not options:
+        return []
+    color, shape = rng.choice(sorted(options))
+    return [f"the {color} {shape}"]
+
+
 def scene_samples(scene: Scene, rng: random.Random, tasks: tuple[str, ...] = TASKS, max_per_task: int = 2,
-                  conversations: int = 1, min_pixels: int = 25) -> list[Sample]:
+                  conversations: int = 1, min_pixels: int = 25, system: str = "task") -> list[Sample]:
     """Single-task samples for every task the scene supports plus mixed conversations."""
     ann = annotations(scene, rng, min_pixels)
-    return build_samples(ann, rng, tasks=tasks, max_per_task=max_per_task, conversations=conversations)
+    return build_samples(ann, rng, tasks=tasks, max_per_task=max_per_task, conversations=conversations,
+                         system=system)
