@@ -86,15 +86,19 @@ class RefVLM(nn.Module):
                 for unit, decoder in self.decoders.items()}
 
     # ---- training ---------------------------------------------------------------------
-    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """Batch from ``Processor.collate`` -> {"loss": total, "loss_lm": ..., decoder losses}."""
-        features = self.encode_images(batch["images"])
-        embeds = self.llm.embed_multimodal(
-            batch["input_ids"], self.image_tokens(features),
-            self.region_tokens(features, batch["region_masks"], batch["region_counts"]))
-        hidden = self.llm.hidden_states(embeds, batch["attention_mask"])      # [B, T, D]
-        losses = {"loss_lm": self.loss_weights.lm * self.llm.lm_loss(hidden, batch["labels"])}
-        ref_embeddings = self._teacher_forced_refs(batch, hidden)
+    def forward(self, batch: dict[str, Any], features: ImageFeatures | None = None,
+                ref_embeddings: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Batch from ``Processor.collate`` -> {"loss": total, "loss_lm": ..., decoder losses}.
+
+        ``features`` / ``ref_embeddings``: outputs of frozen parts computed earlier (a
+        training cache); given ``ref_embeddings`` the LLM does not run and there is no LM loss.
+        """
+        features = features if features is not None else self.encode_images(batch["images"])
+        losses = {}
+        if ref_embeddings is None:
+            hidden = self.llm_hidden_states(batch, features)                     # [B, T, D]
+            losses["loss_lm"] = self.loss_weights.lm * self.llm.lm_loss(hidden, batch["labels"])
+            ref_embeddings = self.teacher_forced_refs(batch, hidden)
         routed = self.route_refs(ref_embeddings, batch["ref_units"], batch["ref_groups"])
         outputs = self.run_decoders(routed, features.pyramid)
         for unit, decoder in self.decoders.items():
@@ -102,7 +106,14 @@ class RefVLM(nn.Module):
         losses["loss"] = torch.stack(list(losses.values())).sum()
         return losses
 
-    def _teacher_forced_refs(self, batch: dict[str, Any], hidden: torch.Tensor) -> list[torch.Tensor]:
+    def llm_hidden_states(self, batch: dict[str, Any], features: ImageFeatures) -> torch.Tensor:
+        """Teacher-forced last hidden states [B, T, D] of a collated batch."""
+        embeds = self.llm.embed_multimodal(
+            batch["input_ids"], self.image_tokens(features),
+            self.region_tokens(features, batch["region_masks"], batch["region_counts"]))
+        return self.llm.hidden_states(embeds, batch["attention_mask"])
+
+    def teacher_forced_refs(self, batch: dict[str, Any], hidden: torch.Tensor) -> list[torch.Tensor]:
         """Per image [n_b, D]: the hidden state at each <REF> token, in ordinal order."""
         refs = []
         for b, units in enumerate(batch["ref_units"]):

@@ -17,6 +17,7 @@ from typing import Any
 from refvlm_core.errors import ConfigError
 
 STAGES = (0, 1, 2, 3)
+MODEL_PARTS = ("encoder", "projector", "llm", "decoders")
 STRATEGIES = ("ddp", "fsdp")
 PRECISIONS = ("auto", "bf16", "no")
 
@@ -84,6 +85,8 @@ class TrainConfig:
     mixed_precision: str = "auto"         # auto: bf16 autocast on GPU, fp32 on CPU
     gradient_checkpointing: bool = False  # passed to the LLM
     train_encoders: bool = False          # unfreeze the vision towers (only where no pretrained towers exist)
+    trainable: list[str] | None = None    # top-level parts that train, replacing the stage's set (e.g. [decoders])
+    cache_frozen: bool = True             # reuse frozen towers' features (and REF states when only decoders train)
     checkpoint_every: int = 50            # steps between resumable checkpoints
     log_every: int = 1
     save_trainable_only: bool = False     # final model folder: only trained tensors (base loads from its path)
@@ -116,6 +119,8 @@ class TrainConfig:
             raise ConfigError(f"mixed_precision={self.mixed_precision!r}: use one of {PRECISIONS}")
         if self.model.preset is None and self.model.init_from is None:
             raise ConfigError("model: set preset (tiny, nano, paper) or init_from (a model folder)")
+        if self.trainable is not None and (not self.trainable or set(self.trainable) - set(MODEL_PARTS)):
+            raise ConfigError(f"trainable={self.trainable}: list parts among {MODEL_PARTS}")
         if self.stage == 3 and self.external_decoder is None:
             raise ConfigError("stage 3 needs external_decoder: {unit: mask, kind: sam} or "
                               "{unit: box, kind: grounding_dino}")

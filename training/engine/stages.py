@@ -68,7 +68,12 @@ def configure_stage(model, cfg: TrainConfig) -> list[nn.Parameter]:
     else:
         merge_lora(model)  # a model loaded with adapters (over_base) fine-tunes as a plain LLM
     model.trainable_parameters(cfg.stage)
+    if cfg.trainable is not None:  # an explicit set replaces the stage's (e.g. a decoder-only phase)
+        for name, module in model.named_children():
+            module.requires_grad_(name in cfg.trainable)
     if cfg.lora.enabled:
+        if cfg.trainable is not None and "llm" not in cfg.trainable:
+            raise ConfigError("lora.enabled trains the LLM, but trainable leaves it out: disable lora or add llm")
         add_lora(model, cfg)
     if cfg.train_encoders:
         model.encoder.set_trainable(True)

@@ -132,6 +132,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.params, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.steps)
         self.stream = SampleStream(cfg, self.info)
+        self.cache = self._frozen_cache()
         self.step = 0
         self.skipped: Counter[str] = Counter()
         seed_process(cfg.seed, self.info.rank)
@@ -156,6 +157,25 @@ class Trainer:
         # FSDP2 swaps each parameter for a sharded DTensor one: the optimizer must hold those.
         self.params = [p for p in wrapped.parameters() if p.requires_grad]
         return wrapped
+
+    def _frozen_cache(self):
+        """A cache of frozen parts' outputs (towers; and REF states when only decoders train)."""
+        from refvlm_training.engine.frozen_cache import FrozenOutputsCache
+
+        model = unwrap(self.model)
+        if not self.cfg.cache_frozen or model.encoder.trainable:
+            return None
+        upstream_frozen = not any(p.requires_grad for part in (model.projector, model.llm) for p in part.parameters())
+        return FrozenOutputsCache(cache_refs=upstream_frozen)
+
+    def _frozen_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
+        if self.cache is None:
+            return {}
+        model = unwrap(self.model)
+        features = self.cache.features(model, batch)
+        if not self.cache.cache_refs:
+            return {"features": features}
+        return {"features": features, "ref_embeddings": self.cache.ref_embeddings(model, batch, features)}
 
     # ---- checkpoints ------------------------------------------------------------------
     def save_checkpoint(self) -> None:
@@ -218,7 +238,7 @@ class Trainer:
                     losses = {"loss": loss}
                 else:
                     with autocast_context(self.cfg, self.info.device):
-                        losses = self.model(batch)
+                        losses = self.model(batch, **self._frozen_inputs(batch))
                     loss = losses["loss"]
                 (loss / accum).backward()
             for name, value in losses.items():
