@@ -86,8 +86,19 @@ def save_model(model, folder: str | os.PathLike, mode: str = "full", trainable_o
             tensors, extra = over_base_tensors(model, _storage_dtype(dtype))
             metadata.update(extra)
         _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-    _atomic_write(folder / CONFIG_FILE, lambda tmp: Path(tmp).write_text(model.config.to_json()))
+    config = saved_config(model.config, towers_stored=mode != "trainable" or model.encoder.trainable)
+    _atomic_write(folder / CONFIG_FILE, lambda tmp: Path(tmp).write_text(config.to_json()))
     return folder
+
+
+def saved_config(config: ModelConfig, towers_stored: bool) -> ModelConfig:
+    """The config written beside the weights: tower weight paths are dropped when the
+    towers are in the folder itself, so the folder loads on a machine without those files."""
+    if not towers_stored:
+        return config
+    saved = ModelConfig.from_dict(config.to_dict())
+    saved.vision.vit_weights = saved.vision.convnext_weights = None
+    return saved
 
 
 def _storage_dtype(name: str) -> torch.dtype:

@@ -260,6 +260,7 @@ def pretrain_towers(cfg, resume: bool = False, progress: bool = True):
                 ckpt.save_checkpoint(path, step=step, model_sd=model.state_dict(), optim_sd=optimizer.state_dict(),
                                      scheduler_sd=scheduler.state_dict(), rng_states=[ckpt.rng_state()],
                                      loader_states=[{"step": step}], extra={"config": cfg.to_dict()})
+                print(f"checkpoint step {step}", flush=True)
     finally:
         if bar is not None:
             bar.close()

@@ -65,8 +65,9 @@ def configure_stage(model, cfg: TrainConfig) -> list[nn.Parameter]:
         if cfg.optim.weight_decay > 0:
             raise ConfigError("lora.enabled trains the TRP token rows of the frozen vocabulary matrices, and "
                               "AdamW weight decay would shrink the frozen rows too: set optim.weight_decay: 0")
-    else:
+    elif cfg.trainable is None or "llm" in cfg.trainable:
         merge_lora(model)  # a model loaded with adapters (over_base) fine-tunes as a plain LLM
+    # (a frozen LLM keeps its adapters, so the model saves over_base again)
     model.trainable_parameters(cfg.stage)
     if cfg.trainable is not None:  # an explicit set replaces the stage's (e.g. a decoder-only phase)
         for name, module in model.named_children():

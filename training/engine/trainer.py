@@ -31,7 +31,7 @@ from refvlm_training.engine.config import TrainConfig
 from refvlm_training.engine.distributed import (DistInfo, all_reduce_mean, barrier, gather_objects,
                                                 init_distributed, unwrap, wrap_model)
 from refvlm_training.engine.optim import build_optimizer, build_scheduler
-from refvlm_training.engine.stages import build_model, configure_stage, count_trainable, merge_lora
+from refvlm_training.engine.stages import build_model, configure_stage, count_trainable
 
 log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
@@ -291,7 +291,7 @@ class Trainer:
 
     def save_model(self) -> Path | None:
         """The trained model as a model folder (config.json + model.safetensors)."""
-        from refvlm_core.checkpoint import save_model
+        from refvlm_core.checkpoint import has_lora, save_model
 
         folder = self.out / MODEL_DIR
         if self.cfg.strategy == "fsdp" and self.info.distributed:
@@ -302,10 +302,9 @@ class Trainer:
             return saved
         if self.info.is_main:
             model = unwrap(self.model)
-            if self.cfg.lora.enabled:  # adapters unmerged + TRP rows over the installed base LLM
+            if self.cfg.lora.enabled or has_lora(model):  # adapters unmerged + TRP rows over the base LLM
                 save_model(model, folder, mode="over_base")
             else:
-                merge_lora(model)
                 save_model(model, folder, trainable_only=self.cfg.save_trainable_only)
             if self.cfg.stage == 3:
                 (folder / "external_decoder.json").write_text(
@@ -339,7 +338,9 @@ def _save_fsdp_model(model: nn.Module, folder: Path, info: DistInfo, trainable_o
         temp = folder / "model.safetensors.tmp"
         save_file(unique, str(temp), metadata=metadata)
         temp.replace(folder / "model.safetensors")
-        (folder / "config.json").write_text(model.config.to_json())
+        from refvlm_core.checkpoint import saved_config
+
+        (folder / "config.json").write_text(saved_config(model.config, towers_stored=not trainable_only).to_json())
     barrier(info)
     return folder if info.is_main else None
 

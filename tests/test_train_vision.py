@@ -1,0 +1,148 @@
+"""Vision towers in training: they move when asked and only then; stage 0 (dense
+pretraining on SimWorld) lowers its loss, resumes, and its towers load into stage 1; the
+frozen-output caches give the same losses as recomputing; a decoder-only phase moves
+the decoders alone and keeps the LoRA adapters (over_base)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from refvlm_training.engine.config import config_from_dict
+from train_helpers import tiny_train_config, write_tiny_train_data
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return write_tiny_train_data(tmp_path_factory)
+
+
+def _tower_snapshot(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.encoder.named_parameters()}
+
+
+@pytest.mark.parametrize("train_encoders", [True, False])
+def test_a_training_step_moves_the_towers_only_when_asked(tmp_path, data_dir, train_encoders):
+    from refvlm_training.engine.trainer import Trainer
+
+    trainer = Trainer(tiny_train_config(data_dir, tmp_path, steps=1, train_encoders=train_encoders), progress=False)
+    model = trainer.model
+    before = _tower_snapshot(model)
+    trainer.train_step()
+    moved = {n for n, p in model.encoder.named_parameters() if not torch.equal(before[n], p)}
+    if train_encoders:
+        # every tower tensor the forward uses moves (blocks past vit_layer and unused ConvNeXt
+        # stages get no gradient), in both towers
+        features = model.encoder(torch.rand(1, 3, 64, 64))
+        (features.global_tokens.sum() + sum(level.sum() for level in features.pyramid)).backward()
+        used = {n for n, p in model.encoder.named_parameters() if p.grad is not None}
+        assert model.encoder.training and moved == used
+        assert any(n.startswith("vit.") for n in moved) and any(n.startswith("convnext.") for n in moved)
+        assert len(moved) >= 40, f"only {len(moved)} tower tensors moved"
+    else:
+        assert not model.encoder.training and not moved
+
+
+def stage0_config(out: Path, steps: int = 12, **fields):
+    base = {"stage": 0, "out": str(out), "steps": steps, "batch_size": 4, "checkpoint_every": 4,
+            "model": {"preset": "tiny"}, "optim": {"lr": 3e-3, "warmup_steps": 1},
+            "vision_pretrain": {"scenes": 8, "width": 96, "height": 64, "head_dim": 16}}
+    base.update(fields)
+    return config_from_dict(base)
+
+
+def _metric_lines(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_short_stage0_lowers_its_loss_and_its_towers_load_in_stage1(tmp_path):
+    from refvlm_core.config import preset
+    from refvlm_core.encoders import DualImageEncoder
+    from refvlm_training.engine.stage0 import pretrain_towers
+
+    result = pretrain_towers(stage0_config(tmp_path / "s0", steps=40), progress=False)
+    lines = _metric_lines(tmp_path / "s0")
+    first, last = lines[0]["loss"], sum(m["loss"] for m in lines[-5:]) / 5
+    print(f"stage 0 loss {first:.3f} -> {last:.3f}")
+    assert [m["step"] for m in lines] == list(range(1, 41))
+    assert last < 0.8 * first, (first, last)
+    vision = preset("tiny").vision
+    vision.vit_weights = str(result.model_dir / "vit.safetensors")
+    vision.convnext_weights = str(result.model_dir / "convnext.safetensors")
+    loaded = DualImageEncoder(vision)
+    fresh = DualImageEncoder(preset("tiny").vision)
+    saved = dict(loaded.named_parameters())
+    assert not all(torch.equal(p, saved[n]) for n, p in fresh.named_parameters())
+    assert not loaded.trainable  # loaded towers start frozen
+
+
+def test_stage0_resumes_after_a_kill_on_the_same_curve(tmp_path):
+    from refvlm_training.engine.stage0 import pretrain_towers
+
+    pretrain_towers(stage0_config(tmp_path / "ref", steps=8), progress=False)
+    cfg_path = tmp_path / "kill.yaml"
+    cfg_path.write_text(yaml.safe_dump(stage0_config(tmp_path / "kill", steps=8).to_dict()))
+    command = [sys.executable, "-m", "refvlm_training.engine", "--stage", "0", "--config", str(cfg_path),
+               "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        for line in process.stdout:
+            if line.startswith("checkpoint step 4"):
+                process.send_signal(signal.SIGKILL)
+                break
+    finally:
+        process.kill()
+        process.wait(timeout=30)
+    assert process.returncode == -signal.SIGKILL and not (tmp_path / "kill" / "model").exists()
+    resumed = subprocess.run(command + ["--resume"], env=env, capture_output=True, text=True, timeout=150)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    ref, kill = _metric_lines(tmp_path / "ref"), _metric_lines(tmp_path / "kill")
+    assert [m["step"] for m in kill] == list(range(1, 9))
+    assert [m["loss"] for m in kill] == pytest.approx([m["loss"] for m in ref], rel=1e-4)
+
+
+def test_cached_features_and_ref_states_equal_recomputed_ones(tmp_path, data_dir):
+    from refvlm_training.engine.trainer import Trainer
+
+    cached = Trainer(tiny_train_config(data_dir, tmp_path / "a", trainable=["decoders"]), progress=False)
+    plain = Trainer(tiny_train_config(data_dir, tmp_path / "b", trainable=["decoders"], cache_frozen=False),
+                    progress=False)
+    assert cached.cache is not None and cached.cache.cache_refs and plain.cache is None
+    samples = cached.stream.next_batch(2)
+    batch = cached._encode(samples)
+    with torch.no_grad():
+        for _ in range(2):  # the second call is served from the cache
+            with_cache = cached.model(batch, **cached._frozen_inputs(batch))
+        recomputed = plain.model(batch)
+    assert cached.cache.hits > 0
+    for name, value in recomputed.items():
+        if name not in ("loss_lm", "loss"):  # no LLM loss when the LLM's outputs come from the cache
+            assert float(with_cache[name]) == pytest.approx(float(value), rel=1e-5, abs=1e-6), name
+
+
+def test_decoder_phase_moves_only_the_decoders(tmp_path, data_dir):
+    from refvlm_training.engine.trainer import Trainer
+
+    trainer = Trainer(tiny_train_config(data_dir, tmp_path, steps=2, trainable=["decoders"]), progress=False)
+    parts = {n.split(".")[0] for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert parts == {"decoders"}
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train_step()
+    moved = {n.split(".")[0] for n, p in trainer.model.named_parameters() if not torch.equal(before[n], p)}
+    assert moved == {"decoders"}
