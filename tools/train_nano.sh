@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Train the nano preset on SimWorld through stages 1 and 2 on this machine, evaluate it on
-# the test split, write its model card and ship it to models/nano (what `make demo` runs):
+# Train the nano preset on SimWorld on this machine: stage 0 (vision towers on dense ground
+# truth), stage 1 (projector), stage 2 (LoRA + decoders, towers frozen), then a decoder phase
+# on cached REF states; evaluate it on the test split under the model's default system prompt,
+# write its model card and ship it to models/nano (what `make demo` runs):
 #   tools/train_nano.sh            # starts in the background, prints the log path, returns
 #   tools/train_nano.sh --foreground
-# Env: NANO_SCENES (train scenes, default 2000), NANO_TEST_SCENES (default 200), NANO_TASKS (default
-#      rec,res,keypoint,depth: the tasks the model card measures), NANO_EVAL_LIMIT (items per task,
-#      default 100), RUN_DIR (default runs/nano), SHIP_DIR (default models/nano; empty: do not ship),
-#      STAGE1_STEPS / STAGE2_STEPS (override the configs). Resumes each stage if its checkpoint exists.
+# Env: NANO_SCENES (train scenes, default 1500), NANO_TEST_SCENES (default 200), NANO_TASKS (default
+#      rec,res,keypoint,depth,ovd), NANO_EVAL_LIMIT (items per task, default 100), RUN_DIR (default
+#      runs/nano), SHIP_DIR (default models/nano; empty: do not ship), STAGE0_STEPS / STAGE1_STEPS /
+#      STAGE2_STEPS / DECODER_STEPS (override the configs). Resumes each stage if its checkpoint exists.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN_DIR=${RUN_DIR:-runs/nano}
@@ -18,47 +20,52 @@ if [[ "${1:-}" != "--foreground" ]]; then
 fi
 [[ -f .venv/bin/activate ]] && source .venv/bin/activate
 export HF_HUB_OFFLINE=1
-SCENES=${NANO_SCENES:-2000}
-TASKS=${NANO_TASKS:-rec,res,keypoint,depth}
+SCENES=${NANO_SCENES:-1500}
+TASKS=${NANO_TASKS:-rec,res,keypoint,depth,ovd}
 TEST_SCENES=${NANO_TEST_SCENES:-200}
 DATA=${DATA_DIR:-runs/data/simworld}
 SHIP_DIR=${SHIP_DIR-models/nano}
 mkdir -p "$RUN_DIR"
 start=$(date +%s)
 
-for split in train test; do
-  n=$([[ $split == train ]] && echo "$SCENES" || echo "$TEST_SCENES")
-  [[ -d $DATA/nano-$split ]] || refvlm data simworld --split $split --n "$n" --out "$DATA/nano-$split" \
-    --size 256x192 --tasks "$TASKS" --conversations 0
-done
+# Samples carry no system prompt (--system default): the model learns to answer under the
+# prompt the node and `refvlm infer` send; train has mixed conversations, test single requests.
+[[ -d $DATA/nano-train ]] || refvlm data simworld --split train --n "$SCENES" --out "$DATA/nano-train" \
+  --size 256x192 --tasks "$TASKS" --conversations 1 --system default
+[[ -d $DATA/nano-test ]] || refvlm data simworld --split test --n "$TEST_SCENES" --out "$DATA/nano-test" \
+  --size 256x192 --tasks rec,res,keypoint,depth --conversations 0 --system default
 
 stage() {  # stage config out steps
   local args=(--stage "$1" --config "$2" --out "$3" --no-progress)
   [[ -n "$4" ]] && args+=(--steps "$4")
-  [[ -f "$3/checkpoints/last.pt" && ! -f "$3/model/model.safetensors" ]] && args+=(--resume)
-  [[ -f "$3/model/model.safetensors" ]] || refvlm train "${args[@]}"
+  [[ -f "$3/checkpoints/last.pt" && ! -d "$3/model" ]] && args+=(--resume)
+  [[ -d "$3/model" ]] || refvlm train "${args[@]}"  # a stage writes model/ when it ends
 }
-# The run's own copies of the configs: data and stage-1 model where this run keeps them.
-for n in 1 2; do
-  sed -e "s#runs/data/simworld#$DATA#" -e "s#init_from: runs/nano_stage1/model#init_from: $RUN_DIR/stage1/model#" \
-    configs/train/nano_stage$n.yaml > "$RUN_DIR/stage$n.yaml"
+# The run's own copies of the configs: data and each stage's input where this run keeps them.
+for name in stage0 stage1 stage2 decoders; do
+  sed -e "s#runs/data/simworld#$DATA#" -e "s#runs/nano_stage\([0-9]\)/#$RUN_DIR/stage\1/#g" \
+    configs/train/nano_$name.yaml > "$RUN_DIR/$name.yaml"
 done
+stage 0 "$RUN_DIR/stage0.yaml" "$RUN_DIR/stage0" "${STAGE0_STEPS:-}"
 stage 1 "$RUN_DIR/stage1.yaml" "$RUN_DIR/stage1" "${STAGE1_STEPS:-}"
 stage 2 "$RUN_DIR/stage2.yaml" "$RUN_DIR/stage2" "${STAGE2_STEPS:-}"
+stage 2 "$RUN_DIR/decoders.yaml" "$RUN_DIR/stage2_decoders" "${DECODER_STEPS:-}"
+MODEL="$RUN_DIR/stage2_decoders/model"
 
 # The targets: REC Acc@0.5, RES cIoU, keypoint PCK@0.1, depth AbsRel, valid TRP rate.
 for task in rec res keypoint depth; do
-  refvlm eval --task $task --model "$RUN_DIR/stage2/model" --data "$DATA/nano-test" \
+  refvlm eval --task $task --model "$MODEL" --data "$DATA/nano-test" \
     --limit "${NANO_EVAL_LIMIT:-100}" --out "$RUN_DIR/eval-$task.json" 2>>"$RUN_DIR/eval.log"
 done
-python -m refvlm_training.engine.plots --out "$RUN_DIR/losses.png" "$RUN_DIR/stage1" "$RUN_DIR/stage2"
+python -m refvlm_training.engine.plots --out "$RUN_DIR/losses.png" \
+  "$RUN_DIR/stage0" "$RUN_DIR/stage1" "$RUN_DIR/stage2" "$RUN_DIR/stage2_decoders"
 python -m refvlm_training.evaluation.model_card --run "$RUN_DIR" --out "$RUN_DIR/MODEL_CARD.md" \
   --wall-min $(( ($(date +%s) - start) / 60 )) \
   --command "NANO_SCENES=$SCENES NANO_TEST_SCENES=$TEST_SCENES tools/train_nano.sh" \
-  --data "SimWorld train split, $SCENES scenes at 256x192, tasks $TASKS (no pretrained vision towers: they train from scratch in both stages); evaluated on $TEST_SCENES test-split scenes, at most ${NANO_EVAL_LIMIT:-100} items per task"
+  --data "SimWorld train split, $SCENES scenes at 256x192, tasks $TASKS plus mixed conversations, every sample under the model's default system prompt (stage 0 renders its own train-split scenes); evaluated on $TEST_SCENES test-split scenes with the held-out evaluation phrasings, at most ${NANO_EVAL_LIMIT:-100} items per task"
 
 if [[ -n "$SHIP_DIR" ]]; then
   rm -rf "$SHIP_DIR" && mkdir -p "$SHIP_DIR"
-  cp "$RUN_DIR"/stage2/model/* "$RUN_DIR"/MODEL_CARD.md "$RUN_DIR"/losses.png "$RUN_DIR"/eval-*.json "$SHIP_DIR"/
+  cp "$MODEL"/* "$RUN_DIR"/MODEL_CARD.md "$RUN_DIR"/losses.png "$RUN_DIR"/eval-*.json "$SHIP_DIR"/
 fi
-echo "done: $RUN_DIR/stage2/model, card $RUN_DIR/MODEL_CARD.md${SHIP_DIR:+, shipped to $SHIP_DIR}"
+echo "done: $MODEL, card $RUN_DIR/MODEL_CARD.md${SHIP_DIR:+, shipped to $SHIP_DIR}"

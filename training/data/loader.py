@@ -86,10 +86,13 @@ class VTInstructDataset(IterableDataset):
     """
 
     def __init__(self, path: str | os.PathLike, seed: int = 0, shuffle: bool = True,
-                 rank: int = 0, world_size: int = 1) -> None:
+                 rank: int = 0, world_size: int = 1, max_samples: int | None = None) -> None:
+        """``max_samples``: use only the first that many samples of the shards (in shard order)."""
         if world_size < 1 or not 0 <= rank < world_size:
             raise InputError(f"rank {rank} is not in a world of size {world_size}")
         self.entries: list[ShardEntry] = [e for shard in list_shards(path) for e in index_shard(shard)]
+        if max_samples is not None:
+            self.entries = self.entries[:max_samples]
         self.seed, self.shuffle, self.rank, self.world_size = seed, shuffle, rank, world_size
         self.epoch = 0
         self.position = 0                 # items of this rank's stream consumed this epoch

@@ -27,6 +27,7 @@ class DataConfig:
     train: str = ""                       # folder of VT-Instruct shards (or one shard)
     num_workers: int = 0                  # DataLoader worker processes reading shards
     stage1_decimals: int = 2              # digits of the boxes written as text in stage 1
+    max_samples: int | None = None        # use only the first N samples (e.g. a decoder phase over cached REFs)
 
 
 @dataclass

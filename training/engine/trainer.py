@@ -54,8 +54,8 @@ class SampleStream:
     def __init__(self, cfg: TrainConfig, info: DistInfo) -> None:
         from refvlm_training.data.loader import VTInstructDataset
 
-        self.dataset = VTInstructDataset(cfg.data.train, seed=cfg.seed, shuffle=True,
-                                         rank=info.rank, world_size=info.world_size)
+        self.dataset = VTInstructDataset(cfg.data.train, seed=cfg.seed, shuffle=True, rank=info.rank,
+                                         world_size=info.world_size, max_samples=cfg.data.max_samples)
         if len(self.dataset) == 0:
             raise InputError(f"{cfg.data.train} holds no samples for rank {info.rank} of {info.world_size}: "
                              "write more data (refvlm data simworld --n ...)")
