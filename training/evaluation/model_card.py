@@ -96,7 +96,8 @@ def hardware() -> str:
     return f"{os.cpu_count()} CPU cores ({platform.machine()}, {cpu_name()}), {gpu}"
 
 
-def render_card(run: Path, command: str, wall_min: float, data: str, title: str = "REF-VLM nano (SimWorld)") -> str:
+def render_card(run: Path, command: str, wall_min: float, data: str, title: str = "REF-VLM nano (SimWorld)",
+                notes: str = "") -> str:
     stages = [stage_summary(d) for d in sorted(run.glob("stage*")) if d.is_dir()]
     reports = read_reports(run)
     lines = [f"# {title}", "",
@@ -116,6 +117,14 @@ def render_card(run: Path, command: str, wall_min: float, data: str, title: str 
               "## Metrics (SimWorld test split: novel attribute-relation combinations)", "",
               *metrics_table(reports), "",
               "Every metric per task, with each answer, is in `eval-<task>.json`."]
+    if (run / "box_decoders.png").is_file():  # tools/compare_box_decoders.py
+        lines += ["", "## Box decoders side by side", "",
+                  "The DETR-style regressor (the decoder before) and the heatmap decoder (now), the same",
+                  "batches and steps over the stage-0 towers, the phrase embedded by a bag of words in place of",
+                  "the LLM (`tools/compare_box_decoders.py`); test-split REC Acc@0.5:", "",
+                  "![box decoders](box_decoders.png)"]
+    if notes:
+        lines += ["", notes.strip()]
     return "\n".join(lines) + "\n"
 
 
@@ -127,11 +136,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--command", required=True, help="the command that reproduces the run")
     parser.add_argument("--wall-min", type=float, required=True, help="wall time of the whole run in minutes")
     parser.add_argument("--data", required=True, help="what the model was trained on")
+    parser.add_argument("--notes", default=None, help="Markdown file appended to the card (how to read it)")
     args = parser.parse_args(argv)
     run = Path(args.run)
     if not run.is_dir():
         raise SystemExit(f"error: run folder {run} does not exist")
-    Path(args.out).write_text(render_card(run, args.command, args.wall_min, args.data))
+    notes = Path(args.notes).read_text() if args.notes else ""
+    Path(args.out).write_text(render_card(run, args.command, args.wall_min, args.data, notes=notes))
     print(args.out)
     return 0
 
