@@ -196,3 +196,25 @@ def test_other_resolutions_render_the_same_view():
     for instance_id, box in small.boxes.items():
         if instance_id in large.boxes and small.pixel_counts()[instance_id] > 40:
             np.testing.assert_allclose(large.boxes[instance_id] / 2.0, box, atol=2.0)
+
+
+def test_default_system_samples_and_nothing_matches_answers():
+    """--system default stores no system prompt (the model's default is used, as the node
+    sends); train scenes get "nothing matches" REC/RES answers with no <REF>, never naming a
+    held-out colour x shape pair; test scenes get none."""
+    from refvlm_core import trp
+    from refvlm_training.simworld.splits import HELD_OUT_COLOR_SHAPE
+
+    world = SimWorld(SimWorldConfig(width=96, height=64), "train")
+    samples = [s for i in range(30) for s in world.samples(i, max_per_task=4, conversations=1,
+                                                             tasks=("rec", "res"), system="default")]
+    assert samples and all(s.system is None for s in samples)
+    negatives = [s for s in samples if s.task in ("rec", "res") and not s.turns[1].targets]
+    assert negatives, "no 'nothing matches' sample in 30 train scenes"
+    for sample in negatives:
+        answer = sample.turns[1].text
+        assert answer.startswith("There is no ") and trp.parse(answer).refs == []
+        colour, shape = answer.removeprefix("There is no ").removesuffix(" in the image.").split()
+        assert (colour, shape) not in HELD_OUT_COLOR_SHAPE
+    test = SimWorld(SimWorldConfig(width=96, height=64), "test")
+    assert all(s.turns[1].targets for i in range(10) for s in test.samples(i, 4, 0, tasks=("rec",)))
