@@ -72,6 +72,9 @@ def test_table_puts_answers_next_to_ground_truth():
     table = demo.format_table(rows)
     assert "(+0.10, +0.20, 2.50)" in table and "(+0.10, +0.20, 2.00)" in table
     assert "0.50 m" in table and "error: no camera frame yet" in table
+    assert "OFF by more than 0.15 m" in table and "found 0 of 2 asked objects" in table
+    rows[0].objects = demo.object_rows(RefResult(objects=[referred("red cube", (0.1, 0.2, 2.1))]), truth)
+    assert "ok" in demo.format_table(rows).split("\n")[2] and "found 1 of 2" in demo.format_table(rows)
 
 
 def test_overlay_draws_mask_box_and_keypoints():

@@ -22,6 +22,7 @@ import yaml
 from refvlm_core.errors import ConfigError, RefVLMError
 
 QUERY_SERVICE = "/refvlm_node/query"
+GOAL_ERROR_M = 0.15  # a referred object's 3D position within this of the truth counts as found
 SIM_TOPICS = "/sim_camera"
 TRAINED_MODEL_DIRS = ("models/nano",)  # relative to the checkout; REFVLM_MODEL_DIR wins
 
@@ -168,9 +169,22 @@ def format_table(rows: list[DemoRow]) -> str:
             error = "-" if obj["error_m"] is None else f"{obj['error_m']:.2f} m"
             lines.append(f"{(row.question if i == 0 else '')[:34]:34s} {obj['phrase'][:18]:18s} "
                          f"{','.join(obj['units'])[:14]:14s} {_xyz(obj['position']):22s} "
-                         f"{truth_xyz:22s} {error:>7s}")
+                         f"{truth_xyz:22s} {error:>7s} {verdict(obj['error_m'])}")
         lines.append(f"{'':34s} answer: {row.answer.strip()[:80]!r}")
+    found = sum(row_found(row) for row in rows)
+    lines.append(f"found {found} of {len(rows)} asked objects within {GOAL_ERROR_M:.2f} m of the simulator's truth")
     return "\n".join(lines)
+
+
+def verdict(error_m: float | None) -> str:
+    if error_m is None:
+        return "no 3D position"
+    return "ok" if error_m <= GOAL_ERROR_M else f"OFF by more than {GOAL_ERROR_M:.2f} m"
+
+
+def row_found(row: DemoRow) -> bool:
+    """Some referred object of the answer lies within GOAL_ERROR_M of the question's target."""
+    return any(obj["error_m"] is not None and obj["error_m"] <= GOAL_ERROR_M for obj in row.objects)
 
 
 # -- drawing -----------------------------------------------------------------------------
