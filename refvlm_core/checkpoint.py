@@ -19,6 +19,7 @@ Writes are atomic (temp file + rename): a crash never leaves a half-written chec
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -175,9 +176,60 @@ def load_config(folder: str | os.PathLike) -> ModelConfig:
     if not path.is_file():
         raise CheckpointError(f"{path} is missing: pass a folder written by refvlm_core.checkpoint.save_model")
     try:
-        return ModelConfig.from_json(path)
-    except ConfigError as error:
+        config = ModelConfig.from_json(path.read_text()) if _field_types_ok(path) else None
+    except (ConfigError, TypeError, ValueError) as error:
         raise CheckpointError(f"{path} is not a valid model config ({error}): re-save the checkpoint") from error
+    return config
+
+
+# Scalar field types a config.json may hold; an int is accepted where a float is expected.
+_JSON_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+
+
+def _field_types_ok(path: Path) -> bool:
+    """Raises ConfigError naming the file and field when a scalar field has the wrong type
+    (``"image_size": "big"`` would otherwise be a bare TypeError deep in validation)."""
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{path} is not valid JSON ({error})") from error
+    _check_types(ModelConfig, data, path, "")
+    return True
+
+
+def _check_types(cls: type, data: object, path: Path, where: str) -> None:
+    if not isinstance(data, dict):
+        return  # the config's own reader says what it expected
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        value, name = data[f.name], f"{where}{f.name}"
+        nested = _nested_class(f)
+        if nested is not None:
+            _check_types(nested, value, path, f"{name}.")
+            continue
+        allowed = _allowed_types(f.type)
+        if allowed is None or (value is None and "None" in str(f.type)):
+            continue
+        if isinstance(value, bool) and bool not in allowed or not isinstance(value, allowed):
+            raise ConfigError(f"{path}: field {name} is {value!r} ({type(value).__name__}); "
+                              f"expected {f.type}")
+
+
+def _nested_class(f: dataclasses.Field) -> type | None:
+    """The config class of a nested section (vision, llm, ...), else None."""
+    if f.default_factory is dataclasses.MISSING:
+        return None
+    default = f.default_factory()
+    return type(default) if dataclasses.is_dataclass(default) else None
+
+
+def _allowed_types(annotation: object) -> tuple[type, ...] | None:
+    """Types for a scalar annotation ("int", "float | None", ...); None for anything else."""
+    parts = [part.strip() for part in str(annotation).split("|")]
+    if not parts or any(part not in _JSON_TYPES and part != "None" for part in parts):
+        return None
+    return tuple(t for part in parts if part != "None" for t in _JSON_TYPES[part])
 
 
 def _read_weights(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
@@ -199,7 +251,9 @@ def load_model(folder: str | os.PathLike):
     config = load_config(folder)
     path = Path(folder) / WEIGHTS_FILE
     metadata, tensors = _read_weights(path)
+    _check_finite(tensors, path)
     model = RefVLM.from_config(config)
+    _check_shapes(model, tensors, path)
     if metadata.get("mode") == "over_base":
         load_over_base(model, tensors, metadata, path)
         return model
@@ -214,6 +268,26 @@ def load_model(folder: str | os.PathLike):
             raise CheckpointError(f"{path} lacks {len(missing)} weights (e.g. {missing[:3]}): the file is "
                                   "incomplete; re-save it")
     return model
+
+
+def _check_finite(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """NaN or inf weights make every answer garbage: refuse them by name."""
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise CheckpointError(f"{path}: weight {key} has {bad} non-finite values (NaN/inf): the file "
+                                  "is corrupt or training diverged; re-copy or re-train it")
+
+
+def _check_shapes(model, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """A weight of another shape than the config builds names the weight and the config
+    (instead of torch's bare 'size mismatch')."""
+    expected = model.state_dict()
+    for key, tensor in tensors.items():
+        if key in expected and tuple(expected[key].shape) != tuple(tensor.shape):
+            raise CheckpointError(f"{path}: weight {key} has shape {tuple(tensor.shape)} but "
+                                  f"{path.parent / CONFIG_FILE} builds {tuple(expected[key].shape)}: "
+                                  "the config and the weights belong to different models")
 
 
 def load_over_base(model, tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> None:
