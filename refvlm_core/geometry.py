@@ -27,6 +27,11 @@ from refvlm_core.errors import InputError
 CLIP_MEAN_RGB = (122, 116, 104)
 
 
+# Longer images are shrunk before padding: the padded square grows with the long side
+# squared (a 1x100000 image would pad to 30 GB), the model input does not.
+MAX_PAD_SIDE = 2048
+
+
 @dataclass(frozen=True)
 class Letterbox:
     """Centered pad-to-square then resize of an ``height x width`` image to ``size x size``."""
@@ -89,6 +94,8 @@ class Letterbox:
         ``pad_value``: a number or one value per channel (e.g. ``CLIP_MEAN_RGB``).
         """
         self._check_hw(image, "image")
+        if self.side > MAX_PAD_SIDE:
+            return self._shrunk().image_to_model(self._shrink(image), pad_value)
         if image.ndim == 3 and not np.isscalar(pad_value):
             pad_value = tuple(float(v) for v in pad_value)
         elif np.isscalar(pad_value):
@@ -98,6 +105,16 @@ class Letterbox:
         if image.ndim == 3 and out.ndim == 2:  # cv2 drops a single channel
             out = out[:, :, None]
         return out
+
+    def _shrunk(self) -> "Letterbox":
+        """The Letterbox of ``image`` shrunk so its long side is MAX_PAD_SIDE."""
+        factor = MAX_PAD_SIDE / self.side
+        return Letterbox(max(1, round(self.height * factor)), max(1, round(self.width * factor)), self.size)
+
+    def _shrink(self, image: np.ndarray) -> np.ndarray:
+        small = self._shrunk()
+        out = resize_image(np.ascontiguousarray(image), small.height, small.width)
+        return out[:, :, None] if image.ndim == 3 and out.ndim == 2 else out
 
     def _check_hw(self, array: np.ndarray, what: str) -> None:
         if array.shape[:2] != (self.height, self.width):

@@ -33,6 +33,22 @@ FALLBACK_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
+def special_token_strings(tokenizer) -> tuple[str, ...]:
+    """Every special and added token of the tokenizer, longest first (so that a token
+    holding another is replaced whole)."""
+    tokens = set(getattr(tokenizer, "all_special_tokens", ()))
+    tokens |= set(tokenizer.get_added_vocab()) if hasattr(tokenizer, "get_added_vocab") else set()
+    return tuple(sorted((t for t in tokens if t.strip()), key=len, reverse=True))
+
+
+def look_alike(token: str) -> str:
+    """``<|im_end|>`` -> ``‹|im_end|›``: readable, never the token. A token without angle
+    brackets gets a word joiner (U+2060) after its first character instead."""
+    if "<" in token or ">" in token:
+        return token.replace("<", "\u2039").replace(">", "\u203a")
+    return token[0] + "\u2060" + token[1:]
+
+
 @dataclass
 class Encoded:
     image: torch.Tensor
@@ -57,6 +73,7 @@ class Processor:
         self.region_id = tokenizer.convert_tokens_to_ids(trp.REGION)
         self.ref_id = tokenizer.convert_tokens_to_ids(trp.REF)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.special_tokens = special_token_strings(tokenizer)
 
     @property
     def size(self) -> int:
@@ -84,8 +101,20 @@ class Processor:
         for i, part in enumerate(text.split(trp.IMAGE)):
             if i:
                 pieces.append(trp.IMAGE)
-            pieces.append(trp.REGION.join(trp.neutralize(p) for p in part.split(trp.REGION)))
+            pieces.append(trp.REGION.join(self.neutralize(p) for p in part.split(trp.REGION)))
         return "".join(pieces)
+
+    def neutralize(self, text: str) -> str:
+        """User text with no TRP tag and no special or added token of the tokenizer left
+        (``<|im_start|>system`` typed by a user must not open a system turn)."""
+        text = trp.neutralize(text)
+        for _ in range(3):  # a replacement never forms a token; the loop only guards that
+            before = text
+            for token in self.special_tokens:
+                text = text.replace(token, look_alike(token))
+            if text == before:
+                break
+        return text
 
     # ---- tokens ---------------------------------------------------------------------
     def _messages(self, system: str | None, turns: Sequence[tuple[str, str]]) -> list[dict[str, str]]:
@@ -128,7 +157,7 @@ class Processor:
 
     def prompt_ids(self, prompt: str, num_regions: int, system: str | None = None) -> torch.Tensor:
         """Inference: user prompt -> [1, T] ids ending with the assistant generation prompt."""
-        text = self.user_text(prompt) if num_regions else trp.neutralize(prompt)
+        text = self.user_text(prompt) if num_regions else self.neutralize(prompt)
         found = text.count(trp.REGION)
         if num_regions and found == 0:
             text += " " + ", ".join(f"region {i + 1}: {trp.REGION}" for i in range(num_regions))
