@@ -244,8 +244,12 @@ def _read_weights(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
         raise CheckpointError(f"{path} is corrupt or not safetensors ({error}): re-save or re-copy it") from error
 
 
-def load_model(folder: str | os.PathLike):
-    """Rebuild the model from config.json and load model.safetensors over it (any mode)."""
+def load_model(folder: str | os.PathLike, merge_lora: bool = False):
+    """Rebuild the model from config.json and load model.safetensors over it (any mode).
+
+    ``merge_lora``: fold LoRA adapters into the base weights once (for inference: unmerged
+    adapters cost ~1.3x per token); the file keeps them unmerged.
+    """
     from refvlm_core.model import RefVLM
 
     config = load_config(folder)
@@ -256,6 +260,8 @@ def load_model(folder: str | os.PathLike):
     _check_shapes(model, tensors, path)
     if metadata.get("mode") == "over_base":
         load_over_base(model, tensors, metadata, path)
+        if merge_lora and has_lora(model):
+            model.llm.model = model.llm.model.merge_and_unload()
         return model
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if unexpected:

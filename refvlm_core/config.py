@@ -57,6 +57,7 @@ class LLMConfig:
     arch: dict | None = None                  # LlamaConfig fields: random init, or meta-device builds
     dtype: str = "float32"
     max_new_tokens: int = 256
+    constrained: bool = True                  # decode under the TRP grammar and the registered units
 
 
 @dataclass

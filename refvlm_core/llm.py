@@ -14,6 +14,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -24,6 +25,7 @@ from torch import nn
 
 from refvlm_core import torchvision_compat, trp
 from refvlm_core.config import ModelConfig
+from refvlm_core.constrained import TrpDecodingState, TrpGrammar, constrain
 from refvlm_core.errors import ConfigError
 from refvlm_core.processor import IGNORE
 
@@ -274,50 +276,105 @@ class RefLLM(nn.Module):
     @torch.no_grad()
     def generate(self, inputs_embeds: torch.Tensor, max_new_tokens: int, capture_refs: bool = True,
                  temperature: float = 0.0, generator: torch.Generator | None = None,
-                 logits_hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> Generation:
+                 logits_hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+                 grammar: TrpGrammar | None = None, jump_forward: bool = True) -> Generation:
         """Greedy (or sampled) decoding of one sequence [1, T, D] with REF capture.
 
-        ``logits_hook(step, logits [1, V]) -> logits`` may constrain decoding (forced
-        prefixes, grammar constraints).
+        ``logits_hook(step, logits [1, V]) -> logits`` may steer decoding (forced prefixes,
+        streaming); ``step`` is the position of the token being chosen. ``grammar``: decode
+        under the TRP constraint (constrained.py): the hook sees logits already constrained
+        and what it returns is constrained again; with ``jump_forward`` the tokens that are
+        the only continuation are appended in the same forward pass, and the hook is still
+        called once for each of them (with logits that allow only that token); a grammar
+        draft (``</Unit>[0]<REF>`` after a unit name) rides along in the same pass and is
+        kept only when the model picks it, so the text is that of token-by-token decoding.
+        ``Generation.extra["forward_passes"]`` counts the LLM passes, prefill included.
         """
-        import time
-
         from transformers import DynamicCache
 
         if inputs_embeds.shape[0] != 1:
             raise ValueError("generate decodes one sequence at a time")
-        base, head = self.causal_lm.model, self.causal_lm.lm_head
-        embed = self.causal_lm.get_input_embeddings()
+        base, embed = self.causal_lm.model, self.causal_lm.get_input_embeddings()
         stop, ref_id = self.stop_ids(), self.ref_id
+        state = grammar.start() if grammar is not None else None
         cache = DynamicCache(config=self.model.config)
         start = time.perf_counter()
         hidden = base(inputs_embeds=inputs_embeds, past_key_values=cache, use_cache=True).last_hidden_state
-        prefill_s = time.perf_counter() - start
+        prefill_s, passes = time.perf_counter() - start, 1
         tokens: list[int] = []
         states: list[torch.Tensor] = []
-        stopped = False
-        for step in range(max_new_tokens):
-            logits = head(hidden[:, -1]).float()                          # [1, V]
-            if logits_hook is not None:
-                logits = logits_hook(step, logits)
-            next_id = int(_pick(logits, temperature, generator))
-            tokens.append(next_id)
+        stopped, chosen = False, None                  # chosen: picked while verifying a draft
+        while len(tokens) < max_new_tokens:
+            budget = max_new_tokens - len(tokens)
+            next_id = chosen if chosen is not None else self._choose(
+                hidden[:, -1], len(tokens), budget, state, logits_hook, temperature, generator)
+            chosen, chunk = None, [next_id]
+            if state is not None:
+                state.advance(next_id)
+                if jump_forward and next_id not in stop:
+                    chunk += self._forced(state, budget - 1, len(tokens) + 1, logits_hook)
+            tokens.extend(chunk)
             if next_id in stop:
                 stopped = True
                 break
-            last = step == max_new_tokens - 1
-            if last and not (capture_refs and next_id == ref_id):
-                break  # nothing left to read from the step that would consume it
-            step_ids = torch.tensor([[next_id]], device=inputs_embeds.device)
+            if len(tokens) >= max_new_tokens and not (capture_refs and ref_id in chunk):
+                break  # nothing left to read from the pass that would consume the chunk
+            draft = state.draft(max_new_tokens - len(tokens)) if state is not None and jump_forward else []
+            step_ids = torch.tensor([chunk + draft], device=inputs_embeds.device)
             hidden = base(inputs_embeds=embed(step_ids), past_key_values=cache,
-                          use_cache=True).last_hidden_state              # [1, 1, D]
-            if capture_refs and next_id == ref_id:
-                states.append(hidden[0, -1])
+                          use_cache=True).last_hidden_state              # [1, len(chunk + draft), D]
+            passes += 1
+            if draft:
+                chosen = self._choose(hidden[:, len(chunk) - 1], len(tokens), max_new_tokens - len(tokens),
+                                      state, logits_hook, temperature, generator)
+                if chosen == draft[0]:  # the model agrees: keep the whole draft
+                    state.advance(chosen)
+                    self._notify(state, draft[1:], len(tokens) + 1, logits_hook)
+                    chunk, chosen = chunk + draft, None
+                    tokens.extend(draft)
+                else:                   # keep its own pick; forget the draft's cache entries
+                    cache.crop(-len(draft))
+                    hidden = hidden[:, :len(chunk)]
+            if capture_refs:
+                states.extend(hidden[0, j] for j, token in enumerate(chunk) if token == ref_id)
         decode_s = time.perf_counter() - start - prefill_s
         ref_states = (torch.stack(states) if states
                       else inputs_embeds.new_zeros((0, self.hidden_size)))
         text = self.tokenizer.decode([t for t in tokens if t not in stop], skip_special_tokens=False)
-        return Generation(tokens, text, ref_states, prefill_s, decode_s, stopped)
+        return Generation(tokens, text, ref_states, prefill_s, decode_s, stopped,
+                          extra={"forward_passes": passes, "constrained": state is not None})
+
+    def _choose(self, last_hidden: torch.Tensor, step: int, budget: int, state: TrpDecodingState | None,
+                hook: Callable | None, temperature: float, generator: torch.Generator | None) -> int:
+        """The next token from last_hidden [1, D], under the grammar state when given."""
+        logits = self.causal_lm.lm_head(last_hidden).float()             # [1, V]
+        allowed = state.allowed(budget) if state is not None else None
+        if allowed is not None:
+            logits = constrain(logits, allowed)
+        if hook is not None:
+            hooked = hook(step, logits)
+            if allowed is not None:
+                hooked = constrain(hooked, allowed)
+            # a hook that rules out every allowed token cannot break the grammar
+            logits = hooked if bool(torch.isfinite(hooked).any()) else logits
+        return int(_pick(logits, temperature, generator))
+
+    def _forced(self, state: TrpDecodingState, budget: int, step: int, hook: Callable | None) -> list[int]:
+        """The grammar's only continuation (advancing ``state``); the hook sees each token."""
+        forced = state.forced(budget)
+        self._notify(state, forced, step, hook)
+        return forced
+
+    @staticmethod
+    def _notify(state: TrpDecodingState, tokens: list[int], step: int, hook: Callable | None) -> None:
+        """Advance ``state`` through tokens the grammar forced; the hook is called for each
+        with logits that allow only that token (a streaming hook sees every position)."""
+        for offset, token in enumerate(tokens):
+            if hook is not None:
+                one = torch.full((1, state.grammar.vocab_size), -float("inf"))
+                one[0, token] = 0.0
+                hook(step + offset, one)
+            state.advance(token)
 
 
 def _pick(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:

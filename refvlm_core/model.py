@@ -82,8 +82,9 @@ class RefVLM(nn.Module):
 
     def run_decoders(self, routed: dict[str, RoutedRefs], pyramid: list[torch.Tensor]
                      ) -> dict[str, dict[str, torch.Tensor]]:
+        """Runs the decoder of each unit in ``routed`` (inference routes only the units an answer names)."""
         return {unit: decoder(routed[unit].embeddings, routed[unit].valid, pyramid)
-                for unit, decoder in self.decoders.items()}
+                for unit, decoder in self.decoders.items() if unit in routed}
 
     # ---- training ---------------------------------------------------------------------
     def forward(self, batch: dict[str, Any], features: ImageFeatures | None = None,

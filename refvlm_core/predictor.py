@@ -16,6 +16,7 @@ import torch
 
 from refvlm_core import trp
 from refvlm_core.config import ModelConfig, preset
+from refvlm_core.constrained import TrpGrammar
 from refvlm_core.errors import InputError
 from refvlm_core.geometry import cxcywh_to_xyxy, clip_boxes, validate_image
 from refvlm_core.geometry import Letterbox
@@ -31,6 +32,8 @@ class Predictor:
         self.processor = model.processor
         self.config: ModelConfig = model.config
         self.decoder_backend = None  # None: the model's own decoder modules
+        self._grammar: TrpGrammar | None = None
+        self.load_s: float | None = None  # seconds from_pretrained took (diagnostics)
 
     def set_decoder_backend(self, backend) -> None:
         """Run the unit decoders through ``backend`` (``run_decoders(routed, pyramid)``, e.g. a
@@ -44,10 +47,21 @@ class Predictor:
         return cls(RefVLM.from_config(preset(name)), device)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str = "cpu") -> "Predictor":
+    def from_pretrained(cls, path: str | Path, device: str = "cpu", merge_lora: bool = True) -> "Predictor":
+        """``merge_lora``: LoRA folded into the base weights at load (same answers, faster)."""
         from refvlm_core.checkpoint import load_model
 
-        return cls(load_model(path), device)
+        start = time.perf_counter()
+        predictor = cls(load_model(path, merge_lora=merge_lora), device)
+        predictor.load_s = time.perf_counter() - start
+        return predictor
+
+    def grammar(self) -> TrpGrammar:
+        """The TRP grammar over this model's tokenizer and registered decoders (built once)."""
+        if self._grammar is None:
+            self._grammar = TrpGrammar(self.model.llm.tokenizer, tuple(self.model.decoders),
+                                       self.model.llm.stop_ids())
+        return self._grammar
 
     # ---- input checks -----------------------------------------------------------------
     def check_inputs(self, image: Any, prompt: Any, visual_prompts: Sequence[VisualPrompt]) -> np.ndarray:
@@ -66,8 +80,10 @@ class Predictor:
     # ---- prediction -------------------------------------------------------------------
     @torch.no_grad()
     def predict(self, image: np.ndarray, prompt: str, visual_prompts: Sequence[VisualPrompt] = (),
-                max_new_tokens: int | None = None, logits_hook=None, system: str | None = None) -> Result:
-        """``system``: the task's system instruction (the config's default when None)."""
+                max_new_tokens: int | None = None, logits_hook=None, system: str | None = None,
+                constrained: bool | None = None, jump_forward: bool = True) -> Result:
+        """``system``: the task's system instruction (the config's default when None).
+        ``constrained``: decode under the TRP grammar (None: ``config.llm.constrained``)."""
         image = self.check_inputs(image, prompt, visual_prompts)
         timings: dict[str, float] = {}
         start = time.perf_counter()
@@ -80,13 +96,18 @@ class Predictor:
             self.model.region_tokens(features, masks, [len(masks)]))
         timings["encode"] = time.perf_counter() - start
 
+        constrained = self.config.llm.constrained if constrained is None else constrained
         generation = self.model.llm.generate(embeds, max_new_tokens or self.config.llm.max_new_tokens,
-                                             logits_hook=logits_hook)
+                                             logits_hook=logits_hook, jump_forward=jump_forward,
+                                             grammar=self.grammar() if constrained else None)
         timings["prefill"], timings["decode"] = generation.prefill_s, generation.decode_s
         parse = trp.parse(generation.text)
         result = Result(prompt=prompt, answer=parse.plain_text, trp_text=generation.text,
                         image_size=(int(image.shape[0]), int(image.shape[1])), timings=timings,
-                        errors=[f"{e.message} (at character {e.position})" for e in parse.errors])
+                        errors=[f"{e.message} (at character {e.position})" for e in parse.errors],
+                        diagnostics={"tokens": len(generation.token_ids),
+                                     "forward_passes": generation.extra["forward_passes"],
+                                     "constrained": constrained, "load_s": self.load_s})
         if not generation.stopped:
             result.errors.append(f"the answer was cut at max_new_tokens={max_new_tokens or self.config.llm.max_new_tokens}")
 
@@ -117,11 +138,12 @@ class Predictor:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # unknown units are reported in Result.errors
             routed = self.model.route_refs([states], units, groups)
+        named = {unit: refs for unit, refs in routed.items() if refs.num_refs}  # only those the answer names
         runner = self.decoder_backend or self.model
-        outputs = runner.run_decoders(routed, pyramid)
+        outputs = runner.run_decoders(named, pyramid)
         merged: dict[int, dict[str, Any]] = {}
-        for unit, decoder in self.model.decoders.items():
-            for item in decoder.postprocess(outputs[unit], routed[unit])[0]:
+        for unit in named:
+            for item in self.model.decoders[unit].postprocess(outputs[unit], named[unit])[0]:
                 merged.setdefault(item["ordinal"], {}).update(item)
         return merged
 

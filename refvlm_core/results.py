@@ -57,11 +57,13 @@ class Result:
     objects: list[ReferredObject] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     errors: list[str] = field(default_factory=list)          # TRP parse or decoding problems
+    diagnostics: dict[str, Any] = field(default_factory=dict)  # tokens, forward passes, load time...
 
     def to_dict(self) -> dict[str, Any]:
         return {"prompt": self.prompt, "answer": self.answer, "trp_text": self.trp_text,
                 "image_size": list(self.image_size), "objects": [o.to_dict() for o in self.objects],
-                "timings": {k: round(float(v), 6) for k, v in self.timings.items()}, "errors": list(self.errors)}
+                "timings": {k: round(float(v), 6) for k, v in self.timings.items()}, "errors": list(self.errors),
+                "diagnostics": dict(self.diagnostics)}
 
     def to_json(self, **json_kwargs: Any) -> str:
         return json.dumps(self.to_dict(), **json_kwargs)
