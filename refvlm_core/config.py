@@ -30,8 +30,7 @@ PRESET_NAMES = ("tiny", "nano", "paper")
 # What the node and `refvlm infer` send unless told otherwise, and what training data
 # written with `--system default` carries: one prompt for every task, so the request's
 # wording alone picks the answer's form and unit.
-DEFAULT_SYSTEM_PROMPT = ("You are a visual assistant. Answer each request in the form it asks for: plain "
-                         "text, or <Phrase>s with <Unit> blocks and one <REF> per referred instance.")
+DEFAULT_SYSTEM_PROMPT = "You are a visual assistant: answer in plain text, or refer to objects in TRP."
 
 
 @dataclass
@@ -79,6 +78,8 @@ class ModelConfig:
     llm: LLMConfig = field(default_factory=LLMConfig)
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
+    llm_image_pool: int = 1                   # ViT token grid average-pooled by this before the projector:
+    #                                           fewer image tokens for the LLM (the decoders read the pyramid)
     router_length: int = 100                  # L: REF embeddings per unit group, padded
     decoders: dict[str, dict] = field(default_factory=dict)   # unit -> kwargs of the decoder registry
     loss_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_LOSS_WEIGHTS))
@@ -133,6 +134,8 @@ class ModelConfig:
         if a.grid < 1 or a.temperature <= 0:
             raise ConfigError(f"aggregation grid={a.grid}, temperature={a.temperature}: "
                               "grid must be >= 1 and temperature > 0")
+        if self.llm_image_pool < 1:
+            raise ConfigError(f"llm_image_pool={self.llm_image_pool}: must be >= 1 (1 = every ViT token)")
         if self.router_length < 1:
             raise ConfigError(f"router_length={self.router_length}: must be >= 1")
         if self.max_prompt_chars < 1:
@@ -234,6 +237,7 @@ def _nano() -> ModelConfig:
         ),
         llm=LLMConfig(kind="gguf", path=None, max_new_tokens=128),
         aggregation=AggregationConfig(grid=4, temperature=10000.0),
+        llm_image_pool=2,  # 16 image tokens: the LLM's sequence is what a CPU step pays for
         router_length=32,
         decoders={
             "box": {"hidden_dim": 128, "num_layers": 2, "num_heads": 4},

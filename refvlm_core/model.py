@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from refvlm_core.aggregation import mask_guided_aggregation, tokens_to_map
@@ -39,7 +40,7 @@ class RefVLM(nn.Module):
                                 loss_weights=config.loss_weights, **kwargs)
             for unit, kwargs in config.decoders.items()})
         self.loss_weights = LossWeights.coerce(config.loss_weights)
-        self.processor = (Processor(config, llm.tokenizer, encoder.num_image_tokens, tuple(self.decoders))
+        self.processor = (Processor(config, llm.tokenizer, self.num_image_tokens, tuple(self.decoders))
                           if llm.tokenizer is not None else None)
 
     @classmethod
@@ -55,9 +56,19 @@ class RefVLM(nn.Module):
         """[B, 3, S, S] in [0, 1] -> frozen features."""
         return self.encoder(images)
 
+    @property
+    def num_image_tokens(self) -> int:
+        """Image tokens the LLM sees: the ViT grid after ``config.llm_image_pool``."""
+        return (self.encoder.vit_grid // self.config.llm_image_pool) ** 2
+
     def image_tokens(self, features: ImageFeatures) -> torch.Tensor:
-        """-> [B, Ni, D] projected image tokens."""
-        return self.projector(features.global_tokens)
+        """-> [B, Ni, D] projected image tokens (the ViT grid average-pooled by llm_image_pool)."""
+        tokens = features.global_tokens                                       # [B, G*G, Dv]
+        pool = self.config.llm_image_pool
+        if pool > 1:
+            pooled = F.avg_pool2d(tokens_to_map(tokens), pool)                # [B, Dv, G/p, G/p]
+            tokens = pooled.flatten(2).transpose(1, 2)
+        return self.projector(tokens)
 
     def region_tokens(self, features: ImageFeatures, region_masks: torch.Tensor,
                       region_counts: list[int]) -> torch.Tensor:

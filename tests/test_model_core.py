@@ -234,3 +234,29 @@ def test_paper_llm_on_meta_device():
     # Vicuna-7B: 6.74e9 parameters; +7 TRP rows in embed_tokens and lm_head
     assert count == 6_738_415_616 + 2 * 4096 * len(trp.SPECIAL_TOKENS)
     assert json.dumps(llm.model.config.to_dict()) and llm.hidden_size == 4096
+
+
+def test_llm_image_pool_gives_the_llm_fewer_image_tokens():
+    """llm_image_pool=2 averages 2x2 ViT tokens: a quarter of the image tokens in the prompt,
+    each projected from the mean of its 2x2 block of ViT tokens."""
+    from refvlm_core.model import RefVLM
+
+    torch.manual_seed(0)
+    plain = RefVLM.from_config(preset("tiny"))
+    config = preset("tiny")
+    config.llm_image_pool = 2
+    torch.manual_seed(0)
+    pooled = RefVLM.from_config(config)
+    features = plain.encode_images(torch.rand(1, 3, 64, 64))
+    grid = plain.encoder.vit_grid
+    assert plain.num_image_tokens == grid ** 2 and pooled.num_image_tokens == (grid // 2) ** 2
+    tokens = pooled.image_tokens(features)                                   # [1, (G/2)^2, D]
+    assert tokens.shape[1] == pooled.num_image_tokens
+    block = features.global_tokens[0].view(grid, grid, -1)[:2, :2].reshape(4, -1).mean(0)
+    assert torch.allclose(tokens[0, 0], pooled.projector(block[None])[0], atol=1e-5)
+    ids = pooled.processor.prompt_ids("Find the cube.", 0)
+    assert int((ids == pooled.llm.image_id).sum()) == pooled.num_image_tokens
+    with pytest.raises(ConfigError, match="llm_image_pool"):
+        bad = preset("tiny")
+        bad.llm_image_pool = 0
+        bad.validate()

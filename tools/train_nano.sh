@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Train the nano preset on SimWorld on this machine: stage 0 (vision towers on dense ground
-# truth), stage 1 (projector), stage 2 (LoRA + decoders, towers frozen), then a decoder phase
+# truth), stage 2 (projector + LoRA + decoders, towers frozen), then a decoder phase
 # on cached REF states; evaluate it on the test split under the model's default system prompt,
 # write its model card and ship it to models/nano (what `make demo` runs):
 #   tools/train_nano.sh            # starts in the background, prints the log path, returns
 #   tools/train_nano.sh --foreground
 # Env: NANO_SCENES (train scenes, default 1500), NANO_TEST_SCENES (default 200), NANO_TASKS (default
 #      rec,res,keypoint,depth,ovd), NANO_EVAL_LIMIT (items per task, default 100), RUN_DIR (default
-#      runs/nano), SHIP_DIR (default models/nano; empty: do not ship), STAGE0_STEPS / STAGE1_STEPS /
-#      STAGE2_STEPS / DECODER_STEPS (override the configs). Resumes each stage if its checkpoint exists.
+#      runs/nano), SHIP_DIR (default models/nano; empty: do not ship), STAGE0_STEPS / STAGE2_STEPS /
+#      DECODER_STEPS (override the configs). Resumes each stage if its checkpoint exists.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN_DIR=${RUN_DIR:-runs/nano}
@@ -42,12 +42,11 @@ stage() {  # stage config out steps
   [[ -d "$3/model" ]] || refvlm train "${args[@]}"  # a stage writes model/ when it ends
 }
 # The run's own copies of the configs: data and each stage's input where this run keeps them.
-for name in stage0 stage1 stage2 decoders; do
+for name in stage0 stage2 decoders; do
   sed -e "s#runs/data/simworld#$DATA#" -e "s#runs/nano_stage\([0-9]\)/#$RUN_DIR/stage\1/#g" \
     configs/train/nano_$name.yaml > "$RUN_DIR/$name.yaml"
 done
 stage 0 "$RUN_DIR/stage0.yaml" "$RUN_DIR/stage0" "${STAGE0_STEPS:-}"
-stage 1 "$RUN_DIR/stage1.yaml" "$RUN_DIR/stage1" "${STAGE1_STEPS:-}"
 stage 2 "$RUN_DIR/stage2.yaml" "$RUN_DIR/stage2" "${STAGE2_STEPS:-}"
 stage 2 "$RUN_DIR/decoders.yaml" "$RUN_DIR/stage2_decoders" "${DECODER_STEPS:-}"
 MODEL="$RUN_DIR/stage2_decoders/model"
@@ -58,7 +57,7 @@ for task in rec res keypoint depth; do
     --limit "${NANO_EVAL_LIMIT:-100}" --out "$RUN_DIR/eval-$task.json" 2>>"$RUN_DIR/eval.log"
 done
 python -m refvlm_training.engine.plots --out "$RUN_DIR/losses.png" \
-  "$RUN_DIR/stage0" "$RUN_DIR/stage1" "$RUN_DIR/stage2" "$RUN_DIR/stage2_decoders"
+  "$RUN_DIR/stage0" "$RUN_DIR/stage2" "$RUN_DIR/stage2_decoders"
 python -m refvlm_training.evaluation.model_card --run "$RUN_DIR" --out "$RUN_DIR/MODEL_CARD.md" \
   --wall-min $(( ($(date +%s) - start) / 60 )) \
   --command "NANO_SCENES=$SCENES NANO_TEST_SCENES=$TEST_SCENES tools/train_nano.sh" \
