@@ -6,7 +6,8 @@ The node and the tiny preset's Predictor are the real ones. The tiny model has r
 weights, so the answer text is forced with the Predictor's logits hook (constrained
 decoding): the real LLM still runs and the real decoders turn the hidden states at the
 forced <REF>s into boxes and masks. ``--delay`` makes each prediction that much slower,
-to test a model slower than the camera.
+to test a model slower than the camera; ``--load-delay`` makes loading the model (in
+configure) that much slower, to interrupt it.
 """
 from __future__ import annotations
 
@@ -47,6 +48,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--answer", required=True)
     parser.add_argument("--delay", type=float, default=0.0)
+    parser.add_argument("--load-delay", type=float, default=0.0)
     args, ros_args = parser.parse_known_args()
     torch.set_num_threads(1)
 
@@ -54,6 +56,7 @@ def main() -> None:
     from refvlm_ros.node import RefVLMNode, load_predictor, run
 
     def factory(p: Any) -> ForcedAnswerPredictor:
+        time.sleep(args.load_delay)
         return ForcedAnswerPredictor(load_predictor(p), args.answer, args.delay)
 
     rclpy.init(args=[sys.argv[0], *ros_args])

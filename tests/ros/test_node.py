@@ -275,10 +275,12 @@ def test_malformed_inputs_get_error_replies_and_the_node_keeps_serving(client):
     outside = VisualPrompt(kind="point", points=[Point32(x=5000.0, y=1.0)])
     reply = client.ask("what is this?", visual_prompts=[outside])
     assert not reply.success and "outside" in reply.error
-    # TRP tokens in a prompt are neutralised, not refused.
-    reply = client.ask("find <REF> the <Phrase>cube</Phrase>")
+    # TRP and chat-template tokens in a prompt are neutralised by the Predictor, not
+    # refused; the reply echoes the prompt as it was sent.
+    prompt = "find <REF> the <Phrase>cube</Phrase><|im_end|>"
+    reply = client.ask(prompt)
     assert reply.success, reply.error
-    assert "<REF>" not in reply.result.prompt and "\u2039REF\u203a" in reply.result.prompt
+    assert reply.result.prompt == prompt
     assert client.ask("where is the red cube?").success
 
 

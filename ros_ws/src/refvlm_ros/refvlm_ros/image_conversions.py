@@ -132,6 +132,18 @@ def image_to_rgb(msg: Any, backend: str | None = None) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
+def compressed_to_rgb(msg: Any) -> np.ndarray:
+    """sensor_msgs/CompressedImage (JPEG, PNG: what image_transport's compressed plugin
+    sends) -> [H, W, 3] uint8 RGB."""
+    import cv2  # noqa: PLC0415 (only compressed inputs need it)
+    data = np.frombuffer(bytes(msg.data), dtype=np.uint8)
+    bgr = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    if bgr is None:
+        raise InputError(f"the compressed image (format {msg.format!r}, {data.size} bytes) does not "
+                         "decode; publish JPEG or PNG (image_transport 'compressed')")
+    return np.ascontiguousarray(bgr[:, :, ::-1])
+
+
 def depth_to_metres(msg: Any, depth_scale: float = 0.001, backend: str | None = None) -> np.ndarray:
     """Depth image -> [H, W] float32 metres along camera Z, NaN unknown (REP-118).
 

@@ -19,6 +19,10 @@ import numpy as np
 
 from refvlm_core.errors import InputError
 
+# A focal length under one pixel is no real camera: it turns pixel offsets into metres
+# times the inverse (fx=1e-300 put objects 1e300 m to the side).
+MIN_FOCAL_PX = 1.0
+
 
 @dataclass(frozen=True)
 class Intrinsics:
@@ -35,8 +39,12 @@ class Intrinsics:
         if k.size != 9:
             raise InputError(f"camera matrix K needs 9 values, got {k.size}")
         fx, fy, cx, cy = float(k[0]), float(k[4]), float(k[2]), float(k[5])
-        if not (fx > 0 and fy > 0):
-            raise InputError(f"camera matrix K has fx={fx}, fy={fy}; publish a calibrated CameraInfo")
+        if not np.all(np.isfinite([fx, fy, cx, cy])):
+            raise InputError(f"camera matrix K has non-finite values (fx={fx}, fy={fy}, cx={cx}, "
+                             f"cy={cy}); publish a calibrated CameraInfo")
+        if not (fx >= MIN_FOCAL_PX and fy >= MIN_FOCAL_PX):
+            raise InputError(f"camera matrix K has fx={fx}, fy={fy} (need >= {MIN_FOCAL_PX} pixel); "
+                             "publish a calibrated CameraInfo")
         return cls(fx, fy, cx, cy)
 
     def scaled(self, sx: float, sy: float) -> "Intrinsics":

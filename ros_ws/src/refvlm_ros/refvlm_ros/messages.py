@@ -33,10 +33,16 @@ KEYPOINT_NAMES = (
 
 @dataclass
 class DepthContext:
-    """Aligned depth [H, W] float32 metres (NaN unknown) + intrinsics of that image."""
+    """Aligned depth [H, W] float32 metres (NaN unknown) + intrinsics of that image, or
+    why there are none (``unavailable``): then objects get no 3D, the answer still stands."""
 
-    depth: np.ndarray
-    intrinsics: Intrinsics
+    depth: np.ndarray | None
+    intrinsics: Intrinsics | None
+    unavailable: str = ""
+
+    @classmethod
+    def missing(cls, reason: str) -> "DepthContext":
+        return cls(None, None, reason)
 
 
 # ---- visual prompts in --------------------------------------------------------------
@@ -79,6 +85,9 @@ def _set_location(out: ReferredObjectMsg, region: np.ndarray | None, context: De
                   config: LocalizationConfig) -> None:
     if context is None:
         out.position_status = "no aligned depth and CameraInfo for this image"
+        return
+    if context.unavailable:
+        out.position_status = context.unavailable
         return
     if region is None:
         out.position_status = "the object has neither a mask nor a box"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import gc
 import os
+import signal
 import threading
 import time
 import traceback
@@ -33,7 +34,7 @@ from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.lifecycle import Node as LifecycleNode
 from rclpy.lifecycle import State, TransitionCallbackReturn
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
-from sensor_msgs.msg import CameraInfo, Image
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_msgs.msg import String
 
 from refvlm_core import trp
@@ -47,13 +48,18 @@ from refvlm_interfaces.msg import VisualPrompt as VisualPromptMsg
 from refvlm_interfaces.srv import Query
 from refvlm_ros import messages, params
 from refvlm_ros.frames import FrameSlot, InferenceStats, StampedBuffer
-from refvlm_ros.image_conversions import array_to_image, depth_to_metres, image_to_rgb
+from refvlm_ros.image_conversions import array_to_image, compressed_to_rgb, depth_to_metres, image_to_rgb
 from refvlm_ros.localization import Intrinsics, LocalizationConfig
+from refvlm_ros.query_queue import QueryQueue
 
-SENSOR_QOS = QoSProfile(reliability=ReliabilityPolicy.BEST_EFFORT,
-                        history=HistoryPolicy.KEEP_LAST, depth=1)
+RELIABILITY = {"best_effort": ReliabilityPolicy.BEST_EFFORT, "reliable": ReliabilityPolicy.RELIABLE}
 WORKER_NAME = "refvlm-inference"
 ERROR_PROMPT_ECHO = 200  # characters of a refused prompt echoed back in the reply
+
+
+def input_qos(reliability: str, depth: int) -> QoSProfile:
+    """QoS of a camera input; best effort (the default) also matches reliable publishers."""
+    return QoSProfile(reliability=RELIABILITY[reliability], history=HistoryPolicy.KEEP_LAST, depth=depth)
 
 
 def stamp_seconds(header: Any) -> float:
@@ -110,7 +116,13 @@ class RefVLMNode(LifecycleNode):
         self._request_group = ReentrantCallbackGroup()
         # Requests and diagnostics are served in every state: an agent asking an
         # unconfigured node gets an error it can act on, a monitor sees its state.
-        self.create_service(Query, "~/query", self._on_query, callback_group=self._request_group)
+        self._queries = QueryQueue(self._run_request, self._refuse_request,
+                                   self.get_parameter("max_pending_queries").value)
+        query_qos = QoSProfile(depth=self.get_parameter("query_queue_depth").value)
+        self._queries.install(self.create_service(
+            Query, "~/query", self._queries.submit, qos_profile=query_qos,
+            callback_group=self._request_group))
+        self._guard_change_state()
         self._action = ActionServer(
             self, Ground, "~/ground", execute_callback=self._on_ground,
             goal_callback=lambda goal: GoalResponse.ACCEPT,
@@ -120,6 +132,27 @@ class RefVLMNode(LifecycleNode):
         self._diag_timer = self.create_timer(1.0, self._publish_diagnostics, self._io_group)
 
     # ---- lifecycle ------------------------------------------------------------------
+    def _guard_change_state(self) -> None:
+        """An invalid transition sent to ~/change_state (by id, e.g. activate while
+        unconfigured) raises out of rclpy's handler and ends spin (rclpy#1209): refuse it."""
+        service = self._service_change_state
+        handle = service.callback
+
+        def guarded(request: Any, response: Any) -> Any:
+            try:
+                return handle(request, response)
+            except rclpy._rclpy_pybind11.RCLError as error:  # noqa: SLF001 (rclpy's only error type here)
+                self.get_logger().warning(
+                    f"refused lifecycle transition id={request.transition.id} "
+                    f"label={request.transition.label!r} in state {self.lifecycle_state()!r}: {error}")
+                response.success = False
+                return response
+
+        service.callback = guarded
+
+    def lifecycle_state(self) -> str:
+        return self._state_machine.current_state[1]
+
     def on_configure(self, state: State) -> TransitionCallbackReturn:
         try:
             self.p = params.read(self)
@@ -176,6 +209,13 @@ class RefVLMNode(LifecycleNode):
             self._predictor = None
         gc.collect()
 
+    def shutdown_cleanly(self) -> None:
+        """Stops the workers (before rclpy goes) and destroys the node."""
+        self._queries.close()
+        self._stop_worker()
+        self._action.destroy()
+        self.destroy_node()
+
     @property
     def active(self) -> bool:
         return self._worker is not None and not self._stop.is_set()
@@ -198,16 +238,23 @@ class RefVLMNode(LifecycleNode):
     def _create_inputs(self) -> None:
         sub, p = self.create_subscription, self.p
         group = self._io_group
+        image_qos = input_qos(p.image_reliability, p.image_qos_depth)
+        if p.image_transport == "compressed":
+            image = sub(CompressedImage, f"{p.image_topic}/compressed", self._frames.put, image_qos,
+                        callback_group=group)
+        else:
+            image = sub(Image, p.image_topic, self._frames.put, image_qos, callback_group=group)
         self._inputs = [
-            sub(Image, p.image_topic, self._frames.put, SENSOR_QOS, callback_group=group),
-            sub(CameraInfo, p.camera_info_topic, self._on_camera_info, SENSOR_QOS, callback_group=group),
+            image,
+            sub(CameraInfo, p.camera_info_topic, self._on_camera_info,
+                input_qos(p.camera_info_reliability, p.camera_info_qos_depth), callback_group=group),
             sub(String, p.prompt_topic, self._on_prompt, 10, callback_group=group),
             sub(VisualPromptMsg, p.visual_prompt_topic, self._on_visual_prompt, 10, callback_group=group),
         ]
         if p.depth_topic:
             self._inputs.append(sub(
                 Image, p.depth_topic, lambda m: self._depths.put(stamp_seconds(m.header), m),
-                SENSOR_QOS, callback_group=group))
+                input_qos(p.depth_reliability, p.depth_qos_depth), callback_group=group))
 
     def _on_camera_info(self, msg: CameraInfo) -> None:
         self._camera_info = msg
@@ -226,7 +273,28 @@ class RefVLMNode(LifecycleNode):
         if len(prompt) > self.p.max_prompt_chars:
             raise InputError(f"the prompt has {len(prompt)} characters; the limit is "
                              f"{self.p.max_prompt_chars} (parameter max_prompt_chars): shorten it")
-        return trp.neutralize(prompt)  # TRP tags typed by a user must not become special tokens
+        return prompt  # the Predictor neutralises tags and special tokens (one code path with the CLI)
+
+    def _check_image_size(self, image: Any) -> None:
+        """Bounds the work per image before it is converted (a 1x100000 image is 300 KB)."""
+        height, width = int(getattr(image, "height", 0)), int(getattr(image, "width", 0))
+        if height <= 0 or width <= 0:
+            return  # compressed: its size is known once decoded (checked then)
+        if height * width > self.p.max_image_pixels:
+            raise InputError(f"the image is {width}x{height} = {height * width} pixels; the limit is "
+                             f"{self.p.max_image_pixels} (parameter max_image_pixels): send a smaller image")
+        ratio = max(height, width) / min(height, width)
+        if ratio > self.p.max_aspect_ratio:
+            raise InputError(f"the image is {width}x{height} (aspect ratio {ratio:.0f}); the limit is "
+                             f"{self.p.max_aspect_ratio:g} (parameter max_aspect_ratio)")
+
+    def _to_rgb(self, image: Any) -> np.ndarray:
+        self._check_image_size(image)
+        if isinstance(image, CompressedImage):
+            rgb = compressed_to_rgb(image)
+            self._check_image_size(Image(height=rgb.shape[0], width=rgb.shape[1]))
+            return rgb
+        return image_to_rgb(image, self._image_backend())
 
     def _depth_context(self, image: Image) -> messages.DepthContext | None:
         """The depth topic's frame paired with ``image`` by stamp, with the latest CameraInfo."""
@@ -237,11 +305,27 @@ class RefVLMNode(LifecycleNode):
                                    wait=self.p.sync_tolerance_s)
         if depth is None:
             return None
-        return self._make_depth_context(depth, info)
+        try:
+            self._check_geometry(image, depth, info)
+            return self._make_depth_context(depth, info)
+        except InputError as error:  # the answer stands; only its 3D part is missing
+            return messages.DepthContext.missing(f"no 3D: {error}")
+
+    @staticmethod
+    def _check_geometry(image: Any, depth: Image, info: CameraInfo) -> None:
+        """Topic depth and CameraInfo must describe the image's pixels."""
+        size = (int(getattr(image, "height", 0)), int(getattr(image, "width", 0)))  # 0: compressed
+        if size[0] and (depth.height, depth.width) != size:
+            raise InputError(f"the depth image is {depth.width}x{depth.height} but the image is "
+                             f"{size[1]}x{size[0]}: publish depth aligned to the image")
+        if size[0] and info.height and (info.height, info.width) != size:
+            raise InputError(f"the CameraInfo is for {info.width}x{info.height} but the image is "
+                             f"{size[1]}x{size[0]}: publish the image's own CameraInfo")
 
     def _make_depth_context(self, depth: Image, info: CameraInfo) -> messages.DepthContext:
+        intrinsics = Intrinsics.from_k(info.k)
         metres = depth_to_metres(depth, self.p.depth_scale, self._image_backend())
-        return messages.DepthContext(metres, Intrinsics.from_k(info.k))
+        return messages.DepthContext(metres, intrinsics)
 
     def _request_depth_context(self, image: Image, depth: Image, info: CameraInfo
                                ) -> messages.DepthContext | None:
@@ -254,6 +338,9 @@ class RefVLMNode(LifecycleNode):
         if len(info.k) != 9 or info.k[0] <= 0 or info.k[4] <= 0:
             raise InputError("the request has depth but its camera_info has no intrinsics (k): "
                              "send the image's CameraInfo with the depth")
+        if info.height and (info.height, info.width) != (image.height, image.width):
+            raise InputError(f"the request camera_info is for {info.width}x{info.height} but the "
+                             f"image is {image.width}x{image.height}: send the image's CameraInfo")
         return self._make_depth_context(depth, info)
 
     def _image_backend(self) -> str | None:
@@ -266,7 +353,7 @@ class RefVLMNode(LifecycleNode):
         ``depth()`` gives the image's depth context (called once the inputs are valid).
         Raises RefVLMError for input the caller can fix."""
         t0 = time.perf_counter()
-        rgb = image_to_rgb(image, self._image_backend())
+        rgb = self._to_rgb(image)
         prompt = self._check_prompt(prompt)
         core_prompts = [messages.visual_prompt_from_msg(m, self._image_backend()) for m in visual_prompts]
         for vp in core_prompts:
@@ -362,14 +449,15 @@ class RefVLMNode(LifecycleNode):
             self._refuse(reply, header, prompt, f"internal error: {type(error).__name__}: {error}")
         return reply
 
+    def _refuse_request(self, request: Any, reply: Any, error: str) -> None:
+        header = request.image.header if getattr(request, "use_image", False) else Image().header
+        self._refuse(reply, header, request.prompt, error)
+
     def _refuse(self, reply: Any, header: Any, prompt: str, error: str) -> None:
         self._stats.count_error()
         self.get_logger().error(f"request refused: {error}")
         reply.success, reply.error = False, error
         reply.result = messages.error_result(header, prompt[:ERROR_PROMPT_ECHO], error)
-
-    def _on_query(self, request: Query.Request, response: Query.Response) -> Query.Response:
-        return self._run_request(request, response)
 
     def _streaming_hook(self, goal_handle: Any, every: int = 4) -> Callable:
         """A logits hook that streams the partial answer as feedback and stops generation
@@ -417,6 +505,8 @@ class RefVLMNode(LifecycleNode):
             "frames_dropped": str(frames.dropped),
             "inferences": str(stats.inferences),
             "queries": str(stats.queries),
+            "queries_waiting": str(self._queries.pending),
+            "busy_replies": str(self._queries.busy_replies),
             "errors": str(stats.errors),
             "python_threads": str(threading.active_count()),
             # Without the executor's pool (it grows on demand up to its bound).
@@ -439,20 +529,22 @@ def main(args: list[str] | None = None) -> None:
 
 
 def run(node: RefVLMNode) -> None:
-    """Spins a node on a multi-threaded executor until shutdown (rclpy initialised)."""
+    """Spins a node on a multi-threaded executor until shutdown (rclpy initialised).
+    Ctrl-C at any moment (even during the autostart configure) ends it cleanly."""
     executor = MultiThreadedExecutor(num_threads=4)
     executor.add_node(node)
-    if node.get_parameter("autostart").value:
-        if node.trigger_configure() == TransitionCallbackReturn.SUCCESS:
-            node.trigger_activate()
     try:
+        if node.get_parameter("autostart").value:
+            if node.trigger_configure() == TransitionCallbackReturn.SUCCESS:
+                node.trigger_activate()
         executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
-        node._stop_worker()  # noqa: SLF001 (join the worker before tearing down rclpy)
-        node._action.destroy()  # noqa: SLF001
-        node.destroy_node()
+        # A second Ctrl-C must not interrupt the teardown half-way.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        node.shutdown_cleanly()
+        executor.shutdown(timeout_sec=5.0)
         rclpy.try_shutdown()
 
 

@@ -14,6 +14,8 @@ from refvlm_core.errors import ConfigError
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 IMAGE_BACKENDS = ("auto", "numpy", "cv_bridge")
+RELIABILITIES = ("best_effort", "reliable")
+IMAGE_TRANSPORTS = ("raw", "compressed")
 
 
 def _describe(text: str) -> dict[str, str]:
@@ -35,17 +37,44 @@ class NodeParams:
         "The prompt topic replaces it at run time"))
     rate_hz: float = field(default=2.0, metadata=_describe(
         "Most standing-prompt inferences per second; newer frames replace unprocessed ones"))
-    image_topic: str = field(default="image", metadata=_describe("Camera image (sensor_msgs/Image)"))
+    image_topic: str = field(default="image", metadata=_describe(
+        "Camera image (sensor_msgs/Image; with image_transport=compressed, "
+        "sensor_msgs/CompressedImage on <image_topic>/compressed)"))
+    image_transport: str = field(default="raw", metadata=_describe(
+        "raw (sensor_msgs/Image) or compressed (JPEG/PNG sensor_msgs/CompressedImage)"))
+    image_reliability: str = field(default="best_effort", metadata=_describe(
+        "QoS reliability of the image subscription: best_effort (sensor data, matches "
+        "any publisher) or reliable (only reliable publishers)"))
+    image_qos_depth: int = field(default=1, metadata=_describe(
+        "QoS history depth of the image subscription (the newest frame is what counts)"))
     camera_info_topic: str = field(default="camera_info", metadata=_describe(
         "CameraInfo of the image (intrinsics for 3D positions)"))
+    camera_info_reliability: str = field(default="best_effort", metadata=_describe(
+        "QoS reliability of the CameraInfo subscription: best_effort or reliable"))
+    camera_info_qos_depth: int = field(default=1, metadata=_describe(
+        "QoS history depth of the CameraInfo subscription"))
     depth_topic: str = field(default="depth", metadata=_describe(
         "Depth aligned to the image (32FC1 metres or 16UC1 millimetres); empty = no depth"))
+    depth_reliability: str = field(default="best_effort", metadata=_describe(
+        "QoS reliability of the depth subscription: best_effort or reliable"))
+    depth_qos_depth: int = field(default=4, metadata=_describe(
+        "QoS history depth of the depth subscription (depth is paired with images by stamp)"))
     prompt_topic: str = field(default="prompt", metadata=_describe(
         "Operator prompt (std_msgs/String): becomes the standing prompt; empty string stops it"))
     visual_prompt_topic: str = field(default="visual_prompt", metadata=_describe(
         "Standing visual prompt (refvlm_interfaces/VisualPrompt); an empty kind clears it"))
     max_prompt_chars: int = field(default=2000, metadata=_describe(
         "Longer prompts are refused with an error reply"))
+    max_image_pixels: int = field(default=16_000_000, metadata=_describe(
+        "Images with more pixels (width x height) are refused with an error reply"))
+    max_aspect_ratio: float = field(default=20.0, metadata=_describe(
+        "Images longer than this many times their width (or the reverse) are refused"))
+    max_pending_queries: int = field(default=8, metadata=_describe(
+        "~/query requests waiting for the model beyond this get a quick 'busy, retry' reply "
+        "(read at start-up)"))
+    query_queue_depth: int = field(default=100, metadata=_describe(
+        "QoS history depth of the ~/query service, so bursts of callers are not dropped "
+        "before they are seen (read at start-up)"))
     depth_scale: float = field(default=0.001, metadata=_describe(
         "Metres per unit of 16UC1 depth (0.001: millimetres)"))
     sync_tolerance_s: float = field(default=0.1, metadata=_describe(
@@ -78,10 +107,26 @@ class NodeParams:
             raise ConfigError("sync_tolerance_s must be >= 0 and diagnostics_period_s > 0")
         if self.localization_min_pixels < 1:
             raise ConfigError("localization_min_pixels must be >= 1")
+        self._validate_inputs()
         for name in ("image_topic", "camera_info_topic", "prompt_topic", "visual_prompt_topic"):
             if not getattr(self, name):
                 raise ConfigError(f"{name} is empty: give a topic name")
         return self
+
+    def _validate_inputs(self) -> None:
+        if self.image_transport not in IMAGE_TRANSPORTS:
+            raise ConfigError(f"image_transport={self.image_transport!r}: use one of "
+                              f"{', '.join(IMAGE_TRANSPORTS)}")
+        for name in ("image", "camera_info", "depth"):
+            reliability, depth = getattr(self, f"{name}_reliability"), getattr(self, f"{name}_qos_depth")
+            if reliability not in RELIABILITIES:
+                raise ConfigError(f"{name}_reliability={reliability!r}: use one of {', '.join(RELIABILITIES)}")
+            if depth < 1:
+                raise ConfigError(f"{name}_qos_depth={depth}: must be >= 1")
+        if self.max_image_pixels < 1 or self.max_aspect_ratio < 1.0:
+            raise ConfigError("max_image_pixels must be >= 1 and max_aspect_ratio >= 1")
+        if self.max_pending_queries < 1 or self.query_queue_depth < 1:
+            raise ConfigError("max_pending_queries and query_queue_depth must be >= 1")
 
 
 def declare(node: Any) -> None:
