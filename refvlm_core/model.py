@@ -89,7 +89,10 @@ class RefVLM(nn.Module):
     # ---- decoders ---------------------------------------------------------------------
     def route_refs(self, ref_embeddings: list[torch.Tensor], ref_units: list[list[tuple[str, ...]]],
                    ref_groups: list[list[int]]) -> dict[str, RoutedRefs]:
-        return route(ref_embeddings, ref_units, ref_groups, tuple(self.decoders), self.config.router_length)
+        # training pads each unit's group to its longest (the decoders' outputs for valid refs do
+        # not depend on the padding); inference keeps the fixed L of the export contract
+        return route(ref_embeddings, ref_units, ref_groups, tuple(self.decoders), self.config.router_length,
+                     pad_to_longest=self.training)
 
     def run_decoders(self, routed: dict[str, RoutedRefs], pyramid: list[torch.Tensor]
                      ) -> dict[str, dict[str, torch.Tensor]]:

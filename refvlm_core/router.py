@@ -64,6 +64,7 @@ def route(
     ref_groups: list[list[int]],
     units: Sequence[str],
     max_refs: int = 100,
+    pad_to_longest: bool = False,
 ) -> dict[str, RoutedRefs]:
     """Group <REF> embeddings by unit.
 
@@ -71,7 +72,9 @@ def route(
     ref_units:      per image, per <REF>: the units of its <Unit> block (e.g. ("box", "mask")).
     ref_groups:     per image, per <REF>: its unit-block index.
     units:          the units to route to (usually the registered decoders).
-    Returns unit -> RoutedRefs with L = max_refs. A composite block goes to each of its
+    Returns unit -> RoutedRefs with L = max_refs (with ``pad_to_longest``: L = the unit's most
+    <REF>s in one image, at least 1 and at most max_refs; the decoders give the same outputs
+    for the valid refs, and training does not pay for padding). A composite block goes to each of its
     units; <REF>s beyond max_refs for one unit are dropped with a warning; units not in
     ``units`` are dropped with a warning.
     """
@@ -80,7 +83,13 @@ def route(
     if unknown:
         warnings.warn(f"<REF>s of units {sorted(unknown)} have no decoder and are not decoded; "
                       f"decoders exist for {sorted(units)}", stacklevel=2)
-    return {unit: _route_one_unit(ref_embeddings, ref_units, ref_groups, unit, max_refs) for unit in units}
+    def length(unit: str) -> int:
+        if not pad_to_longest:
+            return max_refs
+        counts = [sum(unit in block for block in per_image) for per_image in ref_units]
+        return max(1, min(max_refs, max(counts)))
+
+    return {unit: _route_one_unit(ref_embeddings, ref_units, ref_groups, unit, length(unit)) for unit in units}
 
 
 def _route_one_unit(ref_embeddings: list[Tensor], ref_units: list[list[tuple[str, ...]]],

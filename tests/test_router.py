@@ -62,3 +62,18 @@ def test_bad_inputs_are_clear_errors():
         route(embeddings(1), [["box"]], [[0]], units=("box",))
     with pytest.raises(InputError, match="max_refs"):
         route(embeddings(1), [[("box",)]], [[0]], units=("box",), max_refs=0)
+
+
+def test_pad_to_longest_keeps_the_valid_refs_and_drops_only_padding():
+    embeddings = [torch.randn(3, 8), torch.randn(1, 8)]
+    units = [[("box",), ("box",), ("mask",)], [("box",)]]
+    groups = [[0, 0, 1], [0]]
+    fixed = route(embeddings, units, groups, ("box", "mask", "depth"), max_refs=10)
+    short = route(embeddings, units, groups, ("box", "mask", "depth"), max_refs=10, pad_to_longest=True)
+    assert {u: r.valid.shape[1] for u, r in short.items()} == {"box": 2, "mask": 1, "depth": 1}
+    for unit in fixed:
+        length = short[unit].valid.shape[1]
+        assert torch.equal(fixed[unit].valid[:, :length], short[unit].valid)
+        assert not fixed[unit].valid[:, length:].any()
+        assert torch.equal(fixed[unit].embeddings[:, :length], short[unit].embeddings)
+        assert torch.equal(fixed[unit].ordinals[:, :length], short[unit].ordinals)
