@@ -1,65 +1,193 @@
-"""Predictor latency per stage on CPU (encode, prefill, decode, decoders, postprocess)
-for the tiny and nano presets; decoding is forced to a fixed-length TRP answer so every
-decoder runs and every run decodes the same number of tokens.
+"""What a query costs on CPU, today's path against each improvement, side by side in one run.
 
-    python bench/bench_predictor_latency.py [--repeats 3] [--threads 1]
+Real SimWorld questions (evaluation prompts of rec, res, keypoint and depth), one query
+per item and variant, the variants interleaved item by item so that machine noise hits
+them alike. Variants, each adding one change to the one before:
+
+    today        LoRA adapters unmerged, free decoding, every decoder runs
+    +merged      LoRA folded into the base weights at load
+    +named       only the decoders the answer names run
+    +grammar     TRP-constrained decoding, one forward pass per token
+    +jump        jump-forward: forced tokens (and the </Unit>[0]<REF> draft) in one pass
+
+and ``generate``: plain transformers ``generate`` of the same (merged) LLM on the same
+prompt, as many tokens, greedy. ``--answers model`` (default) lets the model answer;
+``--answers reference`` forces each item's reference answer through the logits hook (for
+an untrained model: every variant then writes the same typical TRP answer).
+
+    python bench/bench_predictor_latency.py [--model models/nano] [--items 6] [--threads 1]
+    python bench/bench_predictor_latency.py --model nano --answers reference   # preset + LoRA
+
+Prints per variant: ms per generated token (decode), forward passes per answer and per
+token, decoder time and end-to-end query time, each also as a ratio to ``today``.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
+import time
 
-import numpy as np
 import torch
 
 from refvlm_core import trp
-from refvlm_core.predictor import Predictor
+from refvlm_core.router import RoutedRefs
 
-STAGES = ("encode", "prefill", "decode", "decoders", "postprocess")
-ANSWER = (f"{trp.format_phrase('cups', ('box',), 2)}, {trp.format_phrase('a bowl', ('mask',), 1)}, "
-          f"{trp.format_phrase('a man', ('box', 'keypoint'), 1)}, {trp.format_phrase('depth', ('depth',), 1)}")
+TASKS = ("rec", "res", "keypoint", "depth")
+VARIANTS = ("today", "+merged", "+named", "+grammar", "+jump")
 
 
-def forced(tokenizer):
-    script = tokenizer(ANSWER, add_special_tokens=False).input_ids + [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+class EveryDecoder:
+    """Today's routing: every registered decoder runs, also those with no <REF>."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def run_decoders(self, routed, pyramid):
+        full = dict(routed)
+        for unit in self.model.decoders:
+            if unit not in full:
+                some = next(iter(routed.values()))
+                full[unit] = RoutedRefs(torch.zeros_like(some.embeddings), torch.zeros_like(some.valid),
+                                        torch.full_like(some.ordinals, -1), torch.full_like(some.group_ids, -1))
+        outputs = self.model.run_decoders(full, pyramid)
+        return {unit: outputs[unit] for unit in routed}
+
+
+def load_pair(name: str):
+    """(unmerged, merged) Predictors: a checkpoint folder loaded both ways, or a preset
+    with random LoRA adapters (r=16 on every linear layer, as the nano recipe trains)."""
+    from refvlm_core.config import PRESET_NAMES
+    from refvlm_core.predictor import Predictor
+
+    if name not in PRESET_NAMES:
+        return Predictor.from_pretrained(name, merge_lora=False), Predictor.from_pretrained(name)
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    predictor = Predictor.from_preset(name)
+    llm = predictor.model.llm
+    llm.model = get_peft_model(llm.model, LoraConfig(r=16, lora_alpha=32, target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    with torch.no_grad():
+        for param_name, param in llm.named_parameters():
+            if "lora_B" in param_name:
+                param.normal_(0, 1e-3)
+    merged = Predictor(copy.deepcopy(predictor.model))
+    merged.model.llm.model = merged.model.llm.model.merge_and_unload()
+    return predictor, merged
+
+
+def eval_items(count: int):
+    from refvlm_training.evaluation.runner import eval_items as items_of, load_samples
+
+    per_task = max(1, count // len(TASKS))
+    items = []
+    for task in TASKS:
+        items += items_of(load_samples(f"simworld:test:{4 * per_task}:7"), task, limit=per_task)
+    return items[:count]
+
+
+def forced(tokenizer, text: str):
+    script = tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.convert_tokens_to_ids("<|im_end|>")]
 
     def hook(step, logits):
         out = torch.full_like(logits, -float("inf"))
         out[0, script[min(step, len(script) - 1)]] = 0.0
         return out
-    return hook, len(script)
+    return hook
+
+
+def run_variant(variant: str, pair, item, answers: str):
+    unmerged, merged = pair
+    predictor = unmerged if variant == "today" else merged
+    old_routing = variant in ("today", "+merged")
+    predictor.set_decoder_backend(EveryDecoder(predictor.model) if old_routing else None)
+    hook = forced(predictor.model.llm.tokenizer, item.answer.text) if answers == "reference" else None
+    start = time.perf_counter()
+    result = predictor.predict(item.sample.image, item.prompt, item.visual_prompts, logits_hook=hook,
+                               system=item.sample.system, constrained=variant in ("+grammar", "+jump"),
+                               jump_forward=variant == "+jump")
+    result.timings["total"] = time.perf_counter() - start
+    predictor.set_decoder_backend(None)
+    return result
+
+
+def plain_generate_ms(merged, item, tokens: int) -> float:
+    """ms per decoded token of transformers ``generate`` on the same prompt embeddings."""
+    model = merged.model
+    pixels, letterbox = merged.processor.image_tensor(item.sample.image)
+    masks = merged.processor.region_masks(item.visual_prompts, letterbox)
+    ids = merged.processor.prompt_ids(item.prompt, len(item.visual_prompts), item.sample.system)
+    with torch.no_grad():
+        features = model.encode_images(pixels[None])
+        embeds = model.llm.embed_multimodal(ids, model.image_tokens(features),
+                                            model.region_tokens(features, masks, [len(masks)]))
+        lm = model.llm.causal_lm
+        times = []
+        for n in (1, tokens):
+            start = time.perf_counter()
+            lm.generate(inputs_embeds=embeds, attention_mask=torch.ones(ids.shape, dtype=torch.long),
+                        max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                        pad_token_id=model.llm.tokenizer.eos_token_id)
+            times.append(time.perf_counter() - start)
+    return (times[1] - times[0]) / max(tokens - 1, 1) * 1000
+
+
+def summarise(rows: dict[str, list]) -> dict[str, dict[str, float]]:
+    out = {}
+    for variant, results in rows.items():
+        tokens = [r.diagnostics["tokens"] for r in results]
+        passes = [r.diagnostics["forward_passes"] for r in results]
+        out[variant] = {
+            "ms/token": sum(r.timings["decode"] for r in results) / max(sum(tokens) - len(tokens), 1) * 1000,
+            "passes": statistics.mean(passes), "passes/token": sum(passes) / sum(tokens),
+            "tokens": statistics.mean(tokens),
+            "decoders ms": statistics.mean(r.timings["decoders"] for r in results) * 1000,
+            "total ms": statistics.mean(r.timings["total"] for r in results) * 1000,
+            "valid TRP": statistics.mean(trp.parse(r.trp_text).ok for r in results),
+        }
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--model", default="models/nano", help="checkpoint folder or preset name")
+    parser.add_argument("--items", type=int, default=8)
+    parser.add_argument("--answers", choices=("model", "reference"), default="model")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    from skimage import data
-
-    image = np.ascontiguousarray(data.astronaut())  # 512 x 512 RGB
-    print(f"image {image.shape[1]}x{image.shape[0]}, {args.threads} thread(s), median of {args.repeats} (ms)")
-    print(f"{'preset':>6} | " + " | ".join(f"{s:>11}" for s in STAGES) + " |  total | tokens")
-    for name in ("tiny", "nano"):
-        predictor = Predictor.from_preset(name)
-        hook, tokens = forced(predictor.model.llm.tokenizer)
-        runs = []
-        for _ in range(args.repeats + 1):
-            result = predictor.predict(image, "What is <region>?", [predictor_prompt()], logits_hook=hook,
-                                       max_new_tokens=tokens)
-            assert len(result.objects) == 5 and not result.errors, result.errors
-            runs.append(result.timings)
-        runs = runs[1:]  # first run warms up
-        median = {s: statistics.median(r[s] for r in runs) * 1000 for s in STAGES}
-        print(f"{name:>6} | " + " | ".join(f"{median[s]:11.1f}" for s in STAGES)
-              + f" | {sum(median.values()):6.0f} | {tokens}")
+    start = time.perf_counter()
+    pair = load_pair(args.model)
+    print(f"{args.model}: loaded in {time.perf_counter() - start:.1f} s; {args.threads} thread(s); "
+          f"answers: {args.answers}")
+    items = eval_items(args.items)
+    for variant in VARIANTS:  # warm-up (also builds the grammar once)
+        run_variant(variant, pair, items[0], args.answers)
+    rows: dict[str, list] = {v: [] for v in VARIANTS}
+    generate_ms = []
+    for item in items:
+        for variant in VARIANTS:
+            rows[variant].append(run_variant(variant, pair, item, args.answers))
+        generate_ms.append(plain_generate_ms(pair[1], item, max(rows["+jump"][-1].diagnostics["tokens"], 2)))
+    print_table(summarise(rows), statistics.mean(generate_ms), items, rows)
 
 
-def predictor_prompt():
-    from refvlm_core.visual_prompts import VisualPrompt
-
-    return VisualPrompt.box(150, 40, 350, 250)
+def print_table(summary, generate_ms: float, items, rows) -> None:
+    keys = ("ms/token", "passes", "passes/token", "tokens", "decoders ms", "total ms", "valid TRP")
+    print(f"{len(items)} questions ({', '.join(sorted({i.sample.task for i in items}))}); "
+          f"e.g. {items[0].prompt!r} -> {rows['+jump'][0].trp_text!r}")
+    print(f"{'variant':>9} | " + " | ".join(f"{k:>12}" for k in keys) + " | total vs today | ms/token vs generate")
+    base = summary["today"]
+    for variant, values in summary.items():
+        print(f"{variant:>9} | " + " | ".join(f"{values[k]:12.2f}" for k in keys)
+              + f" | {base['total ms'] / values['total ms']:13.2f}x | {values['ms/token'] / generate_ms:10.2f}x")
+    print(f" generate | {generate_ms:12.2f} ms/token (transformers generate, merged LLM, same prompt)")
+    jump = summary["+jump"]
+    print(f"+jump vs today: {base['total ms'] / jump['total ms']:.2f}x faster end to end, "
+          f"{jump['passes/token']:.2f} forward passes per token, "
+          f"decode per token {summary['+merged']['ms/token'] / generate_ms:.2f}x generate (one pass per token)")
 
 
 if __name__ == "__main__":

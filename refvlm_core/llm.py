@@ -74,6 +74,14 @@ def _gguf_cache_dir(cfg: ModelConfig, what: str) -> Path:
     return cfg.resolved_cache_dir() / f"{gguf.stem}-{gguf.stat().st_size}" / what
 
 
+def base_cache_file(cfg: ModelConfig, name: str) -> Path | None:
+    """A file beside the cached dequantised base LLM, for what is derived from it (GGUF
+    bases only: a random init or a local folder has no such cache)."""
+    if cfg.llm.kind != "gguf":
+        return None
+    return _gguf_cache_dir(cfg, "model") / name
+
+
 def load_tokenizer(cfg: ModelConfig):
     """The base tokenizer (no TRP tokens yet), from a local dir or SmolLM2's GGUF (cached)."""
     from transformers import AutoTokenizer
