@@ -5,7 +5,13 @@
 #   2. vision_msgs from ../shared/ros/vision_msgs, when it does not import already
 #      (on a robot it comes from apt; here only its definitions ship);
 #   3. ros_ws/src/refvlm_interfaces (msg, srv, action);
-#   4. ros_ws/src/refvlm_ros, pip-installed in editable mode.
+#   4. ros_ws/src/refvlm_ros, pip-installed in editable mode;
+#   5. the launch and command-line tools (launch, launch_ros, launch_testing, ros2launch,
+#      the `ros2` command, composition_interfaces) from ../shared/ros/jazzy, when they do
+#      not import already (on a robot they come from apt);
+#   6. the ament index entries, share/ and lib/<pkg>/ executables of refvlm and
+#      refvlm_ros, so `ros2 launch refvlm sim.launch.py` finds them (editable installs
+#      do not write these; share/refvlm/launch/* link to launch/ of this checkout).
 # Each step is skipped when its result is already there, so a second run takes ~1 s.
 # Called by tools/setup_venv.sh; run it by hand after editing a .msg/.srv/.action.
 set -euo pipefail
@@ -15,6 +21,7 @@ REPO="$(pwd)"
 VENV="${VENV:-$REPO/.venv}"
 BUILD="$REPO/ros_ws/build"
 SHARED_VISION_MSGS="${REFVLM_SHARED_DIR:-$REPO/../shared}/ros/vision_msgs"
+SHARED_ROS_TOOLS="${REFVLM_SHARED_DIR:-$REPO/../shared}/ros/jazzy"
 JOBS="${JOBS:-$(nproc)}"
 
 die() { echo "ros_ws/build.sh: error: $*" >&2; exit 2; }
@@ -133,4 +140,70 @@ if [[ -f ros_ws/src/refvlm_ros/setup.py ]]; then
       || die "pip install -e ros_ws/src/refvlm_ros failed; see $BUILD/refvlm_ros.log"
   fi
 fi
+
+# --- 5. launch and command-line tools ----------------------------------------------
+# Pure-Python packages, installed regularly (not editable: launch needs its data_files).
+# launch_pytest is left out: its pytest plugin, like launch_testing's, breaks pytest 9.
+ROS_TOOL_PACKAGES=(
+  rosidl_runtime_py
+  launch/launch launch/launch_xml launch/launch_yaml launch/launch_testing
+  launch_ros/launch_ros launch_ros/launch_testing_ros launch_ros/ros2launch
+  ros2cli/ros2cli ros2cli/ros2pkg ros2cli/ros2run ros2cli/ros2node ros2cli/ros2topic
+  ros2cli/ros2service ros2cli/ros2lifecycle ros2cli/ros2param ros2cli/ros2action
+  ros2cli/ros2interface
+)
+TOOLS_CHECK="import launch, launch_ros, launch_testing, ros2launch, ros2cli, ros2topic, \
+ros2lifecycle, rosidl_runtime_py; from composition_interfaces.srv import LoadNode"
+TOOLS_STAMP="$VENV/share/ros2cli/.refvlm-build-hash"
+
+install_ros_tools() {
+  build_if_changed composition_interfaces "$SHARED_ROS_TOOLS/rcl_interfaces/composition_interfaces" \
+    "from composition_interfaces.srv import LoadNode"
+  local hash src="$BUILD/ros_tools_src"
+  hash="$(sources_hash "$SHARED_ROS_TOOLS")"
+  if [[ -f "$TOOLS_STAMP" && "$(cat "$TOOLS_STAMP")" == "$hash" ]] && "$PY" -c "$TOOLS_CHECK" 2>/dev/null; then
+    echo "ros_ws: launch and ros2 tools are up to date"
+    return
+  fi
+  echo "ros_ws: installing launch, launch_ros, launch_testing and the ros2 command"
+  # From a copy: setuptools writes build/ and egg-info next to the sources.
+  rm -rf "$src" && mkdir -p "$src" && cp -r "$SHARED_ROS_TOOLS/." "$src/"
+  local folders=()
+  for package in "${ROS_TOOL_PACKAGES[@]}"; do folders+=("$src/$package"); done
+  pip install -q --no-deps --no-build-isolation "${folders[@]}" >"$BUILD/ros_tools.log" 2>&1 \
+    || die "installing the launch and ros2 tools failed; see $BUILD/ros_tools.log"
+  "$PY" -c "$TOOLS_CHECK" || die "the launch and ros2 tools were installed but do not import; see $BUILD/ros_tools.log"
+  mkdir -p "$(dirname "$TOOLS_STAMP")" && echo "$hash" >"$TOOLS_STAMP"
+}
+
+if [[ -d "$SHARED_ROS_TOOLS/launch" ]]; then
+  install_ros_tools
+elif "$PY" -c "$TOOLS_CHECK" 2>/dev/null; then
+  echo "ros_ws: launch and ros2 tools are installed"
+else
+  die "launch / ros2 tools do not import and their sources are missing at $SHARED_ROS_TOOLS. \
+Put the 'shared' folder beside this repository (or point REFVLM_SHARED_DIR at it), or \
+source a ROS 2 Jazzy install (apt-get install ros-jazzy-ros-base)."
+fi
+
+# --- 6. ament index, share/ and lib/ of the editable packages -------------------------
+register_package() {  # NAME PACKAGE_XML
+  mkdir -p "$VENV/share/ament_index/resource_index/packages" "$VENV/share/$1"
+  : >"$VENV/share/ament_index/resource_index/packages/$1"
+  cp "$2" "$VENV/share/$1/package.xml"
+}
+register_package refvlm "$REPO/package.xml"
+register_package refvlm_ros "$REPO/ros_ws/src/refvlm_ros/package.xml"
+# Links to the launch files of this checkout (edits need no reinstall), one per file:
+# `ros2 launch` does not look into linked folders.
+rm -rf "$VENV/share/refvlm/launch"
+(cd "$REPO" && find launch -type f ! -name '*.pyc' ! -path '*/__pycache__/*') | while read -r file; do
+  mkdir -p "$VENV/share/refvlm/$(dirname "$file")"
+  ln -s "$REPO/$file" "$VENV/share/refvlm/$file"
+done
+mkdir -p "$VENV/lib/refvlm_ros"
+for executable in refvlm_node refvlm_sim; do
+  [[ -x "$VENV/bin/$executable" ]] || die "$VENV/bin/$executable is missing; reinstall refvlm_ros"
+  ln -sf "$VENV/bin/$executable" "$VENV/lib/refvlm_ros/$executable"
+done
 echo "ros_ws: done"

@@ -89,94 +89,72 @@ def test_unknown_graph_and_missing_params_file():
         graph_module.load_graph("sim", params_file="no/such/file.yaml")
 
 
-# -- generate_launch_description() against the launch_ros API, recorded ---------------
-class _Recorded:
-    """Stands in for a launch / launch_ros class: keeps its keyword arguments."""
+# -- generate_launch_description() with the real launch / launch_ros -------------------
+def launched_actions(graph_name: str, arguments: dict[str, str]) -> list:
+    """The actions the launch file's OpaqueFunction returns for these launch arguments."""
+    launch = pytest.importorskip("launch")
+    from launch.actions import DeclareLaunchArgument, OpaqueFunction
 
-    def __init__(self, *args, **kwargs):
-        self.args, self.kwargs = args, kwargs
-
-
-def _recorder(name: str) -> type:
-    return type(name, (_Recorded,), {})
-
-
-def _launch_ros_class(name: str, required: tuple[str, ...], allowed: tuple[str, ...]):
-    def __init__(self, **kwargs):
-        unknown = set(kwargs) - set(required) - set(allowed)
-        missing = set(required) - set(kwargs)
-        assert not unknown and not missing, (name, unknown, missing)
-        _Recorded.__init__(self, **kwargs)
-    return type(name, (_Recorded,), {"__init__": __init__})
+    description = load_launch_file(LAUNCH_FILES[graph_name]).generate_launch_description()
+    context = launch.LaunchContext()
+    context.launch_configurations.update(arguments)
+    declared = [e for e in description.entities if isinstance(e, DeclareLaunchArgument)]
+    for argument in declared:
+        argument.execute(context)  # fills in the defaults
+    names = {argument.name for argument in declared}
+    assert {"params_file", "autostart", "namespace", "model_path", "model_preset", "device",
+            "backend", "image_topic", "depth_topic", "camera_info_topic", "use_sim_time"} <= names
+    [opaque] = [e for e in description.entities if isinstance(e, OpaqueFunction)]
+    return opaque.execute(context), context
 
 
-class _LaunchConfiguration:
-    """launch.substitutions.LaunchConfiguration, with values set by the test."""
-
-    values: dict[str, str] = {}
-
-    def __init__(self, name: str):
-        self.name = name
-
-    def perform(self, context) -> str:
-        return self.values.get(self.name, "")
-
-
-NODE_KWARGS = ("package", "executable", "name", "namespace", "exec_name", "parameters",
-               "remappings", "ros_arguments", "arguments", "output", "respawn")
-
-
-@pytest.fixture
-def recorded_launch(monkeypatch):
-    """Modules named like launch / launch_ros whose classes record how they are built,
-    with the keyword names of launch_ros 0.26 (Jazzy), which cannot be installed here."""
-    names = {
-        "launch": {"LaunchDescription": _recorder("LaunchDescription")},
-        "launch.actions": {n: _recorder(n) for n in ("DeclareLaunchArgument", "OpaqueFunction",
-                                                      "EmitEvent", "RegisterEventHandler")},
-        "launch.events": {"matches_action": lambda action: ("matches", action)},
-        "launch.substitutions": {"LaunchConfiguration": _LaunchConfiguration},
-        "launch_ros": {},
-        "launch_ros.actions": {
-            "Node": _launch_ros_class("Node", ("executable",), NODE_KWARGS),
-            "LifecycleNode": _launch_ros_class("LifecycleNode", ("name", "namespace", "executable"),
-                                               NODE_KWARGS)},
-        "launch_ros.event_handlers": {"OnStateTransition": _recorder("OnStateTransition")},
-        "launch_ros.events": {},
-        "launch_ros.events.lifecycle": {"ChangeState": _recorder("ChangeState")},
-    }
-    for module_name, members in names.items():
-        module = types.ModuleType(module_name)
-        module.__dict__.update(members)
-        monkeypatch.setitem(sys.modules, module_name, module)
-    return names
+def remappings_of(action, context) -> list[tuple[str, str]]:
+    from launch.utilities import perform_substitutions
+    return [(perform_substitutions(context, list(a)), perform_substitutions(context, list(b)))
+            for a, b in action._Node__remappings]  # noqa: SLF001 (launch_ros keeps them private)
 
 
 @pytest.mark.parametrize("graph_name", sorted(LAUNCH_FILES))
-def test_generate_launch_description_builds_the_graph(recorded_launch, graph_name, tmp_path,
-                                                    monkeypatch):
+@pytest.mark.parametrize("autostart", ["true", "false"])
+def test_generate_launch_description_builds_the_graph(graph_name, autostart, tmp_path):
     lifecycle_msgs = pytest.importorskip("lifecycle_msgs.msg")
-    description = load_launch_file(LAUNCH_FILES[graph_name]).generate_launch_description()
-    declare, opaque = description.args[0]
-    assert declare.args[0] == "params_file"
+    from launch.actions import EmitEvent
+    from launch_ros.actions import LifecycleNode, Node
 
     user = tmp_path / "user.yaml"
     user.write_text("refvlm_node:\n  ros__parameters: {}\n")
-    monkeypatch.setattr(_LaunchConfiguration, "values", {"params_file": str(user)})
-    actions = opaque.kwargs["function"](None)
-
-    graph = graph_module.load_graph(graph_name, params_file=user)
-    nodes = [a for a in actions if type(a).__name__ in ("Node", "LifecycleNode")]
-    assert [a.kwargs["name"] for a in nodes] == [spec.name for spec in graph.nodes]
+    arguments = {"params_file": str(user), "autostart": autostart, "namespace": "robot1",
+                 "image_topic": "/my_camera/image"}
+    actions, context = launched_actions(graph_name, arguments)
+    graph = graph_module.with_arguments(graph_module.load_graph(graph_name, params_file=user), arguments)
+    nodes = [a for a in actions if isinstance(a, Node)]
+    assert [a.node_executable for a in nodes] == [spec.executable for spec in graph.nodes]
     for action, spec in zip(nodes, graph.nodes):
-        assert type(action).__name__ == ("LifecycleNode" if spec.lifecycle else "Node")
-        assert action.kwargs["executable"] == spec.executable
-        assert action.kwargs["remappings"] == list(spec.remappings)
-        assert action.kwargs["parameters"][:len(spec.params_files)] == [str(p) for p in spec.params_files]
-    transitions = [a.kwargs["event"].kwargs["transition_id"] for a in actions
-                   if type(a).__name__ == "EmitEvent"]
+        assert isinstance(action, LifecycleNode) == spec.lifecycle
+        assert action.node_package == spec.package
+        assert remappings_of(action, context) == list(spec.remappings)
+        assert spec.namespace == "robot1"
+    transitions = [a.event.transition_id for a in actions if isinstance(a, EmitEvent)]
     lifecycle_count = sum(spec.lifecycle for spec in graph.nodes)
-    assert transitions == [lifecycle_msgs.Transition.TRANSITION_CONFIGURE] * lifecycle_count
+    expected = [lifecycle_msgs.Transition.TRANSITION_CONFIGURE] * lifecycle_count
+    assert transitions == (expected if autostart == "true" else [])
+
+
+def test_launch_arguments_apply_to_the_perception_node_and_the_namespace_to_all():
+    graph = graph_module.load_graph("sim")
+    changed = graph_module.with_arguments(graph, {
+        "namespace": "/robot1/", "model_path": "models/x", "device": "cuda", "use_sim_time": "true",
+        "image_topic": "/cam/image", "model_preset": "", "backend": ""})
+    camera, node = changed.node("sim_camera"), changed.node("refvlm_node")
+    assert camera.namespace == node.namespace == "robot1"
+    assert camera.parameters == {"use_sim_time": True}
+    assert node.parameters == {"use_sim_time": True, "model_path": "models/x", "device": "cuda"}
+    remaps = dict(node.remappings)
+    assert remaps["image"] == "/cam/image"                       # a user's topic is taken as given
+    assert remaps["depth"] == "/robot1/sim_camera/depth"         # the graph's wiring moves along
+    assert graph_module.with_arguments(graph, {}) == graph
+    with pytest.raises(ConfigError, match="use_sim_time"):
+        graph_module.with_arguments(graph, {"use_sim_time": "maybe"})
 
 
 # -- what `refvlm bringup` instantiates is what the launch files describe -------------

@@ -29,7 +29,8 @@ class Client:
     """A client node spun in a background thread, plus a 15 Hz camera (image, depth,
     CameraInfo with one stamp) whose published stamps are remembered."""
 
-    def __init__(self) -> None:
+    def __init__(self, node: str = NODE) -> None:
+        """``node``: the node's name with its namespace (no leading slash)."""
         import rclpy
         from diagnostic_msgs.msg import DiagnosticArray
         from lifecycle_msgs.srv import ChangeState, GetState
@@ -54,10 +55,10 @@ class Client:
         self.thread.start()
 
         n = self.node
-        self.query = n.create_client(Query, f"/{NODE}/query")
-        self.change_state = n.create_client(ChangeState, f"/{NODE}/change_state")
-        self.get_state = n.create_client(GetState, f"/{NODE}/get_state")
-        self.ground = ActionClient(n, Ground, f"/{NODE}/ground")
+        self.query = n.create_client(Query, f"/{node}/query")
+        self.change_state = n.create_client(ChangeState, f"/{node}/change_state")
+        self.get_state = n.create_client(GetState, f"/{node}/get_state")
+        self.ground = ActionClient(n, Ground, f"/{node}/ground")
         self.image_pub = n.create_publisher(Image, "/image", qos_profile_sensor_data)
         self.depth_pub = n.create_publisher(Image, "/depth", qos_profile_sensor_data)
         self.info_pub = n.create_publisher(CameraInfo, "/camera_info", qos_profile_sensor_data)
@@ -67,12 +68,12 @@ class Client:
         self.overlays: list = []
         self.detections: list = []
         self.diagnostics: dict[str, str] = {}
-        n.create_subscription(RefResult, f"/{NODE}/result", self.results.append, 10)
-        n.create_subscription(Image, f"/{NODE}/masks", self.masks.append, 10)
-        n.create_subscription(Image, f"/{NODE}/overlay", self.overlays.append, 10)
+        n.create_subscription(RefResult, f"/{node}/result", self.results.append, 10)
+        n.create_subscription(Image, f"/{node}/masks", self.masks.append, 10)
+        n.create_subscription(Image, f"/{node}/overlay", self.overlays.append, 10)
         try:
             from vision_msgs.msg import Detection2DArray
-            n.create_subscription(Detection2DArray, f"/{NODE}/detections", self.detections.append, 10)
+            n.create_subscription(Detection2DArray, f"/{node}/detections", self.detections.append, 10)
         except ImportError:
             pass
         n.create_subscription(DiagnosticArray, "/diagnostics", self._on_diagnostics, 10)

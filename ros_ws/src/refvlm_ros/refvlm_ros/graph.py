@@ -7,6 +7,7 @@ This module imports neither rclpy nor launch.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from dataclasses import dataclass, field
@@ -148,6 +149,63 @@ def load_graph(name: str, graph_file: Path | str | None = None,
     if len(set(names)) != len(names):
         raise ConfigError(f"graph '{name}' has duplicate node names {names}")
     return GraphSpec(name=name, description=str(entry.get("description", "")), nodes=nodes)
+
+
+# Launch arguments (`ros2 launch refvlm sim.launch.py name:=value`), as peers name them.
+# An empty value keeps what the graph and its params files say.
+PERCEPTION_EXECUTABLE = "refvlm_node"
+NODE_PARAMETER_ARGUMENTS = {
+    "model_path": "folder of a saved model (config + weights); overrides model_preset",
+    "model_preset": "model preset (tiny, nano, paper) used when model_path is empty",
+    "device": "torch device of the model: cpu, cuda, cuda:1 ...",
+    "backend": "inference backend (torch)",
+}
+TOPIC_ARGUMENTS = {
+    "image_topic": ("image", "camera image topic of the perception node"),
+    "depth_topic": ("depth", "aligned depth topic of the perception node"),
+    "camera_info_topic": ("camera_info", "CameraInfo topic of the perception node"),
+}
+GRAPH_ARGUMENTS = {
+    "namespace": "namespace of every node (absolute remapped topics move under it too)",
+    "use_sim_time": "true / false: every node uses /clock (empty: the nodes' default)",
+    **NODE_PARAMETER_ARGUMENTS,
+    **{name: text for name, (_, text) in TOPIC_ARGUMENTS.items()},
+}
+
+
+def bool_argument(name: str, value: str) -> bool:
+    if value.lower() in ("true", "1", "yes"):
+        return True
+    if value.lower() in ("false", "0", "no"):
+        return False
+    raise ConfigError(f"launch argument {name}:={value!r}: use true or false")
+
+
+def _namespaced(target: str, namespace: str) -> str:
+    return f"/{namespace}{target}" if namespace and target.startswith("/") else target
+
+
+def _with_node_arguments(spec: NodeSpec, arguments: dict[str, str]) -> NodeSpec:
+    namespace = (arguments.get("namespace") or spec.namespace).strip("/")
+    parameters = dict(spec.parameters)
+    if arguments.get("use_sim_time"):
+        parameters["use_sim_time"] = bool_argument("use_sim_time", arguments["use_sim_time"])
+    remappings = dict(spec.remappings)
+    if arguments.get("namespace"):  # the graph's own wiring moves with its nodes
+        remappings = {k: _namespaced(v, namespace) for k, v in remappings.items()}
+    if spec.executable == PERCEPTION_EXECUTABLE:
+        parameters.update({k: arguments[k] for k in NODE_PARAMETER_ARGUMENTS if arguments.get(k)})
+        remappings.update({source: arguments[k] for k, (source, _) in TOPIC_ARGUMENTS.items()
+                           if arguments.get(k)})
+    return dataclasses.replace(spec, namespace=namespace, parameters=parameters,
+                               remappings=tuple(remappings.items()))
+
+
+def with_arguments(graph: GraphSpec, arguments: dict[str, str]) -> GraphSpec:
+    """The graph with launch arguments applied (names of GRAPH_ARGUMENTS; empty values
+    and unknown names are ignored): what `ros2 launch` and `refvlm bringup` both run."""
+    nodes = tuple(_with_node_arguments(spec, arguments) for spec in graph.nodes)
+    return dataclasses.replace(graph, nodes=nodes)
 
 
 def file_parameters(spec: NodeSpec) -> dict[str, Any]:

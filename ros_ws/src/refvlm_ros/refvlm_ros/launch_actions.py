@@ -5,9 +5,10 @@ imported inside the functions: importing this module needs neither.
 """
 from __future__ import annotations
 
-from refvlm_ros.graph import GraphSpec, NodeSpec
+from refvlm_ros.graph import GRAPH_ARGUMENTS, GraphSpec, NodeSpec, bool_argument, with_arguments
 
 PARAMS_FILE_ARGUMENT = "params_file"
+AUTOSTART_ARGUMENT = "autostart"
 
 
 def node_parameters(spec: NodeSpec) -> list:
@@ -18,8 +19,9 @@ def node_parameters(spec: NodeSpec) -> list:
     return parameters
 
 
-def node_actions(spec: NodeSpec) -> list:
-    """A Node, or a LifecycleNode that is configured then activated when it comes up."""
+def node_actions(spec: NodeSpec, autostart: bool = True) -> list:
+    """A Node, or a LifecycleNode (configured then activated when it comes up, with
+    ``autostart``)."""
     from launch.actions import EmitEvent, RegisterEventHandler
     from launch.events import matches_action
     from launch_ros.actions import LifecycleNode, Node
@@ -33,6 +35,8 @@ def node_actions(spec: NodeSpec) -> list:
     if not spec.lifecycle:
         return [Node(**common)]
     node = LifecycleNode(**common)
+    if not autostart:
+        return [node]
 
     def change_state(transition_id: int):
         return EmitEvent(event=ChangeState(lifecycle_node_matcher=matches_action(node),
@@ -45,20 +49,28 @@ def node_actions(spec: NodeSpec) -> list:
 
 
 def launch_description(load_graph_spec, default_params_file: str = ""):
-    """A LaunchDescription with a `params_file` argument; the graph is loaded at launch
-    time by `load_graph_spec(params_file_or_None) -> GraphSpec`."""
+    """A LaunchDescription with the graph's launch arguments (params_file, autostart and
+    graph.GRAPH_ARGUMENTS); the graph is loaded at launch time by
+    `load_graph_spec(params_file_or_None) -> GraphSpec`."""
     from launch import LaunchDescription
     from launch.actions import DeclareLaunchArgument, OpaqueFunction
     from launch.substitutions import LaunchConfiguration
 
     def build(context) -> list:
+        values = {name: LaunchConfiguration(name).perform(context) for name in GRAPH_ARGUMENTS}
         params_file = LaunchConfiguration(PARAMS_FILE_ARGUMENT).perform(context)
-        graph: GraphSpec = load_graph_spec(params_file or None)
-        return [action for spec in graph.nodes for action in node_actions(spec)]
+        autostart = bool_argument(AUTOSTART_ARGUMENT, LaunchConfiguration(AUTOSTART_ARGUMENT).perform(context))
+        graph: GraphSpec = with_arguments(load_graph_spec(params_file or None), values)
+        return [action for spec in graph.nodes for action in node_actions(spec, autostart)]
 
-    return LaunchDescription([
+    arguments = [
         DeclareLaunchArgument(PARAMS_FILE_ARGUMENT, default_value=default_params_file,
                               description="extra ROS parameter file, applied after the "
                                           "graph's own (keys: node names)"),
-        OpaqueFunction(function=build),
-    ])
+        DeclareLaunchArgument(AUTOSTART_ARGUMENT, default_value="true",
+                              description="configure and activate lifecycle nodes at start "
+                                          "(false: leave them to a lifecycle manager)"),
+    ]
+    arguments += [DeclareLaunchArgument(name, default_value="", description=text)
+                  for name, text in GRAPH_ARGUMENTS.items()]
+    return LaunchDescription([*arguments, OpaqueFunction(function=build)])
