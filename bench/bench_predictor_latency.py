@@ -9,6 +9,7 @@ them alike. Variants, each adding one change to the one before:
     +named       only the decoders the answer names run
     +grammar     TRP-constrained decoding, one forward pass per token
     +jump        jump-forward: forced tokens (and the </Unit>[0]<REF> draft) in one pass
+    +int8        int8 LLM weights (refvlm_core.quantize)
 
 and ``generate``: plain transformers ``generate`` of the same (merged) LLM on the same
 prompt, as many tokens, greedy. ``--answers model`` (default) lets the model answer;
@@ -34,7 +35,7 @@ from refvlm_core import trp
 from refvlm_core.router import RoutedRefs
 
 TASKS = ("rec", "res", "keypoint", "depth")
-VARIANTS = ("today", "+merged", "+named", "+grammar", "+jump")
+VARIANTS = ("today", "+merged", "+named", "+grammar", "+jump", "+int8")
 
 
 class EveryDecoder:
@@ -54,14 +55,16 @@ class EveryDecoder:
         return {unit: outputs[unit] for unit in routed}
 
 
-def load_pair(name: str):
-    """(unmerged, merged) Predictors: a checkpoint folder loaded both ways, or a preset
+def load_predictors(name: str):
+    """(unmerged, merged, int8) Predictors: a checkpoint folder loaded each way, or a preset
     with random LoRA adapters (r=16 on every linear layer, as the nano recipe trains)."""
     from refvlm_core.config import PRESET_NAMES
     from refvlm_core.predictor import Predictor
+    from refvlm_core.quantize import quantize_llm
 
     if name not in PRESET_NAMES:
-        return Predictor.from_pretrained(name, merge_lora=False), Predictor.from_pretrained(name)
+        return (Predictor.from_pretrained(name, merge_lora=False), Predictor.from_pretrained(name),
+                Predictor.from_pretrained(name, quantize="int8"))
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
@@ -75,7 +78,9 @@ def load_pair(name: str):
                 param.normal_(0, 1e-3)
     merged = Predictor(copy.deepcopy(predictor.model))
     merged.model.llm.model = merged.model.llm.model.merge_and_unload()
-    return predictor, merged
+    int8 = Predictor(copy.deepcopy(merged.model))
+    quantize_llm(int8.model.llm, "int8")
+    return predictor, merged, int8
 
 
 def eval_items(count: int):
@@ -98,16 +103,16 @@ def forced(tokenizer, text: str):
     return hook
 
 
-def run_variant(variant: str, pair, item, answers: str):
-    unmerged, merged = pair
-    predictor = unmerged if variant == "today" else merged
+def run_variant(variant: str, predictors, item, answers: str):
+    unmerged, merged, int8 = predictors
+    predictor = {"today": unmerged, "+int8": int8}.get(variant, merged)
     old_routing = variant in ("today", "+merged")
     predictor.set_decoder_backend(EveryDecoder(predictor.model) if old_routing else None)
     hook = forced(predictor.model.llm.tokenizer, item.answer.text) if answers == "reference" else None
     start = time.perf_counter()
     result = predictor.predict(item.sample.image, item.prompt, item.visual_prompts, logits_hook=hook,
-                               system=item.sample.system, constrained=variant in ("+grammar", "+jump"),
-                               jump_forward=variant == "+jump")
+                               system=item.sample.system, constrained=variant in ("+grammar", "+jump", "+int8"),
+                               jump_forward=variant in ("+jump", "+int8"))
     result.timings["total"] = time.perf_counter() - start
     predictor.set_decoder_backend(None)
     return result
@@ -141,8 +146,11 @@ def summarise(rows: dict[str, list]) -> dict[str, dict[str, float]]:
         passes = [r.diagnostics["forward_passes"] for r in results]
         out[variant] = {
             "ms/token": sum(r.timings["decode"] for r in results) / max(sum(tokens) - len(tokens), 1) * 1000,
+            "ms/pass": sum(r.timings["decode"] for r in results) / max(sum(passes) - len(passes), 1) * 1000,
             "passes": statistics.mean(passes), "passes/token": sum(passes) / sum(tokens),
             "tokens": statistics.mean(tokens),
+            "encode ms": statistics.mean(r.timings["encode"] for r in results) * 1000,
+            "prefill ms": statistics.mean(r.timings["prefill"] for r in results) * 1000,
             "decoders ms": statistics.mean(r.timings["decoders"] for r in results) * 1000,
             "total ms": statistics.mean(r.timings["total"] for r in results) * 1000,
             "valid TRP": statistics.mean(trp.parse(r.trp_text).ok for r in results),
@@ -159,23 +167,24 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    pair = load_pair(args.model)
+    predictors = load_predictors(args.model)
     print(f"{args.model}: loaded in {time.perf_counter() - start:.1f} s; {args.threads} thread(s); "
           f"answers: {args.answers}")
     items = eval_items(args.items)
     for variant in VARIANTS:  # warm-up (also builds the grammar once)
-        run_variant(variant, pair, items[0], args.answers)
+        run_variant(variant, predictors, items[0], args.answers)
     rows: dict[str, list] = {v: [] for v in VARIANTS}
     generate_ms = []
     for item in items:
         for variant in VARIANTS:
-            rows[variant].append(run_variant(variant, pair, item, args.answers))
-        generate_ms.append(plain_generate_ms(pair[1], item, max(rows["+jump"][-1].diagnostics["tokens"], 2)))
+            rows[variant].append(run_variant(variant, predictors, item, args.answers))
+        generate_ms.append(plain_generate_ms(predictors[1], item, max(rows["+jump"][-1].diagnostics["tokens"], 2)))
     print_table(summarise(rows), statistics.mean(generate_ms), items, rows)
 
 
 def print_table(summary, generate_ms: float, items, rows) -> None:
-    keys = ("ms/token", "passes", "passes/token", "tokens", "decoders ms", "total ms", "valid TRP")
+    keys = ("ms/token", "ms/pass", "passes", "passes/token", "tokens", "encode ms", "prefill ms", "decoders ms", "total ms",
+            "valid TRP")
     print(f"{len(items)} questions ({', '.join(sorted({i.sample.task for i in items}))}); "
           f"e.g. {items[0].prompt!r} -> {rows['+jump'][0].trp_text!r}")
     print(f"{'variant':>9} | " + " | ".join(f"{k:>12}" for k in keys) + " | total vs today | ms/token vs generate")
@@ -184,10 +193,13 @@ def print_table(summary, generate_ms: float, items, rows) -> None:
         print(f"{variant:>9} | " + " | ".join(f"{values[k]:12.2f}" for k in keys)
               + f" | {base['total ms'] / values['total ms']:13.2f}x | {values['ms/token'] / generate_ms:10.2f}x")
     print(f" generate | {generate_ms:12.2f} ms/token (transformers generate, merged LLM, same prompt)")
-    jump = summary["+jump"]
-    print(f"+jump vs today: {base['total ms'] / jump['total ms']:.2f}x faster end to end, "
-          f"{jump['passes/token']:.2f} forward passes per token, "
-          f"decode per token {summary['+merged']['ms/token'] / generate_ms:.2f}x generate (one pass per token)")
+    for variant in ("+jump", "+int8"):
+        best = summary[variant]
+        print(f"{variant} vs today: {base['total ms'] / best['total ms']:.2f}x faster end to end, "
+              f"{best['passes/token']:.2f} forward passes per token, {best['ms/token'] / generate_ms:.2f}x "
+              f"generate's time per token")
+    print(f"one decode pass vs one generate token: {summary['+merged']['ms/pass'] / generate_ms:.2f}x fp32 (+merged), "
+          f"{summary['+int8']['ms/pass'] / generate_ms:.2f}x int8 (+int8)")
 
 
 if __name__ == "__main__":

@@ -47,12 +47,16 @@ class Predictor:
         return cls(RefVLM.from_config(preset(name)), device)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str = "cpu", merge_lora: bool = True) -> "Predictor":
-        """``merge_lora``: LoRA folded into the base weights at load (same answers, faster)."""
+    def from_pretrained(cls, path: str | Path, device: str = "cpu", merge_lora: bool = True,
+                        quantize: str = "none") -> "Predictor":
+        """``merge_lora``: LoRA folded into the base weights at load (same answers, faster).
+        ``quantize``: "int8" for int8 LLM weights on CPU (refvlm_core.quantize)."""
         from refvlm_core.checkpoint import load_model
+        from refvlm_core.quantize import quantize_llm
 
         start = time.perf_counter()
-        predictor = cls(load_model(path, merge_lora=merge_lora), device)
+        predictor = cls(load_model(path, merge_lora=merge_lora or quantize != "none"), device)
+        quantize_llm(predictor.model.llm, quantize)
         predictor.load_s = time.perf_counter() - start
         return predictor
 
