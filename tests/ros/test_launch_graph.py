@@ -16,6 +16,7 @@ LAUNCH_DIR = REPO / "launch"
 LAUNCH_FILES = {"sim": LAUNCH_DIR / "sim.launch.py", "camera": LAUNCH_DIR / "refvlm.launch.py"}
 
 graph_module = pytest.importorskip("refvlm_ros.graph")
+from refvlm_ros.cli import parse_launch_arguments  # noqa: E402 (after the skip)
 
 
 def load_launch_file(path: Path) -> types.ModuleType:
@@ -157,6 +158,14 @@ def test_launch_arguments_apply_to_the_perception_node_and_the_namespace_to_all(
         graph_module.with_arguments(graph, {"use_sim_time": "maybe"})
 
 
+def test_bringup_arguments_are_the_launch_arguments():
+    assert parse_launch_arguments(["model_preset:=tiny", "image_topic:=/a/b"]) == {
+        "model_preset": "tiny", "image_topic": "/a/b"}
+    for bad in ("autostart:=true", "model_preset=tiny", "nosuch:=1"):
+        with pytest.raises(ConfigError, match="NAME:=VALUE"):
+            parse_launch_arguments([bad])
+
+
 # -- what `refvlm bringup` instantiates is what the launch files describe -------------
 @pytest.mark.ros
 @pytest.mark.parametrize("graph_name", sorted(LAUNCH_FILES))
@@ -167,15 +176,18 @@ def test_bringup_instantiates_what_the_launch_file_describes(graph_name, tmp_pat
     # The camera graph ships the trained nano model; the tiny preset keeps this test fast,
     # and exercises the user params file (`params_file:=` / `--params`) on the way.
     user = tmp_path / "user.yaml"
-    user.write_text("refvlm_node:\n  ros__parameters:\n    model_preset: tiny\n    model_path: ''\n"
-                    "sim_camera:\n  ros__parameters:\n    width: 64\n    height: 48\n")
-    described = load_launch_file(LAUNCH_FILES[graph_name]).graph_spec(str(user))
+    # Keyed /**/NAME: a section keyed by the bare node name applies only outside a namespace.
+    user.write_text("/**/refvlm_node:\n  ros__parameters:\n    model_preset: tiny\n    model_path: ''\n"
+                    "/**/sim_camera:\n  ros__parameters:\n    width: 64\n    height: 48\n")
+    described = graph_module.with_arguments(
+        load_launch_file(LAUNCH_FILES[graph_name]).graph_spec(str(user)),
+        parse_launch_arguments(["namespace:=bringup_test", "use_sim_time:=false"]))
     with Bringup(described, num_threads=2) as bringup:
         assert sorted(bringup.nodes) == sorted(spec.name for spec in described.nodes)
         for spec in described.nodes:
             node = bringup.node(spec.name)
             assert node.get_name() == spec.name
-            assert node.get_namespace() == (spec.namespace or "/")
+            assert node.get_namespace() == "/bringup_test" == f"/{spec.namespace}"
             expected = graph_module.file_parameters(spec)
             assert expected, spec.name
             for name, value in expected.items():

@@ -19,6 +19,10 @@ def register(subparsers) -> None:
     parser.add_argument("graph", choices=("sim", "camera"),
                         help="sim: SimWorld camera + perception node; camera: the node on "
                              "a real camera's topics")
+    parser.add_argument("arguments", nargs="*", metavar="NAME:=VALUE",
+                        help="launch arguments, as for ros2 launch: namespace, model_path, "
+                             "model_preset, device, backend, image_topic, depth_topic, "
+                             "camera_info_topic, use_sim_time")
     parser.add_argument("--params", type=Path, default=None, metavar="FILE",
                         help="ROS parameter file applied after the graph's own (keys: node "
                              "names), like the launch files' params_file argument")
@@ -29,17 +33,32 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
+def parse_launch_arguments(items: list[str]) -> dict[str, str]:
+    """["namespace:=robot1", ...] -> {"namespace": "robot1"}; unknown names are errors."""
+    from refvlm_ros.graph import GRAPH_ARGUMENTS
+
+    arguments = {}
+    for item in items:
+        name, sep, value = item.partition(":=")
+        if not sep or name not in GRAPH_ARGUMENTS:
+            raise ConfigError(f"bringup argument {item!r}: use NAME:=VALUE with NAME one of "
+                              f"{', '.join(GRAPH_ARGUMENTS)}")
+        arguments[name] = value
+    return arguments
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         from refvlm_ros.bringup import Bringup
     except ImportError as error:
         raise RefVLMError(f"ROS 2 parts are missing ({error}); run `make setup`, or "
                           "source a ROS 2 Jazzy install") from error
-    from refvlm_ros.graph import load_graph
+    from refvlm_ros.graph import load_graph, with_arguments
 
     if args.duration is not None and args.duration <= 0:
         raise ConfigError(f"--duration must be positive, got {args.duration}")
-    graph = load_graph(args.graph, args.graph_file, args.params)
+    graph = with_arguments(load_graph(args.graph, args.graph_file, args.params),
+                           parse_launch_arguments(args.arguments))
     bringup = Bringup(graph)
     # Ctrl-C (SIGINT) and `kill` (SIGTERM) end the wait; the main thread then runs the
     # shutdown, which a second signal does not interrupt.

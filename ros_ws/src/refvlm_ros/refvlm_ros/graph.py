@@ -42,7 +42,7 @@ class NodeSpec:
         Inline parameters are not included: bringup passes them as typed overrides."""
         args = ["--ros-args", "-r", f"__node:={self.name}"]
         if self.namespace:
-            args += ["-r", f"__ns:={self.namespace}"]
+            args += ["-r", f"__ns:=/{self.namespace.strip('/')}"]
         for source, target in self.remappings:
             args += ["-r", f"{source}:={target}"]
         for params_file in self.params_files:
