@@ -167,3 +167,26 @@ def test_only_named_decoders_run(predictor):
     assert calls == {"box": 1, "mask": 1}  # two box REFs in one batch; no keypoint or depth pass
     assert [o.units for o in result.objects] == [("box",), ("box",), ("mask",)]
     assert all(o.box_xyxy is not None for o in result.objects[:2]) and result.objects[2].mask is not None
+
+
+def test_decoder_backends_get_the_same_routing(predictor):
+    """The export backends (ONNX Runtime, TensorRT) share run_decoders with the torch one:
+    they are asked only for the units the answer names."""
+    from refvlm_export.backends import TorchBackend
+
+    class Recording(TorchBackend):
+        def run(self, unit, ref_embeddings, ref_valid, pyramid):
+            self.asked.append((unit, int(ref_valid.sum())))
+            return super().run(unit, ref_embeddings, ref_valid, pyramid)
+
+    backend = Recording(predictor.model.decoders)
+    backend.asked = []
+    predictor.set_decoder_backend(backend)
+    try:
+        answer = f"{trp.format_phrase('a man', ('keypoint',), 2)} and {trp.format_phrase('depth', ('depth',), 1)}"
+        result = predictor.predict(IMAGE, "Find things.", max_new_tokens=40,
+                                   logits_hook=forced_answer_hook(predictor.model.llm.tokenizer, answer))
+    finally:
+        predictor.set_decoder_backend(None)
+    assert sorted(backend.asked) == [("depth", 1), ("keypoint", 2)]
+    assert result.objects[0].keypoints is not None and result.objects[2].depth is not None
