@@ -125,6 +125,43 @@ def test_ros2_launch_camera_graph_on_a_test_camera_with_arguments(tmp_path):
         stop(process)
 
 
+def ros2(*arguments: str, retries: int = 5) -> str:
+    """Runs a `ros2` command (no daemon: none is left behind); retried while discovery
+    has not yet seen the node. Its output."""
+    env = dict(os.environ, AMENT_PREFIX_PATH=sys.prefix)
+    for _ in range(retries):
+        out = subprocess.run([sys.executable, str(ROS2), *arguments], capture_output=True,
+                             text=True, timeout=90, env=env)
+        if out.returncode == 0:
+            return out.stdout
+        time.sleep(1.0)
+    raise AssertionError(f"ros2 {' '.join(arguments)} failed: {out.stdout[-1500:]} {out.stderr[-1500:]}")
+
+
+def test_ros2_command_line_drives_the_launched_graph(tmp_path):
+    """What a user types: lifecycle set, param get, service call, action send_goal, topic echo."""
+    process = ros2_launch(tmp_path / "launch.log", "sim.launch.py", "autostart:=false")
+    try:
+        node = "/refvlm_node"
+        assert "unconfigured" in ros2("lifecycle", "get", "--no-daemon", node, retries=60)
+        for transition in ("configure", "activate"):
+            assert "Transitioning successful" in ros2("lifecycle", "set", "--no-daemon", node, transition)
+        assert "active" in ros2("lifecycle", "get", "--no-daemon", node)
+        assert "String value is: tiny" in ros2("param", "get", "--no-daemon", node, "model_preset")
+        reply = ros2("service", "call", f"{node}/query", "refvlm_interfaces/srv/Query",
+                     "{prompt: 'where is the red cube?'}")
+        assert "success=True" in reply and "sim_camera_optical_frame" in reply
+        goal = ros2("action", "send_goal", f"{node}/ground", "refvlm_interfaces/action/Ground",
+                    "{prompt: 'where is the red cube?'}")
+        assert "SUCCEEDED" in goal
+        diagnostics = ros2("topic", "echo", "--once", "--no-daemon", "/diagnostics",
+                           "diagnostic_msgs/msg/DiagnosticArray")
+        assert "refvlm_node: inference" in diagnostics
+        interrupt_and_check_clean(process)
+    finally:
+        stop(process)
+
+
 def test_ros2_command_line_tools_work_in_the_venv():
     for command in (["pkg", "prefix", "refvlm"], ["pkg", "executables", "refvlm_ros"],
                     ["interface", "show", "refvlm_interfaces/srv/Query"]):
