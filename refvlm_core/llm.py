@@ -26,6 +26,7 @@ from torch import nn
 from refvlm_core import torchvision_compat, trp
 from refvlm_core.config import ModelConfig
 from refvlm_core.constrained import TrpDecodingState, TrpGrammar, constrain
+from refvlm_core.prefix_cache import PromptPrefixCache
 from refvlm_core.errors import ConfigError
 from refvlm_core.processor import IGNORE
 
@@ -285,7 +286,8 @@ class RefLLM(nn.Module):
     def generate(self, inputs_embeds: torch.Tensor, max_new_tokens: int, capture_refs: bool = True,
                  temperature: float = 0.0, generator: torch.Generator | None = None,
                  logits_hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
-                 grammar: TrpGrammar | None = None, jump_forward: bool = True) -> Generation:
+                 grammar: TrpGrammar | None = None, jump_forward: bool = True,
+                 input_ids: torch.Tensor | None = None, prefix: PromptPrefixCache | None = None) -> Generation:
         """Greedy (or sampled) decoding of one sequence [1, T, D] with REF capture.
 
         ``logits_hook(step, logits [1, V]) -> logits`` may steer decoding (forced prefixes,
@@ -297,6 +299,8 @@ class RefLLM(nn.Module):
         draft (``</Unit>[0]<REF>`` after a unit name) rides along in the same pass and is
         kept only when the model picks it, so the text is that of token-by-token decoding.
         ``Generation.extra["forward_passes"]`` counts the LLM passes, prefill included.
+        ``prefix`` (with the prompt's ``input_ids`` [1, T]): reuse the keys and values of the
+        prompt's constant start (prefix_cache.py); ``extra["prefix_reused"]`` says how many.
         """
         from transformers import DynamicCache
 
@@ -305,9 +309,15 @@ class RefLLM(nn.Module):
         base, embed = self.causal_lm.model, self.causal_lm.get_input_embeddings()
         stop, ref_id = self.stop_ids(), self.ref_id
         state = grammar.start() if grammar is not None else None
-        cache = DynamicCache(config=self.model.config)
         start = time.perf_counter()
-        hidden = base(inputs_embeds=inputs_embeds, past_key_values=cache, use_cache=True).last_hidden_state
+        if prefix is not None and input_ids is not None:
+            cache, reused = prefix.start(input_ids, self.model.config)
+        else:
+            cache, reused = DynamicCache(config=self.model.config), 0
+        hidden = base(inputs_embeds=inputs_embeds[:, reused:], past_key_values=cache,
+                      use_cache=True).last_hidden_state
+        if prefix is not None and input_ids is not None:
+            prefix.remember(input_ids, cache)
         prefill_s, passes = time.perf_counter() - start, 1
         tokens: list[int] = []
         states: list[torch.Tensor] = []
@@ -350,7 +360,8 @@ class RefLLM(nn.Module):
                       else inputs_embeds.new_zeros((0, self.hidden_size)))
         text = self.tokenizer.decode([t for t in tokens if t not in stop], skip_special_tokens=False)
         return Generation(tokens, text, ref_states, prefill_s, decode_s, stopped,
-                          extra={"forward_passes": passes, "constrained": state is not None})
+                          extra={"forward_passes": passes, "constrained": state is not None,
+                                 "prefix_reused": reused})
 
     def _choose(self, last_hidden: torch.Tensor, step: int, budget: int, state: TrpDecodingState | None,
                 hook: Callable | None, temperature: float, generator: torch.Generator | None) -> int:

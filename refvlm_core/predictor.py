@@ -20,6 +20,7 @@ from refvlm_core.constrained import TrpGrammar
 from refvlm_core.errors import InputError
 from refvlm_core.geometry import cxcywh_to_xyxy, clip_boxes, validate_image
 from refvlm_core.geometry import Letterbox
+from refvlm_core.prefix_cache import PromptPrefixCache
 from refvlm_core.model import RefVLM
 from refvlm_core.results import ReferredObject, Result
 from refvlm_core.visual_prompts import VisualPrompt, validate
@@ -34,6 +35,10 @@ class Predictor:
         self.decoder_backend = None  # None: the model's own decoder modules
         self._grammar: TrpGrammar | None = None
         self.load_s: float | None = None  # seconds from_pretrained took (diagnostics)
+        llm = model.llm
+        # KV of the prompt's constant start, reused by every query; None turns it off
+        self.prefix_cache: PromptPrefixCache | None = (
+            PromptPrefixCache((llm.image_id, llm.region_id)) if llm.tokenizer is not None else None)
 
     def set_decoder_backend(self, backend) -> None:
         """Run the unit decoders through ``backend`` (``run_decoders(routed, pyramid)``, e.g. a
@@ -103,7 +108,8 @@ class Predictor:
         constrained = self.config.llm.constrained if constrained is None else constrained
         generation = self.model.llm.generate(embeds, max_new_tokens or self.config.llm.max_new_tokens,
                                              logits_hook=logits_hook, jump_forward=jump_forward,
-                                             grammar=self.grammar() if constrained else None)
+                                             grammar=self.grammar() if constrained else None,
+                                             input_ids=ids, prefix=self.prefix_cache)
         timings["prefill"], timings["decode"] = generation.prefill_s, generation.decode_s
         parse = trp.parse(generation.text)
         result = Result(prompt=prompt, answer=parse.plain_text, trp_text=generation.text,
@@ -111,6 +117,7 @@ class Predictor:
                         errors=[f"{e.message} (at character {e.position})" for e in parse.errors],
                         diagnostics={"tokens": len(generation.token_ids),
                                      "forward_passes": generation.extra["forward_passes"],
+                                     "prefix_reused": generation.extra["prefix_reused"],
                                      "constrained": constrained, "load_s": self.load_s})
         if not generation.stopped:
             result.errors.append(f"the answer was cut at max_new_tokens={max_new_tokens or self.config.llm.max_new_tokens}")
