@@ -5,7 +5,6 @@ DINO decoders and trains them. Config, schedule and checkpoint units too."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -20,10 +19,10 @@ from refvlm_core.errors import CheckpointError, ConfigError, InputError
 from refvlm_training.engine.config import config_from_dict, load_config
 from refvlm_training.engine.optim import lr_factor
 from refvlm_training.engine.plots import moving_average, plot_losses
-from train_helpers import tiny_train_config, write_tiny_train_data
+from train_helpers import (TRAIN_ENV, kill_after_checkpoint, resume, tiny_train_config, train_command,
+                           write_tiny_train_data)
 
 torch.set_num_threads(1)
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +174,7 @@ def test_two_process_ddp_equals_one_process(tmp_path, data_dir):
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                           "--master_port", "29571", "-m", "refvlm_training.engine", "--stage", "2",
                           "--config", str(cfg_path), "--no-progress"],
-                         env=ENV, capture_output=True, text=True, timeout=150)
+                         env=TRAIN_ENV, capture_output=True, text=True, timeout=150)
     assert run.returncode == 0, run.stderr[-3000:]
     one, two = _weights(single.model_dir), _weights(tmp_path / "ddp" / "model")
     initial = _weights_of_fresh_model(data_dir, tmp_path)
@@ -202,20 +201,10 @@ def test_sigkill_then_resume_follows_the_same_loss_curve(tmp_path, data_dir):
     reference = train(tiny_train_config(data_dir, tmp_path / "ref", **fields), progress=False)
     cfg_path = tmp_path / "kill.yaml"
     cfg_path.write_text(yaml.safe_dump(tiny_train_config(data_dir, tmp_path / "kill", **fields).to_dict()))
-    command = [sys.executable, "-m", "refvlm_training.engine", "--stage", "2", "--config", str(cfg_path),
-               "--no-progress"]
-    process = subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    try:
-        for line in process.stdout:
-            if line.startswith("checkpoint step 2"):
-                process.send_signal(signal.SIGKILL)
-                break
-    finally:
-        process.kill()
-        process.wait(timeout=30)
-    assert process.returncode == -signal.SIGKILL
+    command = train_command(2, cfg_path)
+    assert kill_after_checkpoint(command, 2) == -signal.SIGKILL
     assert not (tmp_path / "kill" / "model").exists()  # it really died before the end
-    resumed = subprocess.run(command + ["--resume"], env=ENV, capture_output=True, text=True, timeout=150)
+    resumed = resume(command)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     expected = [(m["step"], m["loss"]) for m in reference.history]
     got = [(m["step"], m["loss"]) for m in _metrics(tmp_path / "kill")]

@@ -5,10 +5,7 @@ the decoders alone and keeps the LoRA adapters (over_base)."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +13,7 @@ import torch
 import yaml
 
 from refvlm_training.engine.config import config_from_dict
-from train_helpers import tiny_train_config, write_tiny_train_data
+from train_helpers import kill_after_checkpoint, resume, tiny_train_config, train_command, write_tiny_train_data
 
 
 @pytest.fixture(autouse=True)
@@ -97,20 +94,9 @@ def test_stage0_resumes_after_a_kill_on_the_same_curve(tmp_path):
     pretrain_towers(stage0_config(tmp_path / "ref", steps=8), progress=False)
     cfg_path = tmp_path / "kill.yaml"
     cfg_path.write_text(yaml.safe_dump(stage0_config(tmp_path / "kill", steps=8).to_dict()))
-    command = [sys.executable, "-m", "refvlm_training.engine", "--stage", "0", "--config", str(cfg_path),
-               "--no-progress"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    try:
-        for line in process.stdout:
-            if line.startswith("checkpoint step 4"):
-                process.send_signal(signal.SIGKILL)
-                break
-    finally:
-        process.kill()
-        process.wait(timeout=30)
-    assert process.returncode == -signal.SIGKILL and not (tmp_path / "kill" / "model").exists()
-    resumed = subprocess.run(command + ["--resume"], env=env, capture_output=True, text=True, timeout=150)
+    command = train_command(0, cfg_path)
+    assert kill_after_checkpoint(command, 4) == -signal.SIGKILL and not (tmp_path / "kill" / "model").exists()
+    resumed = resume(command)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     ref, kill = _metric_lines(tmp_path / "ref"), _metric_lines(tmp_path / "kill")
     assert [m["step"] for m in kill] == list(range(1, 9))

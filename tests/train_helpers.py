@@ -2,6 +2,10 @@
 stage-2 config that checkpoints every 2 of its 4 steps."""
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 from refvlm_training.engine.config import config_from_dict
@@ -21,3 +25,30 @@ def tiny_train_config(data_dir: Path, out: Path, lr: float = 1e-3, **fields):
             "optim": {"lr": lr, "warmup_steps": 1}}
     base.update(fields)
     return config_from_dict(base)
+
+
+TRAIN_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def train_command(stage: int, config_path: Path) -> list[str]:
+    """`refvlm train` as torchrun would start it, in a fresh interpreter."""
+    return [sys.executable, "-m", "refvlm_training.engine", "--stage", str(stage), "--config", str(config_path),
+            "--no-progress"]
+
+
+def kill_after_checkpoint(command: list[str], step: int) -> int:
+    """Run a training command, SIGKILL it as soon as it reports checkpoint ``step``; its return code."""
+    process = subprocess.Popen(command, env=TRAIN_ENV, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        for line in process.stdout:
+            if line.startswith(f"checkpoint step {step}"):
+                process.send_signal(signal.SIGKILL)
+                break
+    finally:
+        process.kill()
+        process.wait(timeout=30)
+    return process.returncode
+
+
+def resume(command: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(command + ["--resume"], env=TRAIN_ENV, capture_output=True, text=True, timeout=150)
