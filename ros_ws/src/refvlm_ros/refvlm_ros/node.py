@@ -321,6 +321,9 @@ class RefVLMNode(LifecycleNode):
         if size[0] and info.height and (info.height, info.width) != size:
             raise InputError(f"the CameraInfo is for {info.width}x{info.height} but the image is "
                              f"{size[1]}x{size[0]}: publish the image's own CameraInfo")
+        if info.height and (info.height, info.width) != (depth.height, depth.width):
+            raise InputError(f"the CameraInfo is for {info.width}x{info.height} but the depth image "
+                             f"is {depth.width}x{depth.height}: publish depth aligned to the camera")
 
     def _make_depth_context(self, depth: Image, info: CameraInfo) -> messages.DepthContext:
         intrinsics = Intrinsics.from_k(info.k)
