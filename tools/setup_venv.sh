@@ -18,7 +18,7 @@ inputs_hash() {
       -o -name '*.sh' \) 2>/dev/null | sort | xargs -r cat
     # share/refvlm/launch links each launch file; the ROS tools build from ../shared.
     find launch -type f ! -name '*.pyc' | sort
-    find "${REFVLM_SHARED_DIR:-../shared}/ros" -type f 2>/dev/null | sort | xargs -r cat
+    find "${REFVLM_SHARED_DIR:-../shared}/ros" -type f -print0 2>/dev/null | sort -z | xargs -0 -r cat
   } | sha256sum | cut -d' ' -f1
 }
 

@@ -127,6 +127,7 @@ class RefVLMNode(LifecycleNode):
             self, Ground, "~/ground", execute_callback=self._on_ground,
             goal_callback=lambda goal: GoalResponse.ACCEPT,
             cancel_callback=lambda goal_handle: CancelResponse.ACCEPT,
+            goal_service_qos_profile=query_qos, result_service_qos_profile=query_qos,
             callback_group=self._request_group)
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self._diag_timer = self.create_timer(1.0, self._publish_diagnostics, self._io_group)
