@@ -81,3 +81,13 @@ def test_merge_keeps_what_the_adapters_learned(saved_lora):
         states.append(model.llm.hidden_states(embeds)[0, -1])
     assert torch.allclose(states[0], states[1], atol=1e-5)
     assert not torch.allclose(states[0], states[2], atol=1e-3)
+
+
+def test_folded_weights_equal_peft_merge(saved_lora):
+    """The merge at load (no peft) gives exactly the weights of peft's merge_and_unload."""
+    merged, unmerged = _predictor(saved_lora, True), _predictor(saved_lora, False)
+    unmerged.model.llm.model = unmerged.model.llm.model.merge_and_unload()
+    ours, peft_merged = merged.model.llm.causal_lm.state_dict(), unmerged.model.llm.causal_lm.state_dict()
+    assert ours.keys() == peft_merged.keys()
+    different = [k for k in ours if not torch.equal(ours[k], peft_merged[k])]
+    assert not different, different[:5]
