@@ -31,6 +31,10 @@ def register(subparsers) -> None:
                         help="build a preset model (random vision parts; for trying the pipeline)")
     source.add_argument("--model", metavar="DIR", help="checkpoint folder (config.json + model.safetensors)")
     parser.add_argument("--max-new-tokens", type=int, default=None)
+    parser.add_argument("--quantize", choices=("none", "int8"), default="none",
+                        help="int8 LLM weights for CPU inference (with --model; faster, not bit-identical)")
+    parser.add_argument("--unconstrained", action="store_true",
+                        help="decode without the TRP grammar (the raw model's text)")
     parser.add_argument("--json", action="store_true", help="print the full result as JSON")
     parser.add_argument("--out", metavar="PNG", help="write an overlay picture here")
     parser.set_defaults(func=run_infer)
@@ -75,12 +79,13 @@ def run_infer(args) -> int:
     image = _read_image(args.image)
     prompts = visual_prompts(args)
     if args.model:
-        predictor = Predictor.from_pretrained(args.model)
+        predictor = Predictor.from_pretrained(args.model, quantize=args.quantize)
     else:
         predictor = Predictor.from_preset(args.preset or "tiny")
         print(f"note: the {args.preset or 'tiny'} preset is built with untrained vision towers and decoders, "
               "so its answers are arbitrary; pass --model DIR for a trained model", file=sys.stderr)
-    result = predictor.predict(image, args.prompt, prompts, max_new_tokens=args.max_new_tokens)
+    result = predictor.predict(image, args.prompt, prompts, max_new_tokens=args.max_new_tokens,
+                               constrained=False if args.unconstrained else None)
     if args.json:
         print(result.to_json(indent=2))
     else:
@@ -91,6 +96,8 @@ def run_infer(args) -> int:
         for error in result.errors:
             print(f"  note: {error}")
         print("  timings: " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in result.timings.items()))
+        if predictor.load_s is not None:
+            print(f"  model loaded in {predictor.load_s:.1f} s")
     if args.out:
         cv2.imwrite(args.out, draw_result(image, result)[..., ::-1])
     return 0

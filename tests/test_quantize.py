@@ -74,3 +74,22 @@ def test_refuses_unknown_kind_and_unmerged_lora(pair):
     llm.model = get_peft_model(llm.model, LoraConfig(r=2, target_modules=["q_proj"]))
     with pytest.raises(ConfigError, match="merging"):
         quantize_llm(llm, "int8")
+
+
+def test_infer_cli_int8(pair, tmp_path, capsys):
+    import json
+
+    import cv2
+
+    from refvlm_cli.main import main
+    from refvlm_core.checkpoint import save_model
+
+    float_, _ = pair
+    save_model(float_.model, tmp_path / "model")
+    image_path = tmp_path / "in.png"
+    cv2.imwrite(str(image_path), mixed_samples()[0].image[..., ::-1])
+    assert main(["infer", str(image_path), "Find the cup.", "--model", str(tmp_path / "model"),
+                 "--quantize", "int8", "--json", "--max-new-tokens", "12"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert trp.parse(payload["trp_text"], units=list(float_.model.decoders)).ok
+    assert payload["diagnostics"]["constrained"] is True and payload["diagnostics"]["load_s"] > 0
