@@ -248,7 +248,7 @@ def constrain(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     Rows beyond the grammar's vocabulary (padding rows of the embedding) are never allowed."""
     out = torch.full_like(logits, -float("inf"))
     width = min(allowed.shape[0], logits.shape[-1])
-    keep = allowed[:width]
+    keep = allowed[:width].to(logits.device)
     out[:, :width] = torch.where(keep, logits[:, :width], out[:, :width])
     return out
 

@@ -384,13 +384,13 @@ class RefLLM(nn.Module):
         self._notify(state, forced, step, hook)
         return forced
 
-    @staticmethod
-    def _notify(state: TrpDecodingState, tokens: list[int], step: int, hook: Callable | None) -> None:
+    def _notify(self, state: TrpDecodingState, tokens: list[int], step: int, hook: Callable | None) -> None:
         """Advance ``state`` through tokens the grammar forced; the hook is called for each
         with logits that allow only that token (a streaming hook sees every position)."""
+        device = self.causal_lm.get_input_embeddings().weight.device
         for offset, token in enumerate(tokens):
             if hook is not None:
-                one = torch.full((1, state.grammar.vocab_size), -float("inf"))
+                one = torch.full((1, state.grammar.vocab_size), -float("inf"), device=device)
                 one[0, token] = 0.0
                 hook(step + offset, one)
             state.advance(token)

@@ -37,7 +37,7 @@ def structure_bias(tokenizer, seed: int, scale: float = 4.0):
         bias = torch.randn(logits.shape, generator=generator)
         bias[0, ids] += scale + 2 * torch.randn(len(ids), generator=generator)
         bias[0, closers] += 2.0  # phrases that close and open a unit group
-        return logits + bias
+        return logits + bias.to(logits.device)
     return hook
 
 
@@ -190,3 +190,14 @@ def test_decoder_backends_get_the_same_routing(predictor):
         predictor.set_decoder_backend(None)
     assert sorted(backend.asked) == [("depth", 1), ("keypoint", 2)]
     assert result.objects[0].keypoints is not None and result.objects[2].depth is not None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_constrained_decoding_on_cuda():
+    from refvlm_core.predictor import Predictor
+
+    gpu = Predictor.from_preset("tiny", device="cuda")
+    tokenizer = gpu.model.llm.tokenizer
+    for seed in range(3):
+        result = gpu.predict(IMAGE, "Find the red cube.", max_new_tokens=48, logits_hook=structure_bias(tokenizer, seed))
+        assert trp.parse(result.trp_text, units=list(gpu.model.decoders)).ok
