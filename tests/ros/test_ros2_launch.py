@@ -63,9 +63,18 @@ def interrupt_and_check_clean(process) -> None:
 
 
 def stop(process) -> None:
+    """After a failed test: Ctrl-C, then kill what is left, the launched nodes included
+    (killing `ros2 launch` alone would orphan them)."""
     if process.poll() is None:
-        process.kill()
-        process.wait()
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    for pid in child_pids(process.log):
+        if alive(pid):
+            os.kill(pid, signal.SIGKILL)
 
 
 def wait_for_state(client, wanted: str, timeout: float, process) -> None:
