@@ -297,7 +297,8 @@ class RefLLM(nn.Module):
         the only continuation are appended in the same forward pass, and the hook is still
         called once for each of them (with logits that allow only that token); a grammar
         draft (``</Unit>[0]<REF>`` after a unit name) rides along in the same pass and is
-        kept only when the model picks it, so the text is that of token-by-token decoding.
+        kept only when the model picks it, so the greedy text is that of token-by-token
+        decoding (sampling draws no number for a forced token, so its draws shift).
         ``Generation.extra["forward_passes"]`` counts the LLM passes, prefill included.
         ``prefix`` (with the prompt's ``input_ids`` [1, T]): reuse the keys and values of the
         prompt's constant start (prefix_cache.py); ``extra["prefix_reused"]`` says how many.
