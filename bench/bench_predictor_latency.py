@@ -9,8 +9,9 @@ them alike. Variants, each adding one change to the one before:
     +named       only the decoders the answer names run
     +grammar     TRP-constrained decoding, one forward pass per token
     +jump        jump-forward: forced tokens (and the </Unit>[0]<REF> draft) in one pass
-    +int8        int8 LLM weights (refvlm_core.quantize)
-    +prefix      the prompt's constant start (chat template, system prompt) prefilled once
+    +prefix      the prompt's constant start (chat template, system prompt) prefilled once:
+                 the Predictor's default path
+    +int8        int8 LLM weights (refvlm_core.quantize, opt-in)
 
 and ``generate``: plain transformers ``generate`` of the same (merged) LLM on the same
 prompt, as many tokens, greedy. ``--answers model`` (default) lets the model answer;
@@ -36,7 +37,8 @@ from refvlm_core import trp
 from refvlm_core.router import RoutedRefs
 
 TASKS = ("rec", "res", "keypoint", "depth")
-VARIANTS = ("today", "+merged", "+named", "+grammar", "+jump", "+int8", "+prefix")
+VARIANTS = ("today", "+merged", "+named", "+grammar", "+jump", "+prefix", "+int8")
+CONSTRAINED = ("+grammar", "+jump", "+prefix", "+int8")  # [1:]: with jump-forward
 PREFIX_CACHES: dict[int, object] = {}  # id(predictor) -> its prompt-prefix cache
 
 
@@ -107,16 +109,16 @@ def forced(tokenizer, text: str):
 
 def run_variant(variant: str, predictors, item, answers: str):
     unmerged, merged, int8 = predictors
-    predictor = {"today": unmerged, "+int8": int8, "+prefix": int8}.get(variant, merged)
+    predictor = {"today": unmerged, "+int8": int8}.get(variant, merged)
     PREFIX_CACHES.setdefault(id(predictor), predictor.prefix_cache)
-    predictor.prefix_cache = PREFIX_CACHES[id(predictor)] if variant == "+prefix" else None
+    predictor.prefix_cache = PREFIX_CACHES[id(predictor)] if variant in ("+prefix", "+int8") else None
     old_routing = variant in ("today", "+merged")
     predictor.set_decoder_backend(EveryDecoder(predictor.model) if old_routing else None)
     hook = forced(predictor.model.llm.tokenizer, item.answer.text) if answers == "reference" else None
     start = time.perf_counter()
     result = predictor.predict(item.sample.image, item.prompt, item.visual_prompts, logits_hook=hook,
-                               system=item.sample.system, constrained=variant in ("+grammar", "+jump", "+int8", "+prefix"),
-                               jump_forward=variant in ("+jump", "+int8", "+prefix"))
+                               system=item.sample.system, constrained=variant in CONSTRAINED,
+                               jump_forward=variant in CONSTRAINED[1:])
     result.timings["total"] = time.perf_counter() - start
     predictor.set_decoder_backend(None)
     return result
@@ -197,7 +199,7 @@ def print_table(summary, generate_ms: float, items, rows) -> None:
         print(f"{variant:>9} | " + " | ".join(f"{values[k]:12.2f}" for k in keys)
               + f" | {base['total ms'] / values['total ms']:13.2f}x | {values['ms/token'] / generate_ms:10.2f}x")
     print(f" generate | {generate_ms:12.2f} ms/token (transformers generate, merged LLM, same prompt)")
-    for variant in ("+jump", "+int8", "+prefix"):
+    for variant in ("+jump", "+prefix", "+int8"):
         best = summary[variant]
         print(f"{variant} vs today: {base['total ms'] / best['total ms']:.2f}x faster end to end, "
               f"{best['passes/token']:.2f} forward passes per token, {best['ms/token'] / generate_ms:.2f}x "

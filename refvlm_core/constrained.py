@@ -100,26 +100,29 @@ class TrpDecodingState:
             return mask
         if self.kind in (FREE, AFTER_PHRASE) or (self.kind == IN_PHRASE and budget >= 2):
             mask |= g.free
-        for token in self._structural():  # budget-checked one by one, also if free above
-            mask[token] = 1 + len(self._after(token).closing()) <= budget
+        for tokens, cost in self._structural():  # budget-checked, also where free above
+            mask[tokens] = 1 + cost <= budget
         if not mask.any():  # the budget allows only the cheapest closing
             mask[self.closing()[0]] = True
         return mask
 
-    def _structural(self) -> list[int]:
-        """The non-free tokens that may come next (group open / close are free tokens with
-        a structural meaning: listed here so that the budget checks them)."""
+    def _structural(self) -> list[tuple[list[int], int]]:
+        """(tokens, closing cost after any of them) for the non-free tokens that may come
+        next; group open / close are free tokens with a structural meaning, listed here so
+        that the budget checks them. Tokens of one entry lead to equivalent states."""
         g = self.grammar
-        if self.kind == FREE:
-            return [g.tag[trp.PHRASE_OPEN], *g.stop_ids]
-        if self.kind == AFTER_PHRASE:
-            return [g.tag[trp.PHRASE_OPEN], *g.stop_ids, *g.group_open]
+        if self.kind in (FREE, AFTER_PHRASE):
+            entries = [([g.tag[trp.PHRASE_OPEN]], 1), (sorted(g.stop_ids), 0)]
+            if self.kind == AFTER_PHRASE:
+                entries.append((g.group_open, len(self._after(g.group_open[0]).closing())))
+            return entries
         if self.kind == IN_PHRASE:
-            return [] if self.phrase_empty else [g.tag[trp.PHRASE_CLOSE]]
+            return [] if self.phrase_empty else [([g.tag[trp.PHRASE_CLOSE]], 0)]
         if self.kind == UNIT_NAME:
-            return self._name_options()
+            return [([t], len(self._after(t).closing())) for t in self._name_options()]
         if self.kind == AFTER_REF:
-            return [g.index_tokens(self.refs)[0], *g.group_close]
+            first = g.index_tokens(self.refs)[0]
+            return [([first], len(self._after(first).closing())), (g.group_close, 0)]
         return []
 
     def _name_options(self) -> list[int]:
