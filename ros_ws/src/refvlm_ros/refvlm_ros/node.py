@@ -544,6 +544,11 @@ def run(node: RefVLMNode) -> None:
         executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
+    except rclpy._rclpy_pybind11.RCLError:  # noqa: SLF001
+        # Ctrl-C during the autostart configure shuts the context down under the transition,
+        # which then cannot publish its state: a shutdown, not an error. Anything else is one.
+        if rclpy.ok(context=node.context):
+            raise
     finally:
         # A second Ctrl-C must not interrupt the teardown half-way.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
