@@ -13,8 +13,9 @@ Each part is wrapped so that its ONNX graph has plain tensor inputs and outputs:
 
 Dynamic axes (dynamo exporter): batch, L and the feature sizes. Every file carries
 metadata_props (config hash, part, unit, input/output names, opset, shape templates),
-and the export folder gets a ``manifest.json`` that the engine builder and the runtime
-backends read. Shape templates name each dynamic dim by what sets it: ``batch``, ``L``,
+and the export folder gets a ``manifest.json`` (parts, config hash, ``model_sha256`` of the
+exported weights) and the model's ``config.json``, which the engine builder and the
+runtimes read. Shape templates name each dynamic dim by what sets it: ``batch``, ``L``,
 ``size/k`` (image side divided by the stride k) or an integer.
 """
 from __future__ import annotations
@@ -36,7 +37,7 @@ log = logging.getLogger(__name__)
 
 OPSET = 18
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: model_sha256 (the exported parts' weights) recorded
 # Example sizes used while tracing; the parity tests run other sizes on purpose.
 EXPORT_BATCH, EXPORT_L = 2, 8
 
@@ -113,6 +114,8 @@ class Manifest:
     opset: int
     parts: list[PartSpec] = field(default_factory=list)
     format_version: int = FORMAT_VERSION
+    model_sha256: str = ""          # weights_sha256 of the model it came from ("" before version 2)
+    model_name: str = ""
 
     def part(self, name: str) -> PartSpec:
         for spec in self.parts:
@@ -137,7 +140,8 @@ class Manifest:
             return cls(config_hash=data["config_hash"], image_size=data["image_size"],
                        router_length=data["router_length"], opset=data["opset"],
                        parts=[PartSpec.from_dict(p) for p in data["parts"]],
-                       format_version=data.get("format_version", 0))
+                       format_version=data.get("format_version", 0),
+                       model_sha256=data.get("model_sha256", ""), model_name=data.get("model_name", ""))
         except (KeyError, TypeError, json.JSONDecodeError) as error:
             raise CheckpointError(f"{path} is not a valid export manifest ({error}): re-run "
                                   f"`refvlm export onnx --model M --out {folder}`") from error
@@ -146,6 +150,18 @@ class Manifest:
 def config_hash(config: Any) -> str:
     """sha256 of the model config's canonical JSON (what an export was made from)."""
     return hashlib.sha256(config.to_json().encode()).hexdigest()
+
+
+def weights_sha256(model: nn.Module) -> str:
+    """sha256 of the exported parts' weights (encoder, projector, decoders; not the LLM, which
+    stays in torch): what tells a stale export from a current one."""
+    digest = hashlib.sha256()
+    for prefix in ("encoder", "projector", "decoders"):
+        for name, tensor in sorted(getattr(model, prefix).state_dict().items()):
+            tensor = tensor.detach().cpu().contiguous()
+            digest.update(f"{prefix}.{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
 
 
 def file_sha256(path: str | Path) -> str:
@@ -300,7 +316,8 @@ def export_model(model: nn.Module, out_dir: str | Path, opset: int = OPSET, unit
         parts += export_encoders(model, out, opset, meta)
     model.config.to_json(out / "config.json")
     manifest = Manifest(config_hash=digest, image_size=model.config.vision.image_size,
-                        router_length=model.config.router_length, opset=opset, parts=parts)
+                        router_length=model.config.router_length, opset=opset, parts=parts,
+                        model_sha256=weights_sha256(model), model_name=model.config.name)
     manifest.save(out)
     return manifest
 

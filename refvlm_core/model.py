@@ -61,17 +61,18 @@ class RefVLM(nn.Module):
         """Image tokens the LLM sees: the ViT grid after ``config.llm_image_pool``."""
         return (self.encoder.vit_grid // self.config.llm_image_pool) ** 2
 
-    def image_tokens(self, features: ImageFeatures) -> torch.Tensor:
-        """-> [B, Ni, D] projected image tokens (the ViT grid average-pooled by llm_image_pool)."""
+    def image_tokens(self, features: ImageFeatures, projector: Any = None) -> torch.Tensor:
+        """-> [B, Ni, D] projected image tokens (the ViT grid average-pooled by llm_image_pool).
+        ``projector``: another runtime's projector ([B, N, Dv] -> [B, N, D]); None: the module."""
         tokens = features.global_tokens                                       # [B, G*G, Dv]
         pool = self.config.llm_image_pool
         if pool > 1:
             pooled = F.avg_pool2d(tokens_to_map(tokens), pool)                # [B, Dv, G/p, G/p]
             tokens = pooled.flatten(2).transpose(1, 2)
-        return self.projector(tokens)
+        return (self.projector if projector is None else projector)(tokens)
 
     def region_tokens(self, features: ImageFeatures, region_masks: torch.Tensor,
-                      region_counts: list[int]) -> torch.Tensor:
+                      region_counts: list[int], projector: Any = None) -> torch.Tensor:
         """region_masks [R, S, S] (images' prompts concatenated) -> [R, D] projected features."""
         if sum(region_counts) != region_masks.shape[0]:
             raise InputError(f"region_counts {region_counts} do not add up to {region_masks.shape[0]} masks")
@@ -84,7 +85,8 @@ class RefVLM(nn.Module):
             if len(masks):
                 pooled.append(mask_guided_aggregation(token_map[b:b + 1], masks[None], agg.grid,
                                                       agg.temperature, agg.alpha)[0])  # [R_b, Dv]
-        return self.projector(torch.cat(pooled))
+        pooled = torch.cat(pooled)                                            # [R, Dv]
+        return self.projector(pooled) if projector is None else projector(pooled[None])[0]
 
     # ---- decoders ---------------------------------------------------------------------
     def route_refs(self, ref_embeddings: list[torch.Tensor], ref_units: list[list[tuple[str, ...]]],

@@ -23,6 +23,7 @@ from refvlm_core.geometry import Letterbox
 from refvlm_core.prefix_cache import PromptPrefixCache
 from refvlm_core.model import RefVLM
 from refvlm_core.results import ReferredObject, Result
+from refvlm_core.runtime import TorchRuntime, VisionRuntime
 from refvlm_core.visual_prompts import VisualPrompt, validate
 
 
@@ -32,7 +33,9 @@ class Predictor:
         self.model = model.to(self.device).eval()
         self.processor = model.processor
         self.config: ModelConfig = model.config
-        self.decoder_backend = None  # None: the model's own decoder modules
+        self.decoder_backend = None  # None: the runtime's decoders
+        self.runtime: VisionRuntime = TorchRuntime(self.model)  # encoders, projector, decoders
+        self.runtime_reason = "default"  # why this runtime (diagnostics)
         self._grammar: TrpGrammar | None = None
         self.load_s: float | None = None  # seconds from_pretrained took (diagnostics)
         llm = model.llm
@@ -44,6 +47,12 @@ class Predictor:
         """Run the unit decoders through ``backend`` (``run_decoders(routed, pyramid)``, e.g. a
         refvlm_export.backends backend: onnxruntime, tensorrt); None restores the model's modules."""
         self.decoder_backend = backend
+
+    def set_runtime(self, runtime: VisionRuntime | None, reason: str = "") -> None:
+        """Run encoders, projector and decoders through ``runtime`` (e.g. an ONNX Runtime
+        export from refvlm_export.runtime); None restores the model's modules."""
+        self.runtime = runtime or TorchRuntime(self.model)
+        self.runtime_reason = reason or ("set" if runtime else "default")
 
     @classmethod
     def from_preset(cls, name: str, device: str = "cpu", seed: int = 0) -> "Predictor":
@@ -99,10 +108,11 @@ class Predictor:
         pixels, letterbox = self.processor.image_tensor(image)
         masks = self.processor.region_masks(visual_prompts, letterbox).to(self.device)
         ids = self.processor.prompt_ids(prompt, len(visual_prompts), system).to(self.device)
-        features = self.model.encode_images(pixels[None].to(self.device))
+        features = self.runtime.encode_images(pixels[None].to(self.device))
+        project = None if isinstance(self.runtime, TorchRuntime) else self.runtime.project
         embeds = self.model.llm.embed_multimodal(
-            ids, self.model.image_tokens(features),
-            self.model.region_tokens(features, masks, [len(masks)]))
+            ids, self.model.image_tokens(features, project),
+            self.model.region_tokens(features, masks, [len(masks)], project))
         timings["encode"] = time.perf_counter() - start
 
         constrained = self.config.llm.constrained if constrained is None else constrained
@@ -118,7 +128,8 @@ class Predictor:
                         diagnostics={"tokens": len(generation.token_ids),
                                      "forward_passes": generation.extra["forward_passes"],
                                      "prefix_reused": generation.extra["prefix_reused"],
-                                     "constrained": constrained, "load_s": self.load_s})
+                                     "constrained": constrained, "load_s": self.load_s,
+                                     "backend": self.runtime.name})
         if not generation.stopped:
             result.errors.append(f"the answer was cut at max_new_tokens={max_new_tokens or self.config.llm.max_new_tokens}")
 
@@ -150,7 +161,7 @@ class Predictor:
             warnings.simplefilter("ignore")  # unknown units are reported in Result.errors
             routed = self.model.route_refs([states], units, groups)
         named = {unit: refs for unit, refs in routed.items() if refs.num_refs}  # only those the answer names
-        runner = self.decoder_backend or self.model
+        runner = self.decoder_backend or self.runtime
         outputs = runner.run_decoders(named, pyramid)
         merged: dict[int, dict[str, Any]] = {}
         for unit in named:

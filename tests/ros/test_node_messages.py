@@ -115,8 +115,8 @@ def test_readme_lists_every_parameter():
     assert markdown_table() in readme, "regenerate the README's 'Node parameters' table with params.markdown_table()"
 
 
-def test_unwired_backend_is_refused_at_configure():
+def test_exported_backend_without_an_export_names_the_command_that_builds_it():
     from refvlm_ros.node import load_predictor
     from refvlm_ros.params import NodeParams
-    with pytest.raises(ConfigError, match="backend='onnxruntime' is not wired"):
-        load_predictor(dataclasses.replace(NodeParams(), backend="onnxruntime").validate())
+    with pytest.raises(ConfigError, match="refvlm export onnx --model tiny --out DIR"):
+        load_predictor(NodeParams(model_preset="tiny", backend="onnxruntime").validate())

@@ -1,7 +1,8 @@
 """refvlm_node: the REF-VLM perception node (rclpy lifecycle node).
 
     (always)   - ~/query service, ~/ground action, /diagnostics
-    configure  - read and validate parameters, load the Predictor, create publishers
+    configure  - read and validate parameters, load the Predictor on its backend (torch, or
+                 an export folder through ONNX Runtime / TensorRT), create publishers
     activate   - subscribe to the camera, depth, CameraInfo and prompts; start the worker
     deactivate - unsubscribe, stop and join the worker
     cleanup    - free the model, destroy what configure created
@@ -71,13 +72,26 @@ class GoalCanceled(Exception):
 
 
 def load_predictor(p: params.NodeParams) -> Any:
-    """The Predictor named by the parameters (imported here: torch loads on configure)."""
+    """The Predictor named by the parameters, its encoders, projector and decoders on the
+    chosen backend (imported here: torch loads on configure)."""
     from refvlm_core.predictor import Predictor  # noqa: PLC0415
-    if p.backend != "torch":
-        raise ConfigError(f"backend={p.backend!r} is not wired into the Predictor yet: use 'torch'")
     if p.model_path:
-        return Predictor.from_pretrained(p.model_path, device=p.device)
-    return Predictor.from_preset(p.model_preset, device=p.device)
+        predictor = Predictor.from_pretrained(p.model_path, device=p.device)
+    else:
+        predictor = Predictor.from_preset(p.model_preset, device=p.device)
+    if p.backend != "torch":
+        from refvlm_export.runtime import default_export_dir, select_runtime  # noqa: PLC0415
+        runtime, reason = select_runtime(p.backend, predictor.model, default_export_dir(p.export_dir, p.model_path),
+                                         p.device, p.model_path or p.model_preset)
+        predictor.set_runtime(runtime, reason)
+    return predictor
+
+
+def backend_status(predictor: Any) -> dict[str, str]:
+    """What runs the vision parts and why (a stand-in predictor without a runtime: torch)."""
+    runtime = getattr(predictor, "runtime", None)
+    described = runtime.describe() if runtime is not None else {"backend": "torch"}
+    return {**described, "backend_reason": str(getattr(predictor, "runtime_reason", "default"))}
 
 
 def rss_mb() -> float:
@@ -101,6 +115,7 @@ class RefVLMNode(LifecycleNode):
         self._predictor_factory = predictor_factory
         self.p: params.NodeParams | None = None
         self._predictor: Any = None
+        self._backend: dict[str, str] = {}  # what runs the vision parts and why (/diagnostics)
         self._model_lock = threading.Lock()
         self._frames = FrameSlot()
         self._depths = StampedBuffer()
@@ -161,6 +176,8 @@ class RefVLMNode(LifecycleNode):
             self._predictor = self._predictor_factory(self.p)
             self.get_logger().info(f"model loaded in {time.perf_counter() - t0:.1f} s "
                                    f"({self.p.model_path or self.p.model_preset}, {self.p.device})")
+            self._backend = backend_status(self._predictor)
+            self.get_logger().info("backend: " + ", ".join(f"{k}={v}" for k, v in self._backend.items()))
         except Exception as error:  # noqa: BLE001 (a failed configure must not kill the node)
             self.get_logger().error(f"configure failed: {error}")
             self._predictor = None
@@ -518,6 +535,7 @@ class RefVLMNode(LifecycleNode):
                                    for t in threading.enumerate())),
             "inference_threads": str(sum(t.name == WORKER_NAME for t in threading.enumerate())),
             "rss_mb": f"{rss_mb():.1f}",
+            **(self._backend if self._predictor is not None else {}),
         }
         status = DiagnosticStatus(level=DiagnosticStatus.OK, name=f"{self.get_name()}: inference",
                                   hardware_id=self.get_name(), message=values["state"],

@@ -12,7 +12,7 @@ from typing import Any
 
 from refvlm_core.errors import ConfigError
 
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
+BACKENDS = ("torch", "onnxruntime", "tensorrt", "auto")
 IMAGE_BACKENDS = ("auto", "numpy", "cv_bridge")
 RELIABILITIES = ("best_effort", "reliable")
 IMAGE_TRANSPORTS = ("raw", "compressed")
@@ -30,8 +30,13 @@ class NodeParams:
         "Folder of a saved model (config + weights); overrides model_preset"))
     device: str = field(default="cpu", metadata=_describe("Torch device: cpu, cuda, cuda:1 ..."))
     backend: str = field(default="torch", metadata=_describe(
-        "Inference backend; only torch is wired into the Predictor so far (onnxruntime, "
-        "tensorrt are refused at configure)"))
+        "What runs the image encoders, projector and decoders (the LLM is always torch): "
+        "torch, onnxruntime (CUDA provider when device is cuda), tensorrt, or auto "
+        "(tensorrt, else onnxruntime CUDA, else onnxruntime CPU, else torch; the choice "
+        "and its reason go to the log and /diagnostics)"))
+    export_dir: str = field(default="", metadata=_describe(
+        "Folder written by `refvlm export onnx` for the exported backends; empty = "
+        "<model_path>/export"))
     standing_prompt: str = field(default="", metadata=_describe(
         "Prompt re-run on new camera frames at rate_hz; empty = only answer queries. "
         "The prompt topic replaces it at run time"))
