@@ -144,7 +144,14 @@ def select_runtime(kind: str, model: Any, export_dir: Path | None, device: str =
     if kind == "tensorrt":
         return TensorRTVision(export_dir, model, model_arg), "backend:=tensorrt"
     provider = "cuda" if str(device).startswith("cuda") else "cpu"
-    return OnnxRuntimeVision(export_dir, model, provider, model_arg), f"backend:=onnxruntime on device {device}"
+    return (OnnxRuntimeVision(export_dir, model, provider, model_arg, cpu_threads()),
+            f"backend:=onnxruntime on device {device}")
+
+
+def cpu_threads() -> int:
+    """ONNX Runtime's intra-op threads: torch's count, so the two share one CPU budget
+    (OMP_NUM_THREADS) instead of ONNX Runtime taking every core."""
+    return torch.get_num_threads()
 
 
 def _auto(model: Any, export_dir: Path | None, device: str, model_arg: str) -> tuple[Any, str]:
@@ -157,7 +164,8 @@ def _auto(model: Any, export_dir: Path | None, device: str, model_arg: str) -> t
         attempts.append(("onnxruntime cuda", lambda: OnnxRuntimeVision(export_dir, model, "cuda", model_arg)))
     else:
         refusals.append("onnxruntime cuda: no CUDA GPU")
-    attempts.append(("onnxruntime cpu", lambda: OnnxRuntimeVision(export_dir, model, "cpu", model_arg)))
+    attempts.append(("onnxruntime cpu", lambda: OnnxRuntimeVision(export_dir, model, "cpu", model_arg,
+                                                                    cpu_threads())))
     for label, build in attempts:
         try:
             runtime = build()
