@@ -5,8 +5,9 @@ keeps them (keyed by the image's pixels), so each image goes through the towers 
 When everything before the decoders is frozen (towers, projector, LLM: a decoder-only
 phase), the <REF> hidden states of a sample never change either: they are cached too
 (keyed by the image and the token ids), so the LLM runs once per sample and later
-epochs cost the decoders alone. Exact, not an approximation: frozen parts run in eval
-mode without dropout, so a cached output equals a recomputed one.
+epochs cost the decoders alone. Not an approximation: frozen parts run in eval mode
+without dropout, so a cached output equals a recomputed one up to float rounding (the
+batch it was computed in may differ).
 """
 from __future__ import annotations
 

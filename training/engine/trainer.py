@@ -165,6 +165,10 @@ class Trainer:
         model = unwrap(self.model)
         if not self.cfg.cache_frozen or model.encoder.trainable:
             return None
+        if self.cfg.strategy == "fsdp" and self.info.distributed:
+            # sharded parameters gather only inside the wrapped forward: no calls from outside
+            log.info("cache_frozen is off under FSDP (frozen parts run inside the sharded forward)")
+            return None
         upstream_frozen = not any(p.requires_grad for part in (model.projector, model.llm) for p in part.parameters())
         return FrozenOutputsCache(cache_refs=upstream_frozen)
 
