@@ -52,3 +52,11 @@ def test_targets_cover_the_issue_and_empty_stage_is_a_clear_error(tmp_path):
     (tmp_path / "stage1" / "metrics.jsonl").write_text("")
     with pytest.raises(InputError, match="no logged step"):
         render_card(tmp_path, "c", 1, "d")
+
+
+def test_wall_seconds_adds_the_segments_of_a_resumed_run():
+    from refvlm_training.evaluation.model_card import wall_seconds
+
+    steps = [{"seconds": 10.0}, {"seconds": 20.0}, {"seconds": 5.0}, {"seconds": 15.0}]  # resumed after 20 s
+    assert wall_seconds(steps) == 35.0
+    assert wall_seconds([{"seconds": 3.0}]) == 3.0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import tempfile
 
 import pytest
@@ -22,6 +23,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 _modules_seen = 0
+
+
+@pytest.fixture(autouse=True)
+def _keep_signal_dispositions():
+    """Restore SIGINT / SIGTERM handling after each test. Code run in the test process (a
+    node's teardown, native libraries) may ignore or block SIGINT, and an ignored or blocked
+    signal is inherited by every process a later test starts: `ros2 launch` would then
+    never see its Ctrl-C."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])  # the blocked set is inherited too
+    yield
+    for sig, handler in saved.items():
+        if signal.getsignal(sig) is not handler:
+            signal.signal(sig, handler)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -30,9 +30,17 @@ def ros2_launch(log: Path, *arguments: str):
                AMENT_PREFIX_PATH=os.pathsep.join(filter(None, [sys.prefix, os.environ.get("AMENT_PREFIX_PATH")])))
     with open(log, "w") as out:
         process = subprocess.Popen([sys.executable, str(ROS2), "launch", "refvlm", *arguments],
-                                   stdout=out, stderr=subprocess.STDOUT, env=env)
+                                   stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=_default_signals)
     process.log = log
     return process
+
+
+def _default_signals() -> None:
+    """In the child before exec: Ctrl-C and SIGTERM delivered and handled by default, whatever
+    the test process inherited or set (both are inherited across exec)."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def child_pids(log: Path) -> list[int]:

@@ -55,11 +55,22 @@ def stage_summary(stage_dir: Path) -> dict:
         raise InputError(f"{stage_dir}/metrics.jsonl has no logged step: did the stage run?")
     config = json.loads((stage_dir / "train_config.json").read_text())
     last = steps[-1]
-    return {"name": stage_dir.name, "steps": last["step"], "seconds": last.get("seconds", 0.0),
+    return {"name": stage_dir.name, "steps": last["step"], "seconds": wall_seconds(steps),
             "batch": config["batch_size"] * config["grad_accum"], "lr": config["optim"]["lr"],
             "lora": config.get("lora", {}).get("enabled", False),
             "losses": {k.removeprefix("loss_") if k != "loss" else "total": v
                        for k, v in last.items() if k.startswith("loss") and v}}
+
+
+def wall_seconds(steps: list[dict]) -> float:
+    """Training seconds of a run's logged steps; a resumed run's clock restarts, so add its segments."""
+    total = previous = 0.0
+    for record in steps:
+        seconds = record.get("seconds", 0.0)
+        if seconds < previous:
+            total += previous
+        previous = seconds
+    return total + previous
 
 
 def metrics_table(reports: dict[str, dict], targets=NANO_TARGETS) -> list[str]:
