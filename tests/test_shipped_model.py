@@ -1,9 +1,9 @@
 """The nano model shipped in models/nano: its files, its size, and that it loads over the
-installed base LLM and answers SimWorld test-split requests (with each task's system
-instruction, as in training and `refvlm eval`) in valid TRP with boxes, masks, keypoints
-and depth. Its accuracy is measured by `refvlm eval` (models/nano/MODEL_CARD.md); here a
-few held-out scenes guard against a broken or mismatched model landing, and its depth,
-the one target it meets, is checked against the ground truth."""
+installed base LLM and answers SimWorld test-split requests under its default system
+prompt (what the node and `refvlm infer` send) with the held-out evaluation phrasings, in
+valid TRP with a registered unit, boxes, masks, keypoints and depth. Its accuracy is
+measured by `refvlm eval` (models/nano/MODEL_CARD.md); here a few held-out scenes guard
+against a broken or mismatched model landing."""
 from __future__ import annotations
 
 import json
@@ -30,7 +30,7 @@ def predictor():
 def _test_items(task: str, count: int):
     """The first ``count`` evaluation items (prompt + ground truth) of the test split."""
     world = SimWorld(SimWorldConfig(width=256, height=192), "test")
-    samples = (s for index in range(50) for s in world.samples(index, 1, 0, tasks=(task,)))
+    samples = (s for index in range(50) for s in world.samples(index, 1, 0, tasks=(task,), system="default"))
     items = eval_items(samples, task, limit=count)
     assert len(items) == count, f"fewer than {count} {task} samples in 50 test scenes"
     return items
@@ -48,7 +48,16 @@ def test_files_size_and_card():
 
 
 def _predict(predictor, item):
-    return predictor.predict(item.sample.image, item.prompt, max_new_tokens=48, system=item.sample.system)
+    assert item.sample.system is None  # the model's default prompt, as the node sends
+    return predictor.predict(item.sample.image, item.prompt, max_new_tokens=48)
+
+
+def test_answers_name_registered_units(predictor):
+    for task in ("rec", "res", "keypoint", "depth"):
+        item, = _test_items(task, 1)
+        parse = trp.parse(_predict(predictor, item).trp_text, strict=True)
+        assert parse.errors == [] and parse.refs, (task, parse)
+        assert {u for ref in parse.refs for u in ref.units} <= set(predictor.model.decoders), (task, parse)
 
 
 def test_rec_answers_are_valid_trp_with_boxes_on_held_out_scenes(predictor):
