@@ -175,6 +175,11 @@ def main(args: list[str] | None = None) -> None:
         rclpy.spin(node)
     except (KeyboardInterrupt, rclpy.executors.ExternalShutdownException):
         pass
+    except rclpy._rclpy_pybind11.RCLError:  # noqa: SLF001 (rclpy's only error type here)
+        # Ctrl-C between a frame's publishes: the context is gone under the callback. A
+        # shutdown, not an error; anything else still is one.
+        if rclpy.ok():
+            raise
     finally:
         if node is not None:
             node.destroy_node()
