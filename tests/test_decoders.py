@@ -23,12 +23,7 @@ SMALL = {"box": {"hidden_dim": 32, "num_layers": 1, "num_heads": 2},
 BUILTIN = tuple(SMALL)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_decoder(unit: str, seed: int = 0) -> UnitDecoder:

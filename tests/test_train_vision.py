@@ -16,12 +16,7 @@ from refvlm_training.engine.config import config_from_dict
 from train_helpers import kill_after_checkpoint, resume, tiny_train_config, train_command, write_tiny_train_data
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

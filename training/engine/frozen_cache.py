@@ -39,8 +39,8 @@ class FrozenOutputsCache:
         return [_digest(image) for image in batch["images"]]
 
     @torch.no_grad()
-    def features(self, model, batch: dict[str, Any]) -> ImageFeatures:
-        keys = self.image_keys(batch)
+    def features(self, model, batch: dict[str, Any], keys: list[str]) -> ImageFeatures:
+        """``keys``: the batch's ``image_keys`` (computed once per step, shared with ref_embeddings)."""
         missing = [i for i, key in enumerate(keys) if key not in self._features]
         if missing:
             computed = model.encode_images(batch["images"][missing])
@@ -55,11 +55,11 @@ class FrozenOutputsCache:
                                       for k in range(len(items[0][1]))])
 
     @torch.no_grad()
-    def ref_embeddings(self, model, batch: dict[str, Any], features: ImageFeatures) -> list[torch.Tensor]:
+    def ref_embeddings(self, model, batch: dict[str, Any], features: ImageFeatures,
+                       image_keys: list[str]) -> list[torch.Tensor]:
         """Per image [n_b, D] teacher-forced <REF> states, from the cache when every item is in it."""
-        images = self.image_keys(batch)
         keys = [image + _digest(ids[mask.bool()]) for image, ids, mask
-                in zip(images, batch["input_ids"], batch["attention_mask"])]
+                in zip(image_keys, batch["input_ids"], batch["attention_mask"])]
         if not all(key in self._refs for key in keys):
             hidden = model.llm_hidden_states(batch, features)
             for key, refs in zip(keys, model.teacher_forced_refs(batch, hidden)):

@@ -14,6 +14,7 @@ same scenes in the same order. Output: ``OUT/model/{vit,convnext}.safetensors`` 
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -191,14 +192,16 @@ def foreground_accuracy(pixel: dict[str, Tensor], targets: DenseTargets) -> dict
 
 # ---- the loop -----------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=2)
+def _epoch_order(scenes: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(scenes)
+
+
 def _scene_order(scenes: int, seed: int, step: int, batch: int) -> list[int]:
     """Scene indices of one step: a fresh permutation per epoch, a pure function of the step."""
     start = step * batch
-    order = []
-    for position in range(start, start + batch):
-        epoch, offset = divmod(position, scenes)
-        order.append(int(np.random.default_rng([seed, epoch]).permutation(scenes)[offset]))
-    return order
+    return [int(_epoch_order(scenes, seed, position // scenes)[position % scenes])
+            for position in range(start, start + batch)]
 
 
 def pretrain_towers(cfg, resume: bool = False, progress: bool = True):
@@ -208,7 +211,8 @@ def pretrain_towers(cfg, resume: bool = False, progress: bool = True):
     from refvlm_training.engine import checkpoint as ckpt
     from refvlm_training.engine.optim import build_optimizer, build_scheduler
     from refvlm_training.engine.stages import _with_overrides
-    from refvlm_training.engine.trainer import METRICS_FILE, TrainResult, _MetricsLogger, _progress
+    from refvlm_training.engine.trainer import (METRICS_FILE, TrainResult, _MetricsLogger, _progress,
+                                                _truncate_metrics)
 
     if cfg.model.preset is None:
         raise ConfigError("stage 0 builds the towers from model.preset (+ overrides); set model.preset")
@@ -230,7 +234,7 @@ def pretrain_towers(cfg, resume: bool = False, progress: bool = True):
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step = int(state["step"])
-        _truncate(out / METRICS_FILE, step)
+        _truncate_metrics(out / METRICS_FILE, step)
     loader = _prefetch(data, cfg, step)
     logger, bar = _MetricsLogger(out, cfg), _progress(cfg.steps, step, progress)
     start = time.perf_counter()
@@ -276,12 +280,6 @@ def _prefetch(data: SceneTargets, cfg, step: int):
     loader = torch.utils.data.DataLoader(data, batch_sampler=sampler, collate_fn=collate_targets,
                                          num_workers=cfg.data.num_workers)
     return iter(loader)
-
-
-def _truncate(path: Path, step: int) -> None:
-    from refvlm_training.engine.trainer import _truncate_metrics
-
-    _truncate_metrics(path, step)
 
 
 def save_towers(encoder, heads: nn.Module, folder: Path) -> Path:

@@ -175,11 +175,11 @@ class Trainer:
     def _frozen_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
         if self.cache is None:
             return {}
-        model = unwrap(self.model)
-        features = self.cache.features(model, batch)
+        model, keys = unwrap(self.model), self.cache.image_keys(batch)
+        features = self.cache.features(model, batch, keys)
         if not self.cache.cache_refs:
             return {"features": features}
-        return {"features": features, "ref_embeddings": self.cache.ref_embeddings(model, batch, features)}
+        return {"features": features, "ref_embeddings": self.cache.ref_embeddings(model, batch, features, keys)}
 
     # ---- checkpoints ------------------------------------------------------------------
     def save_checkpoint(self) -> None:
