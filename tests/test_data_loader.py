@@ -120,3 +120,9 @@ def test_collate_keeps_variable_targets():
     batch = collate_samples(samples + [None])
     assert batch == samples
     assert sorted({t.count for s in batch for t in s.turns[1].targets}) == [1, 2]
+
+
+def test_max_samples_keeps_the_first_samples_in_shard_order(shard_dir):
+    everything = _ids(VTInstructDataset(shard_dir, shuffle=False))
+    first = VTInstructDataset(shard_dir, seed=1, max_samples=3)
+    assert len(first) == 3 and sorted(_ids(first)) == sorted(everything[:3])

@@ -127,3 +127,15 @@ def test_decoder_phase_moves_only_the_decoders(tmp_path, data_dir):
     trainer.train_step()
     moved = {n.split(".")[0] for n, p in trainer.model.named_parameters() if not torch.equal(before[n], p)}
     assert moved == {"decoders"}
+
+
+def test_stage0_loss_weights_scale_their_terms(tmp_path):
+    from refvlm_training.engine.stage0 import pretrain_towers
+
+    pretrain_towers(stage0_config(tmp_path / "plain", steps=1), progress=False)
+    pretrain_towers(stage0_config(tmp_path / "weighted", steps=1, vision_pretrain={
+        "scenes": 8, "width": 96, "height": 64, "head_dim": 16, "loss_weights": {"depth": 0.0, "color": 3.0}}),
+        progress=False)
+    plain, weighted = _metric_lines(tmp_path / "plain")[0], _metric_lines(tmp_path / "weighted")[0]
+    expected = plain["loss"] - plain["loss_depth"] + 2.0 * plain["loss_color"]  # same first batch, same init
+    assert weighted["loss"] == pytest.approx(expected, rel=1e-5)
