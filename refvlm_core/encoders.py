@@ -158,5 +158,5 @@ class DualImageEncoder(nn.Module):
         """images: [B, 3, S, S] float in [0, 1] (model frame). Frozen towers build no graph."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.trainable):
             normalised = (images - self.mean) / self.std
-            return ImageFeatures(global_tokens=self.vit_tokens(normalised),
+            return ImageFeatures(patch_tokens=self.vit_tokens(normalised),
                                  pyramid=self.convnext_pyramid(normalised))

@@ -8,7 +8,7 @@ import torch
 
 @dataclass
 class ImageFeatures:
-    global_tokens: torch.Tensor        # [B, Ng, Dv]  CLIP-ViT tokens (chosen layer), before the projector
+    patch_tokens: torch.Tensor         # [B, Ng, Dv]  CLIP-ViT patch tokens (chosen layer, no CLS), before the projector
     pyramid: list[torch.Tensor]        # ConvNeXt stages, each [B, C_i, H_i, W_i], highest resolution first
 
     @property

@@ -64,7 +64,7 @@ class RefVLM(nn.Module):
     def image_tokens(self, features: ImageFeatures, projector: Any = None) -> torch.Tensor:
         """-> [B, Ni, D] projected image tokens (the ViT grid average-pooled by llm_image_pool).
         ``projector``: another runtime's projector ([B, N, Dv] -> [B, N, D]); None: the module."""
-        tokens = features.global_tokens                                       # [B, G*G, Dv]
+        tokens = features.patch_tokens                                        # [B, G*G, Dv]
         pool = self.config.llm_image_pool
         if pool > 1:
             pooled = F.avg_pool2d(tokens_to_map(tokens), pool)                # [B, Dv, G/p, G/p]
@@ -77,8 +77,8 @@ class RefVLM(nn.Module):
         if sum(region_counts) != region_masks.shape[0]:
             raise InputError(f"region_counts {region_counts} do not add up to {region_masks.shape[0]} masks")
         if region_masks.shape[0] == 0:
-            return features.global_tokens.new_zeros(0, self.llm.hidden_size)
-        token_map = tokens_to_map(features.global_tokens)                    # [B, Dv, G, G]
+            return features.patch_tokens.new_zeros(0, self.llm.hidden_size)
+        token_map = tokens_to_map(features.patch_tokens)                     # [B, Dv, G, G]
         agg = self.config.aggregation
         pooled = []
         for b, masks in enumerate(torch.split(region_masks, region_counts)):

@@ -1,5 +1,5 @@
 """Latent Embeddings Router: sends each <REF> embedding to the decoder of every unit
-named in its <Unit> block, grouped per image and padded to L.
+named in its <Unit> block, grouped per image and padded to L = router_length.
 
 Routing is by what the model generated (the parsed <Unit> tag), not by the task or the
 system prompt. Every requested unit gets an entry even when no <REF> goes to it, so
@@ -63,7 +63,7 @@ def route(
     ref_units: list[list[tuple[str, ...]]],
     ref_groups: list[list[int]],
     units: Sequence[str],
-    max_refs: int = 100,
+    router_length: int = 100,
     pad_to_longest: bool = False,
 ) -> dict[str, RoutedRefs]:
     """Group <REF> embeddings by unit.
@@ -72,54 +72,55 @@ def route(
     ref_units:      per image, per <REF>: the units of its <Unit> block (e.g. ("box", "mask")).
     ref_groups:     per image, per <REF>: its unit-block index.
     units:          the units to route to (usually the registered decoders).
-    Returns unit -> RoutedRefs with L = max_refs (with ``pad_to_longest``: L = the unit's most
-    <REF>s in one image, at least 1 and at most max_refs; the decoders give the same outputs
+    Returns unit -> RoutedRefs with L = router_length (with ``pad_to_longest``: L = the unit's most
+    <REF>s in one image, at least 1 and at most router_length; the decoders give the same outputs
     for the valid refs, and training does not pay for padding). A composite block goes to each of its
-    units; <REF>s beyond max_refs for one unit are dropped with a warning; units not in
+    units; <REF>s beyond router_length for one unit are dropped with a warning; units not in
     ``units`` are dropped with a warning.
     """
-    _check_route_inputs(ref_embeddings, ref_units, ref_groups, max_refs)
+    _check_route_inputs(ref_embeddings, ref_units, ref_groups, router_length)
     unknown = {u for per_image in ref_units for block in per_image for u in block} - set(units)
     if unknown:
         warnings.warn(f"<REF>s of units {sorted(unknown)} have no decoder and are not decoded; "
                       f"decoders exist for {sorted(units)}", stacklevel=2)
     def length(unit: str) -> int:
         if not pad_to_longest:
-            return max_refs
+            return router_length
         counts = [sum(unit in block for block in per_image) for per_image in ref_units]
-        return max(1, min(max_refs, max(counts)))
+        return max(1, min(router_length, max(counts)))
 
     return {unit: _route_one_unit(ref_embeddings, ref_units, ref_groups, unit, length(unit)) for unit in units}
 
 
 def _route_one_unit(ref_embeddings: list[Tensor], ref_units: list[list[tuple[str, ...]]],
-                    ref_groups: list[list[int]], unit: str, max_refs: int) -> RoutedRefs:
+                    ref_groups: list[list[int]], unit: str, router_length: int) -> RoutedRefs:
     rows, ordinals, groups = [], [], []
     for b, (emb, per_ref_units, per_ref_groups) in enumerate(zip(ref_embeddings, ref_units, ref_groups)):
         picked = [i for i, block_units in enumerate(per_ref_units) if unit in block_units]
-        if len(picked) > max_refs:
-            warnings.warn(f"image {b}: {len(picked)} <REF>s for unit '{unit}' exceed max_refs={max_refs}; "
-                          f"decoding the first {max_refs} (raise max_refs to keep them all)", stacklevel=3)
-            picked = picked[:max_refs]
-        pad = max_refs - len(picked)
+        if len(picked) > router_length:
+            warnings.warn(f"image {b}: {len(picked)} <REF>s for unit '{unit}' exceed "
+                          f"router_length={router_length}; decoding the first {router_length} "
+                          f"(raise router_length to keep them all)", stacklevel=3)
+            picked = picked[:router_length]
+        pad = router_length - len(picked)
         index = torch.tensor(picked, dtype=torch.long, device=emb.device)
         rows.append(torch.cat([emb.index_select(0, index), emb.new_zeros(pad, emb.shape[1])]))  # [L, D]
         ordinals.append(picked + [PAD] * pad)
         groups.append([per_ref_groups[i] for i in picked] + [PAD] * pad)
     device = ref_embeddings[0].device
-    ordinal_t = torch.tensor(ordinals, dtype=torch.long, device=device).view(len(rows), max_refs)
+    ordinal_t = torch.tensor(ordinals, dtype=torch.long, device=device).view(len(rows), router_length)
     return RoutedRefs(
         embeddings=torch.stack(rows),  # [B, L, D]
         valid=ordinal_t >= 0,
         ordinals=ordinal_t,
-        group_ids=torch.tensor(groups, dtype=torch.long, device=device).view(len(rows), max_refs),
+        group_ids=torch.tensor(groups, dtype=torch.long, device=device).view(len(rows), router_length),
     )
 
 
 def _check_route_inputs(ref_embeddings: list[Tensor], ref_units: list[list[tuple[str, ...]]],
-                        ref_groups: list[list[int]], max_refs: int) -> None:
-    if max_refs < 1:
-        raise InputError(f"max_refs must be >= 1, got {max_refs}")
+                        ref_groups: list[list[int]], router_length: int) -> None:
+    if router_length < 1:
+        raise InputError(f"router_length must be >= 1, got {router_length}")
     if not ref_embeddings:
         raise InputError("route() needs at least one image (pass a [0, D] tensor for an image without <REF>s)")
     if not len(ref_embeddings) == len(ref_units) == len(ref_groups):

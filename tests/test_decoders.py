@@ -36,11 +36,11 @@ def make_pyramid(batch: int = 2, size: int = 16, seed: int = 0) -> list[torch.Te
     return [torch.randn(batch, c, size >> i, size >> i, generator=generator) for i, c in enumerate(CHANNELS)]
 
 
-def routed_refs(counts: tuple[int, ...], max_refs: int, unit: str, groups_per_image: int = 1) -> RoutedRefs:
+def routed_refs(counts: tuple[int, ...], router_length: int, unit: str, groups_per_image: int = 1) -> RoutedRefs:
     embeddings = [torch.randn(n, LLM_DIM) for n in counts]
     ref_units = [[(unit,)] * n for n in counts]
     ref_groups = [[i % groups_per_image for i in range(n)] for n in counts]
-    return route(embeddings, ref_units, ref_groups, units=(unit,), max_refs=max_refs)[unit]
+    return route(embeddings, ref_units, ref_groups, units=(unit,), router_length=router_length)[unit]
 
 
 def random_targets(unit: str, routed: RoutedRefs, size: int = 32) -> list[UnitTargets]:
@@ -69,7 +69,7 @@ EXPECTED_SHAPES = {"box": {"boxes": (4,), "scores": ()}, "mask": {"mask_logits":
 def test_shapes_and_finite_outputs(unit, valid):
     """Eval mode gives exactly the export contract's outputs; training mode adds per-layer ones."""
     decoder = make_decoder(unit).eval()
-    routed = routed_refs((valid, min(valid, 3)), max_refs=100, unit=unit)
+    routed = routed_refs((valid, min(valid, 3)), router_length=100, unit=unit)
     with torch.no_grad():
         outputs = decoder(routed.embeddings, routed.valid, make_pyramid())
         training_outputs = decoder.train()(routed.embeddings, routed.valid, make_pyramid())
@@ -85,7 +85,7 @@ def test_shapes_and_finite_outputs(unit, valid):
 @pytest.mark.parametrize("unit", ("box", "mask", "keypoint"))
 def test_padding_does_not_leak_into_valid_refs(unit):
     decoder = make_decoder(unit).eval()
-    routed = routed_refs((3, 1), max_refs=8, unit=unit)
+    routed = routed_refs((3, 1), router_length=8, unit=unit)
     noisy = routed.embeddings.clone()
     noisy[~routed.valid] = torch.randn(int((~routed.valid).sum()), LLM_DIM) * 10
     with torch.no_grad():
@@ -98,7 +98,7 @@ def test_padding_does_not_leak_into_valid_refs(unit):
 @pytest.mark.parametrize("unit", BUILTIN)
 def test_gradients_reach_every_parameter_and_the_embeddings(unit):
     decoder = make_decoder(unit)
-    routed = routed_refs((3, 2), max_refs=8, unit=unit, groups_per_image=2)
+    routed = routed_refs((3, 2), router_length=8, unit=unit, groups_per_image=2)
     routed.embeddings.requires_grad_(True)
     outputs = decoder(routed.embeddings, routed.valid, make_pyramid())
     losses = decoder.loss(outputs, routed, random_targets(unit, routed))
@@ -114,7 +114,7 @@ def test_gradients_reach_every_parameter_and_the_embeddings(unit):
 @pytest.mark.parametrize("valid", [0, 2])
 def test_no_targets_gives_zero_connected_loss(unit, valid):
     decoder = make_decoder(unit)
-    routed = routed_refs((valid, 0), max_refs=4, unit=unit)
+    routed = routed_refs((valid, 0), router_length=4, unit=unit)
     outputs = decoder(routed.embeddings, routed.valid, make_pyramid())
     losses = decoder.loss(outputs, routed, no_targets(2))
     assert losses and all(v == 0 for v in losses.values())
@@ -130,7 +130,7 @@ OVERFIT = {"box": (100, 10.0), "mask": (100, 50.0), "keypoint": (100, 20.0), "de
 def test_overfits_a_single_target(unit):
     decoder = make_decoder(unit)
     torch.manual_seed(1)
-    routed = routed_refs((1,), max_refs=4, unit=unit)
+    routed = routed_refs((1,), router_length=4, unit=unit)
     pyramid = make_pyramid(batch=1)
     target = random_targets(unit, routed, size=16)
     if unit == "mask":  # a blob, not noise: learnable from a 16 x 16 feature map
@@ -158,7 +158,7 @@ def test_overfits_a_single_target(unit):
 def test_postprocess_gives_numpy_per_valid_ref(unit):
     decoder = make_decoder(unit)
     routed = route([torch.randn(3, LLM_DIM), torch.randn(0, LLM_DIM)], [[(unit,), ("other",), (unit,)], []],
-                   [[0, 1, 2], []], units=(unit, "other"), max_refs=4)[unit]
+                   [[0, 1, 2], []], units=(unit, "other"), router_length=4)[unit]
     with torch.no_grad():
         results = decoder.postprocess(decoder(routed.embeddings, routed.valid, make_pyramid()), routed)
     assert [len(r) for r in results] == [2, 0]
@@ -208,7 +208,7 @@ def point_unit():
 def test_a_registered_unit_routes_and_builds_without_other_changes(point_unit):
     assert point_unit in registered_units() and set(BUILTIN) <= set(registered_units())
     units = registered_units()
-    routed = route([torch.randn(2, LLM_DIM)], [[("point",), ("box", "point")]], [[0, 1]], units=units, max_refs=4)
+    routed = route([torch.randn(2, LLM_DIM)], [[("point",), ("box", "point")]], [[0, 1]], units=units, router_length=4)
     decoders = {u: build_decoder(u, LLM_DIM, CHANNELS, **SMALL.get(u, {})) for u in units}
     pyramid = make_pyramid(batch=1)
     outputs = {u: decoders[u](routed[u].embeddings, routed[u].valid, pyramid) for u in units}

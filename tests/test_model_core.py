@@ -56,7 +56,7 @@ def test_dual_encoder_shapes_and_frozen():
     encoder.train()
     assert not encoder.training and not any(p.requires_grad for p in encoder.parameters())
     features = encoder(torch.rand(2, 3, 64, 64))
-    assert features.global_tokens.shape == (2, encoder.num_image_tokens, encoder.vit_width) == (2, 16, 32)
+    assert features.patch_tokens.shape == (2, encoder.num_image_tokens, encoder.vit_width) == (2, 16, 32)
     assert [tuple(level.shape) for level in features.pyramid] == [(2, 8, 16, 16), (2, 16, 8, 8), (2, 32, 4, 4)]
     assert features.pyramid_channels == encoder.pyramid_channels
 
@@ -252,7 +252,7 @@ def test_llm_image_pool_gives_the_llm_fewer_image_tokens():
     assert plain.num_image_tokens == grid ** 2 and pooled.num_image_tokens == (grid // 2) ** 2
     tokens = pooled.image_tokens(features)                                   # [1, (G/2)^2, D]
     assert tokens.shape[1] == pooled.num_image_tokens
-    block = features.global_tokens[0].view(grid, grid, -1)[:2, :2].reshape(4, -1).mean(0)
+    block = features.patch_tokens[0].view(grid, grid, -1)[:2, :2].reshape(4, -1).mean(0)
     assert torch.allclose(tokens[0, 0], pooled.projector(block[None])[0], atol=1e-5)
     ids = pooled.processor.prompt_ids("Find the cube.", 0)
     assert int((ids == pooled.llm.image_id).sum()) == pooled.num_image_tokens

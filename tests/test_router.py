@@ -18,7 +18,7 @@ def test_groups_by_generated_unit_with_composite_blocks():
     # image 0: "<Unit>box</Unit>[0]<REF>[1]<REF>", "<Unit>box,mask</Unit>[0]<REF>", "<Unit>keypoint</Unit>[0]<REF>"
     ref_units = [[("box",), ("box",), ("box", "mask"), ("keypoint",)], [("mask",)]]
     ref_groups = [[0, 0, 1, 2], [0]]
-    routed = route(embeddings(4, 1), ref_units, ref_groups, units=("box", "mask", "keypoint", "depth"), max_refs=5)
+    routed = route(embeddings(4, 1), ref_units, ref_groups, units=("box", "mask", "keypoint", "depth"), router_length=5)
     assert set(routed) == {"box", "mask", "keypoint", "depth"}
     box = routed["box"]
     assert box.embeddings.shape == (2, 5, 6)
@@ -34,21 +34,22 @@ def test_groups_by_generated_unit_with_composite_blocks():
     assert (box.valid == (box.ordinals >= 0)).all()
 
 
-def test_truncates_to_max_refs_with_a_warning():
-    with pytest.warns(UserWarning, match="exceed max_refs=3"):
-        routed = route(embeddings(5), [[("box",)] * 5], [[0] * 5], units=("box",), max_refs=3)
+def test_truncates_to_router_length_with_a_warning():
+    with pytest.warns(UserWarning, match="exceed router_length=3"):
+        routed = route(embeddings(5), [[("box",)] * 5], [[0] * 5], units=("box",), router_length=3)
     assert routed["box"].ordinals.tolist() == [[0, 1, 2]]
 
 
 def test_unknown_unit_is_dropped_with_a_warning():
     with pytest.warns(UserWarning, match="polygon"):
-        routed = route(embeddings(2), [[("polygon",), ("box",)]], [[0, 1]], units=("box",), max_refs=2)
+        routed = route(embeddings(2), [[("polygon",), ("box",)]], [[0, 1]], units=("box",), router_length=2)
     assert routed["box"].ordinals.tolist() == [[1, -1]]
 
 
 def test_gradient_flows_back_to_the_llm_embeddings():
     source = torch.randn(3, 4, requires_grad=True)
-    routed = route([source], [[("box",), ("mask",), ("box", "mask")]], [[0, 1, 2]], units=("box", "mask"), max_refs=4)
+    routed = route([source], [[("box",), ("mask",), ("box", "mask")]], [[0, 1, 2]], units=("box", "mask"),
+                   router_length=4)
     (routed["box"].embeddings.sum() + 2 * routed["mask"].embeddings.sum()).backward()
     assert source.grad[:, 0].tolist() == [1.0, 2.0, 3.0]
 
@@ -60,16 +61,16 @@ def test_bad_inputs_are_clear_errors():
         route(embeddings(2), [[("box",)]], [[0]], units=("box",))
     with pytest.raises(InputError, match="tuples of names"):
         route(embeddings(1), [["box"]], [[0]], units=("box",))
-    with pytest.raises(InputError, match="max_refs"):
-        route(embeddings(1), [[("box",)]], [[0]], units=("box",), max_refs=0)
+    with pytest.raises(InputError, match="router_length"):
+        route(embeddings(1), [[("box",)]], [[0]], units=("box",), router_length=0)
 
 
 def test_pad_to_longest_keeps_the_valid_refs_and_drops_only_padding():
     embeddings = [torch.randn(3, 8), torch.randn(1, 8)]
     units = [[("box",), ("box",), ("mask",)], [("box",)]]
     groups = [[0, 0, 1], [0]]
-    fixed = route(embeddings, units, groups, ("box", "mask", "depth"), max_refs=10)
-    short = route(embeddings, units, groups, ("box", "mask", "depth"), max_refs=10, pad_to_longest=True)
+    fixed = route(embeddings, units, groups, ("box", "mask", "depth"), router_length=10)
+    short = route(embeddings, units, groups, ("box", "mask", "depth"), router_length=10, pad_to_longest=True)
     assert {u: r.valid.shape[1] for u, r in short.items()} == {"box": 2, "mask": 1, "depth": 1}
     for unit in fixed:
         length = short[unit].valid.shape[1]

@@ -41,7 +41,7 @@ def test_a_training_step_moves_the_towers_only_when_asked(tmp_path, data_dir, tr
         # every tower tensor the forward uses moves (blocks past vit_layer and unused ConvNeXt
         # stages get no gradient), in both towers
         features = model.encoder(torch.rand(1, 3, 64, 64))
-        (features.global_tokens.sum() + sum(level.sum() for level in features.pyramid)).backward()
+        (features.patch_tokens.sum() + sum(level.sum() for level in features.pyramid)).backward()
         used = {n for n, p in model.encoder.named_parameters() if p.grad is not None}
         assert model.encoder.training and moved == used
         assert any(n.startswith("vit.") for n in moved) and any(n.startswith("convnext.") for n in moved)

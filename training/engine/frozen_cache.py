@@ -45,12 +45,12 @@ class FrozenOutputsCache:
         if missing:
             computed = model.encode_images(batch["images"][missing])
             for j, i in enumerate(missing):
-                self._features[keys[i]] = (computed.global_tokens[j].clone(),
+                self._features[keys[i]] = (computed.patch_tokens[j].clone(),
                                            [level[j].clone() for level in computed.pyramid])
         self.hits += len(keys) - len(missing)
         self.misses += len(missing)
         items = [self._features[key] for key in keys]
-        return ImageFeatures(global_tokens=torch.stack([tokens for tokens, _ in items]),
+        return ImageFeatures(patch_tokens=torch.stack([tokens for tokens, _ in items]),
                              pyramid=[torch.stack([levels[k] for _, levels in items])
                                       for k in range(len(items[0][1]))])
 

@@ -150,7 +150,7 @@ class DenseHeads(nn.Module):
     def forward(self, features) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """ImageFeatures -> (pixel outputs [B, C_k, h, w], token outputs [B, C_k, G, G])."""
         pixel = self.pixel_head(F.relu(self.pixel_decoder(features.pyramid)))
-        tokens = self.token_head(features.global_tokens)                           # [B, G*G, C]
+        tokens = self.token_head(features.patch_tokens)                            # [B, G*G, C]
         grid = int(math.isqrt(tokens.shape[1]))
         tokens = tokens.transpose(1, 2).unflatten(-1, (grid, grid))
         return (dict(zip(self.sizes, pixel.split(list(self.sizes.values()), dim=1))),
