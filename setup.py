@@ -9,6 +9,7 @@ from setuptools import find_packages, setup
 
 IMPORT_NAME_TO_FOLDER = {
     "refvlm_core": "refvlm_core",
+    "refvlm_simworld": "simworld",
     "refvlm_training": "training",
     "refvlm_export": "export",
     "refvlm_cli": "refvlm_cli",

@@ -20,7 +20,8 @@ import torch
 
 
 def write_data(folder: Path, scenes: int) -> Path:
-    from refvlm_training.simworld import SimWorldConfig, write_split
+    from refvlm_simworld import SimWorldConfig
+    from refvlm_training.data.simworld import write_split
 
     write_split("train", scenes, folder, SimWorldConfig(width=256, height=192), progress=False,
                 max_per_task=1, conversations=0, tasks=("rec", "res", "depth"), system="default")

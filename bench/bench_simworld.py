@@ -14,7 +14,8 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import time  # noqa: E402
 
-from refvlm_training.simworld import SimWorld, SimWorldConfig  # noqa: E402
+from refvlm_simworld import SimWorld, SimWorldConfig  # noqa: E402
+from refvlm_training.data.simworld import world_samples  # noqa: E402
 
 
 def rate(function, count: int) -> float:
@@ -35,7 +36,7 @@ def main() -> None:
         scenes_per_s = rate(world.scene, args.scenes)
         count = max(args.scenes // 4, 5)
         start = time.perf_counter()
-        samples = sum(len(world.samples(i)) for i in range(count))
+        samples = sum(len(world_samples(world, i)) for i in range(count))
         seconds = time.perf_counter() - start
         print(f"{width}x{height:>4} {scenes_per_s:9.1f} {1000 / scenes_per_s:9.1f} {samples / seconds:10.1f} "
               f"{count / seconds:22.1f}")

@@ -124,7 +124,8 @@ def test_file_holds_no_base_llm_matrix(lora_model, tmp_path):
 
 def test_lora_training_moves_only_adapters_rows_and_non_llm(tmp_path):
     from refvlm_training.engine.trainer import Trainer
-    from refvlm_training.simworld import SimWorldConfig, write_split
+    from refvlm_simworld import SimWorldConfig
+    from refvlm_training.data.simworld import write_split
 
     data = tmp_path / "data"
     write_split("train", 1, data, SimWorldConfig(seed=3, width=64, height=48), progress=False, max_per_task=1)

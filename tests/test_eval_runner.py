@@ -39,10 +39,11 @@ def predictor():
 
 @pytest.fixture(scope="module")
 def samples():
-    from refvlm_training.simworld import SimWorld, SimWorldConfig
+    from refvlm_simworld import SimWorld, SimWorldConfig
+    from refvlm_training.data.simworld import world_samples
 
     world = SimWorld(SimWorldConfig(seed=0, width=96, height=72), "test")
-    return [s for index in range(3) for s in world.samples(index, max_per_task=1, conversations=0)]
+    return [s for index in range(3) for s in world_samples(world, index, max_per_task=1, conversations=0)]
 
 
 class ForcedAnswers:
@@ -115,7 +116,8 @@ def test_bad_inputs_say_what_to_do(predictor, samples):
 
 def test_refvlm_eval_command_writes_report(tmp_path, capsys):
     from refvlm_cli.main import main
-    from refvlm_training.simworld import SimWorldConfig, write_split
+    from refvlm_simworld import SimWorldConfig
+    from refvlm_training.data.simworld import write_split
 
     write_split("test", 1, tmp_path / "shards", SimWorldConfig(seed=1, width=96, height=72), progress=False,
                 max_per_task=1, conversations=0)

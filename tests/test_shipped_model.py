@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from refvlm_core import trp
+from refvlm_simworld import SimWorld, SimWorldConfig
+from refvlm_training.data.simworld import world_samples
 from refvlm_training.evaluation.runner import eval_items
-from refvlm_training.simworld import SimWorld, SimWorldConfig
 
 MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "nano"
 SIZE_LIMIT_MB = 50
@@ -30,7 +31,7 @@ def predictor():
 def _test_items(task: str, count: int):
     """The first ``count`` evaluation items (prompt + ground truth) of the test split."""
     world = SimWorld(SimWorldConfig(width=256, height=192), "test")
-    samples = (s for index in range(50) for s in world.samples(index, 1, 0, tasks=(task,), system="default"))
+    samples = (s for index in range(50) for s in world_samples(world, index, 1, 0, tasks=(task,), system="default"))
     items = eval_items(samples, task, limit=count)
     assert len(items) == count, f"fewer than {count} {task} samples in 50 test scenes"
     return items

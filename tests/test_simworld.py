@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from refvlm_core.errors import ConfigError, InputError
-from refvlm_training.simworld import Camera, SceneObject, SimWorld, SimWorldConfig
-from refvlm_training.simworld.figures import COCO_SKELETON
-from refvlm_training.simworld.primitives import Box, Capsule, Cone, Cylinder, Sphere
-from refvlm_training.simworld.render import render_layout
+from refvlm_simworld import Camera, SceneObject, SimWorld, SimWorldConfig
+from refvlm_simworld.figures import COCO_SKELETON
+from refvlm_simworld.primitives import Box, Capsule, Cone, Cylinder, Sphere
+from refvlm_simworld.render import render_layout
 
 SMALL = SimWorldConfig(seed=7, width=96, height=72)
 
@@ -203,10 +203,11 @@ def test_default_system_samples_and_nothing_matches_answers():
     sends); train scenes get "nothing matches" REC/RES answers with no <REF>, never naming a
     held-out colour x shape pair; test scenes get none."""
     from refvlm_core import trp
-    from refvlm_training.simworld.splits import HELD_OUT_COLOR_SHAPE
+    from refvlm_simworld.splits import HELD_OUT_COLOR_SHAPE
+    from refvlm_training.data.simworld import world_samples
 
     world = SimWorld(SimWorldConfig(width=96, height=64), "train")
-    samples = [s for i in range(30) for s in world.samples(i, max_per_task=4, conversations=1,
+    samples = [s for i in range(30) for s in world_samples(world, i, max_per_task=4, conversations=1,
                                                              tasks=("rec", "res"), system="default")]
     assert samples and all(s.system is None for s in samples)
     negatives = [s for s in samples if s.task in ("rec", "res") and not s.turns[1].targets]
@@ -217,4 +218,19 @@ def test_default_system_samples_and_nothing_matches_answers():
         colour, shape = answer.removeprefix("There is no ").removesuffix(" in the image.").split()
         assert (colour, shape) not in HELD_OUT_COLOR_SHAPE
     test = SimWorld(SimWorldConfig(width=96, height=64), "test")
-    assert all(s.turns[1].targets for i in range(10) for s in test.samples(i, 4, 0, tasks=("rec",)))
+    assert all(s.turns[1].targets for i in range(10) for s in world_samples(test, i, 4, 0, tasks=("rec",)))
+
+
+def test_the_simulator_runs_without_the_training_package_torch_or_ros():
+    """SimWorld is shared by the training data and the ROS sim camera: rendering a scene in a
+    fresh interpreter loads neither the training package, torch nor rclpy."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from refvlm_simworld import SimWorld, SimWorldConfig\n"
+            "SimWorld(SimWorldConfig(width=32, height=24), 'val').scene(0)\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'refvlm_training', 'torch', 'rclpy'}))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"

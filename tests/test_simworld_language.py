@@ -12,12 +12,11 @@ import pytest
 
 from refvlm_core import trp
 from refvlm_core.errors import InputError
+from refvlm_simworld import HELD_OUT_COLOR_SHAPE, SimWorld, SimWorldConfig, language
+from refvlm_simworld.splits import COLOR_NAMES, SHAPES
 from refvlm_training.data.shards import read_samples
+from refvlm_training.data.simworld import annotations, world_samples, write_split
 from refvlm_training.data.templates import TASKS
-from refvlm_training.simworld import HELD_OUT_COLOR_SHAPE, SimWorld, SimWorldConfig, write_split
-from refvlm_training.simworld import language
-from refvlm_training.simworld.samples import annotations
-from refvlm_training.simworld.splits import COLOR_NAMES, SHAPES
 
 CONFIG = SimWorldConfig(seed=5, width=96, height=72)
 COLOR = "|".join(COLOR_NAMES)
@@ -104,13 +103,13 @@ def test_train_and_val_never_show_or_name_held_out_pairs_but_test_always_shows_o
         for index in range(60):
             pairs = {(o.color, o.category) for o in world.layout(index).objects}
             assert not pairs & HELD_OUT_COLOR_SHAPE, (split, index)
-        texts = [t.text for i in range(6) for s in world.samples(i) for t in s.turns]
+        texts = [t.text for i in range(6) for s in world_samples(world, i) for t in s.turns]
         named = set().union(*map(_color_shape_pairs, texts))
         assert named and not named & HELD_OUT_COLOR_SHAPE
     test = SimWorld(CONFIG, "test")
     for index in range(60):
         assert {(o.color, o.category) for o in test.layout(index).objects} & HELD_OUT_COLOR_SHAPE, index
-    test_texts = [t.text for i in range(4) for s in test.samples(i) for t in s.turns]
+    test_texts = [t.text for i in range(4) for s in world_samples(test, i) for t in s.turns]
     assert set().union(*map(_color_shape_pairs, test_texts)) & HELD_OUT_COLOR_SHAPE
 
 
@@ -143,7 +142,7 @@ def test_samples_cover_every_task_with_consistent_targets():
     tasks = Counter()
     for index in range(3):
         scene = world.scene(index)
-        for sample in world.samples(index):
+        for sample in world_samples(world, index):
             tasks[sample.task] += 1
             assert sample.image.tobytes() == scene.rgb.tobytes()
             for turn in sample.turns[1::2]:
@@ -157,7 +156,8 @@ def test_samples_cover_every_task_with_consistent_targets():
                     if target.boxes is not None and target.masks is None:
                         assert any(np.array_equal(b, box) for b in target.boxes for box in scene.boxes.values())
     assert set(TASKS) <= set(tasks), set(TASKS) - set(tasks)
-    assert world.samples(1)[0].turns[1].text == world.samples(1)[0].turns[1].text  # deterministic language
+    # deterministic language
+    assert world_samples(world, 1)[0].turns[1].text == world_samples(world, 1)[0].turns[1].text
 
 
 def test_write_split_writes_readable_shards(tmp_path):

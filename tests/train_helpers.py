@@ -12,7 +12,8 @@ from refvlm_training.engine.config import config_from_dict
 
 
 def write_tiny_train_data(tmp_path_factory) -> Path:
-    from refvlm_training.simworld import SimWorldConfig, write_split
+    from refvlm_simworld import SimWorldConfig
+    from refvlm_training.data.simworld import write_split
 
     out = tmp_path_factory.mktemp("simworld") / "train"
     write_split("train", 2, out, SimWorldConfig(seed=3, width=64, height=48), progress=False, max_per_task=1)

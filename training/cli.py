@@ -84,7 +84,8 @@ def parse_size(text: str) -> tuple[int, int]:
 
 def _simworld(args: argparse.Namespace) -> int:
     from refvlm_training.data.templates import TASKS
-    from refvlm_training.simworld import SimWorldConfig, write_split
+    from refvlm_simworld import SimWorldConfig
+    from refvlm_training.data.simworld import write_split
 
     width, height = parse_size(args.size)
     tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip()) if args.tasks else TASKS

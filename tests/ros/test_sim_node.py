@@ -115,6 +115,24 @@ def test_every_message_of_a_frame_shares_one_header_and_agrees(context):
                 assert sz < z + 0.05
 
 
+def test_the_sim_camera_and_demo_do_not_load_the_training_package():
+    """The ROS runtime renders SimWorld scenes through refvlm_simworld only."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from refvlm_ros import demo, sim_node\n"
+            "from refvlm_ros.sim_scenes import SimScenes\n"
+            "scenes = SimScenes('test', 0, 48, 36)\n"
+            "rgb, depth, camera, truth = scenes.render(sim_node.moved_camera(scenes.base_camera, scenes.target,"
+            " 'orbit', 0.5, 1.0))\n"
+            "assert rgb.shape == (36, 48, 3) and truth['objects']\n"
+            "print('refvlm_training' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "False"
+
+
 def test_orbit_moves_the_camera_around_its_target():
     from refvlm_ros.sim_node import moved_camera
     from refvlm_ros.sim_scenes import SimScenes

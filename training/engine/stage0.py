@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from refvlm_core.errors import ConfigError
+from refvlm_core.targets import DENSE_STRIDE  # dense targets at S/4, as the decoders' (mask, depth)
 
 log = logging.getLogger(__name__)
-MASK_STRIDE = 4   # targets at S/4, as the processor's mask and depth targets
 IGNORE = -1
 
 
@@ -63,12 +63,12 @@ def _letterbox_sample(values: np.ndarray, letterbox, out: int, fill) -> np.ndarr
 def dense_targets(scene, image_size: int) -> DenseTargets:
     """A rendered SimWorld scene -> its DenseTargets for a model frame of ``image_size``."""
     from refvlm_core.geometry import CLIP_MEAN_RGB, Letterbox
-    from refvlm_training.simworld.splits import COLOR_NAMES
-    from refvlm_training.simworld.world import CATEGORIES, MATERIALS, SIZES
+    from refvlm_simworld.splits import COLOR_NAMES
+    from refvlm_simworld.world import CATEGORIES, MATERIALS, SIZES
 
     height, width = scene.rgb.shape[:2]
     letterbox = Letterbox.fit(height, width, image_size)
-    out = image_size // MASK_STRIDE
+    out = image_size // DENSE_STRIDE
     ids = _letterbox_sample(scene.instance_ids, letterbox, out, 0)
     count = len(scene.objects) + 1
     tables = {name: np.full(count, IGNORE, np.int64) for name in ("color", "shape", "material", "size")}
@@ -93,7 +93,7 @@ def _centre_heatmap(boxes: dict[int, np.ndarray], letterbox, out: int) -> np.nda
     heat = np.zeros((out, out), np.float32)
     grid = np.arange(out) + 0.5
     for xyxy in boxes.values():
-        x0, y0, x1, y1 = letterbox.boxes_to_model(xyxy[None])[0] / MASK_STRIDE
+        x0, y0, x1, y1 = letterbox.boxes_to_model(xyxy[None])[0] / DENSE_STRIDE
         sx, sy = max((x1 - x0) / 6, 0.5), max((y1 - y0) / 6, 0.5)
         bump = np.exp(-((grid[None] - (x0 + x1) / 2) ** 2) / (2 * sx ** 2)
                       - ((grid[:, None] - (y0 + y1) / 2) ** 2) / (2 * sy ** 2))
@@ -105,7 +105,7 @@ class SceneTargets(torch.utils.data.Dataset):
     """Train-split SimWorld scenes rendered on demand, as DenseTargets."""
 
     def __init__(self, scenes: int, width: int, height: int, image_size: int, seed: int = 0) -> None:
-        from refvlm_training.simworld import SimWorld, SimWorldConfig
+        from refvlm_simworld import SimWorld, SimWorldConfig
 
         self.world = SimWorld(SimWorldConfig(seed=seed, width=width, height=height), "train")
         self.scenes, self.image_size = scenes, image_size
@@ -127,8 +127,8 @@ def collate_targets(items: list[DenseTargets]) -> DenseTargets:
 def head_sizes() -> dict[str, int]:
     """Output channels per dense target. Attribute classes are learnt on object pixels only
     (background would swamp them: ~90% of pixels); ``objects`` separates the two."""
-    from refvlm_training.simworld.splits import COLOR_NAMES
-    from refvlm_training.simworld.world import CATEGORIES, MATERIALS, SIZES
+    from refvlm_simworld.splits import COLOR_NAMES
+    from refvlm_simworld.world import CATEGORIES, MATERIALS, SIZES
 
     return {"objects": 1, "color": len(COLOR_NAMES), "shape": len(CATEGORIES), "material": len(MATERIALS),
             "size": len(SIZES), "centre": 1, "depth": 1}

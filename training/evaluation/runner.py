@@ -389,7 +389,8 @@ def load_samples(data: str) -> Iterable[Sample]:
 
 
 def _simworld_samples(spec: str) -> Iterable[Sample]:
-    from refvlm_training.simworld import SimWorld, SimWorldConfig
+    from refvlm_simworld import SimWorld, SimWorldConfig
+    from refvlm_training.data.simworld import world_samples
 
     parts = spec.split(":")
     try:
@@ -397,4 +398,4 @@ def _simworld_samples(spec: str) -> Iterable[Sample]:
     except (IndexError, ValueError):
         raise InputError(f"--data {spec!r}: write simworld:SPLIT:N[:SEED], e.g. simworld:test:50") from None
     world = SimWorld(SimWorldConfig(seed=seed), split)
-    return (sample for index in range(count) for sample in world.samples(index))
+    return (sample for index in range(count) for sample in world_samples(world, index))

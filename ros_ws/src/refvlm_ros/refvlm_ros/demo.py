@@ -97,7 +97,7 @@ def pick_layout(split: str, targets: set[str], width: int, height: int,
     min_pixels = min_fraction * width * height
     from refvlm_ros.sim_scenes import SimScenes, object_name
 
-    from refvlm_training.simworld.world import SimWorldConfig, make_layout
+    from refvlm_simworld.world import SimWorldConfig, make_layout
 
     for index in range(max_index):
         layout = make_layout(SimWorldConfig(width=width, height=height), split, index)

@@ -75,7 +75,7 @@ def moved_camera(base, target: np.ndarray, motion: str, speed: float, t: float):
     """The base camera moved for `t` seconds, still looking at `target` (world [3]):
     orbit about the vertical through it, or dolly back and forth (triangle wave, up to
     30% of the distance)."""
-    from refvlm_training.simworld.camera import Camera
+    from refvlm_simworld.camera import Camera
 
     if motion == "static" or t == 0.0:
         return base

@@ -80,7 +80,7 @@ class SimScenes:
     """One SimWorld layout, rendered from any camera."""
 
     def __init__(self, split: str, layout_index: int, width: int, height: int, seed: int = 0) -> None:
-        from refvlm_training.simworld.world import SimWorldConfig, make_layout
+        from refvlm_simworld.world import SimWorldConfig, make_layout
 
         self.layout = make_layout(SimWorldConfig(seed=seed, width=width, height=height),
                                   split, layout_index)
@@ -90,7 +90,7 @@ class SimScenes:
     def render(self, camera):
         """(rgb [H, W, 3] uint8, depth [H, W] float32 metres with NaN for no surface,
         camera, ground truth dict)."""
-        from refvlm_training.simworld.render import render_layout
+        from refvlm_simworld.render import render_layout
 
         scene = render_layout(self.layout, camera)
         depth = metric_depth(scene)
