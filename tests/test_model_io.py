@@ -46,7 +46,7 @@ def test_trainable_only_checkpoint(model, tmp_path):
     from safetensors import safe_open
 
     model.trainable_parameters(1)
-    save_model(model, tmp_path, trainable_only=True)
+    save_model(model, tmp_path, mode="trainable")
     with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as handle:
         assert all(k.startswith("projector.") for k in handle.keys())
     torch.manual_seed(0)  # same base init: tiny's "base LLM" is its seeded random init

@@ -2,15 +2,14 @@
 
 One file ``<out>/checkpoints/last.pt`` holds the trainable model state, the optimizer,
 the scheduler, every process's RNG states (python, numpy, torch, cuda) and data-loader
-position, and the step. It is written to a temp file in the same folder, fsynced, then
-``os.replace``d over the old one, and the folder fsynced: a kill at any moment leaves
+position, and the step. It is written with ``refvlm_core.atomic.atomic_write`` (temp
+file in the same folder, fsync, ``os.replace``, folder fsync): a kill at any moment leaves
 either the previous checkpoint or the new one, never a torn file.
 """
 from __future__ import annotations
 
 import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from refvlm_core.atomic import atomic_write
 from refvlm_core.errors import CheckpointError
 
 CHECKPOINT_NAME = "last.pt"
@@ -63,39 +63,11 @@ def load_model_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_s
     set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd, options=_options())
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return  # not every platform opens folders
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_torch_save(obj: Any, path: Path) -> Path:
-    """torch.save to a temp file beside ``path``, fsync, rename over ``path``, fsync the folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
-
-
 def save_checkpoint(path: Path, *, step: int, model_sd: dict, optim_sd: dict, scheduler_sd: dict,
                     rng_states: list[dict], loader_states: list[dict], extra: dict | None = None) -> Path:
-    return atomic_torch_save({"format": FORMAT, "step": step, "model": model_sd, "optimizer": optim_sd,
-                              "scheduler": scheduler_sd, "rng": rng_states, "loader": loader_states,
-                              "extra": extra or {}}, path)
+    state = {"format": FORMAT, "step": step, "model": model_sd, "optimizer": optim_sd, "scheduler": scheduler_sd,
+             "rng": rng_states, "loader": loader_states, "extra": extra or {}}
+    return atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from refvlm_core.errors import ConfigError
+from refvlm_core.from_dict import dataclass_from_dict
 
 STAGES = (0, 1, 2, 3)
 MODEL_PARTS = ("encoder", "projector", "llm", "decoders")
@@ -99,10 +100,6 @@ class TrainConfig:
     external_decoder: ExternalDecoderConfig | None = None
     vision_pretrain: VisionPretrainConfig = field(default_factory=VisionPretrainConfig)
 
-    @property
-    def global_batch_per_process(self) -> int:
-        return self.batch_size * self.grad_accum
-
     def validate(self) -> "TrainConfig":
         if self.stage not in STAGES:
             raise ConfigError(f"stage={self.stage}: use one of {STAGES}")
@@ -141,10 +138,6 @@ STAGE_PRESETS: dict[int, dict[str, Any]] = {
     3: {"optim": {"lr": 1e-4, "warmup_steps": 5}},
 }
 
-_NESTED = {"data": DataConfig, "model": ModelSource, "optim": OptimConfig, "lora": LoraConfig,
-           "external_decoder": ExternalDecoderConfig, "vision_pretrain": VisionPretrainConfig}
-
-
 def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)
     for key, value in top.items():
@@ -152,29 +145,12 @@ def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _build(cls: type, data: Any, where: str) -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where} must be a mapping, got {type(data).__name__}")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"{where}: unknown field(s) {unknown}; known: {sorted(known)}")
-    kwargs = {}
-    for key, value in data.items():
-        if cls is TrainConfig and key in _NESTED and value is not None:
-            value = _build(_NESTED[key], value, f"{where}.{key}")
-        elif key == "betas":
-            value = tuple(value)
-        kwargs[key] = value
-    return cls(**kwargs)
-
-
 def config_from_dict(data: dict[str, Any], stage: int | None = None) -> TrainConfig:
     """Dataclass defaults <- stage preset <- ``data``; ``stage`` (e.g. from --stage) wins."""
     stage = int(stage if stage is not None else data.get("stage", 1))
     merged = _merge(STAGE_PRESETS.get(stage, {}), data)
     merged["stage"] = stage
-    return _build(TrainConfig, merged, "train config").validate()
+    return dataclass_from_dict(TrainConfig, merged, "train config").validate()
 
 
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:

@@ -309,7 +309,7 @@ class Trainer:
             if self.cfg.lora.enabled or has_lora(model):  # adapters unmerged + TRP rows over the base LLM
                 save_model(model, folder, mode="over_base")
             else:
-                save_model(model, folder, trainable_only=self.cfg.save_trainable_only)
+                save_model(model, folder, mode="trainable" if self.cfg.save_trainable_only else "full")
             if self.cfg.stage == 3:
                 (folder / "external_decoder.json").write_text(
                     json.dumps(dataclasses.asdict(self.cfg.external_decoder), indent=2))
@@ -327,24 +327,17 @@ def _restore_gradient_sync(model: nn.Module):
 
 def _save_fsdp_model(model: nn.Module, folder: Path, info: DistInfo, trainable_only: bool) -> Path | None:
     """Gather the sharded parameters in full on rank 0 (a collective: every process calls
-    it) and write the same model folder as the unsharded path."""
-    from safetensors.torch import save_file
+    it) and write the same model folder as the unsharded path, with the same writer."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from refvlm_core.checkpoint import write_model_folder
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
     full = get_model_state_dict(model, options=options)  # on rank 0 only; {} elsewhere
     if info.is_main:
-        folder.mkdir(parents=True, exist_ok=True)
         dropped = _tied_aliases(model)
         unique = {name: tensor.contiguous().clone() for name, tensor in full.items() if name not in dropped}
-        metadata = {"format": "refvlm", "mode": "trainable" if trainable_only else "full",
-                    "trainable_only": str(trainable_only).lower()}
-        temp = folder / "model.safetensors.tmp"
-        save_file(unique, str(temp), metadata=metadata)
-        temp.replace(folder / "model.safetensors")
-        from refvlm_core.checkpoint import saved_config
-
-        (folder / "config.json").write_text(saved_config(model.config, towers_stored=not trainable_only).to_json())
+        write_model_folder(folder, unique, model, "trainable" if trainable_only else "full")
     barrier(info)
     return folder if info.is_main else None
 
