@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 RUNTIME_KINDS = ("torch", "onnxruntime", "tensorrt", "auto")
 VISION_PARTS = ("vit", "convnext", "projector")
+ENGINE_DIR = "engines"  # the TensorRT engine cache inside an export folder
 
 
 def export_command(model_arg: str, folder: str | Path) -> str:
@@ -96,30 +97,45 @@ class OnnxRuntimeVision:
 
 
 class TensorRTVision(OnnxRuntimeVision):
-    """Decoders as native TensorRT engines (``<export>/engines``); encoders and projector
-    through ONNX Runtime on the GPU (its TensorRT provider when present, else CUDA)."""
+    """Decoders as native TensorRT engines (``<export>/engines``, built for this GPU, this
+    TensorRT and the node's optimisation profile); encoders and projector through ONNX
+    Runtime on the GPU (its TensorRT provider when present, else CUDA)."""
 
     name = "tensorrt"
 
-    def __init__(self, folder: str | Path, model: Any, model_arg: str = "M") -> None:
+    def __init__(self, folder: str | Path, model: Any, model_arg: str = "M", build_engines: bool = True,
+                 trt: Any = None) -> None:
         import onnxruntime as ort
 
         from refvlm_export.backends import TensorRTBackend
+        from refvlm_export.tensorrt_build import device_identity, import_tensorrt
 
         if not torch.cuda.is_available():
             raise ConfigError("backend tensorrt needs a CUDA GPU: pick onnxruntime or torch")
+        trt = trt or import_tensorrt()
+        self.engine_dir = Path(folder) / ENGINE_DIR
+        ensure_node_engines(folder, check_export(folder, model, model_arg), trt, device_identity(trt),
+                            build_engines)
         available = ort.get_available_providers()
         provider = "tensorrt" if ORT_PROVIDERS["tensorrt"] in available else "cuda"
         super().__init__(folder, model, provider, model_arg)
-        engines = Path(folder) / "engines"
-        try:
-            self.decoders = TensorRTBackend(engines, folder, model.config)
-        except (ConfigError, CheckpointError) as error:
-            raise CheckpointError(f"{error} (build the engines with `refvlm export tensorrt --onnx {folder} "
-                                  f"--out {engines}`)") from error
+        self.decoders = TensorRTBackend(self.engine_dir, folder, model.config, trt=trt)
 
     def describe(self) -> dict[str, str]:
-        return {**super().describe(), "backend": "tensorrt", "decoders": "tensorrt engines"}
+        return {**super().describe(), "backend": "tensorrt", "decoders": "tensorrt engines",
+                "engine_dir": str(self.engine_dir)}
+
+
+def ensure_node_engines(folder: str | Path, manifest: Manifest, trt: Any, identity: dict[str, str],
+                        build: bool) -> dict[str, Path]:
+    """The decoders' engines in ``<folder>/engines`` for the node's profile (batch 1, L =
+    router_length, the model frame): missing or stale ones built there when ``build``, else
+    refused naming the `refvlm export tensorrt` command that builds them."""
+    from refvlm_export.tensorrt_build import ProfileConfig, ensure_engines
+
+    parts = [spec.part for spec in manifest.parts if spec.unit is not None]
+    return ensure_engines(folder, Path(folder) / ENGINE_DIR, ProfileConfig.for_node(manifest), parts,
+                          trt=trt, identity=identity, build=build)
 
 
 def default_export_dir(export_dir: str, model_path: str) -> Path | None:
@@ -130,19 +146,20 @@ def default_export_dir(export_dir: str, model_path: str) -> Path | None:
 
 
 def select_runtime(kind: str, model: Any, export_dir: Path | None, device: str = "cpu",
-                   model_arg: str = "M") -> tuple[Any, str]:
-    """(runtime, why it was chosen). Explicit kinds raise a clear error when they cannot run."""
+                   model_arg: str = "M", build_engines: bool = True) -> tuple[Any, str]:
+    """(runtime, why it was chosen). Explicit kinds raise a clear error when they cannot run.
+    ``build_engines``: tensorrt (also tried by auto) builds missing or stale engines at once."""
     if kind not in RUNTIME_KINDS:
         raise ConfigError(f"backend={kind!r}: use one of {', '.join(RUNTIME_KINDS)}")
     if kind == "torch":
         return TorchRuntime(model), "backend:=torch"
     if kind == "auto":
-        return _auto(model, export_dir, device, model_arg)
+        return _auto(model, export_dir, device, model_arg, build_engines)
     if export_dir is None:
         raise ConfigError(f"backend:={kind} needs an export: build one with `{export_command(model_arg, 'DIR')}` "
                           "and set export_dir:=DIR")
     if kind == "tensorrt":
-        return TensorRTVision(export_dir, model, model_arg), "backend:=tensorrt"
+        return TensorRTVision(export_dir, model, model_arg, build_engines), "backend:=tensorrt"
     provider = "cuda" if str(device).startswith("cuda") else "cpu"
     return (OnnxRuntimeVision(export_dir, model, provider, model_arg, cpu_threads()),
             f"backend:=onnxruntime on device {device}")
@@ -154,12 +171,13 @@ def cpu_threads() -> int:
     return torch.get_num_threads()
 
 
-def _auto(model: Any, export_dir: Path | None, device: str, model_arg: str) -> tuple[Any, str]:
+def _auto(model: Any, export_dir: Path | None, device: str, model_arg: str,
+          build_engines: bool) -> tuple[Any, str]:
     """tensorrt, else ONNX Runtime CUDA, else ONNX Runtime CPU, else torch; each refusal is the reason."""
     if export_dir is None:
         return TorchRuntime(model), "auto: no export_dir (and no model_path to derive it from)"
     refusals = []
-    attempts = [("tensorrt", lambda: TensorRTVision(export_dir, model, model_arg))]
+    attempts = [("tensorrt", lambda: TensorRTVision(export_dir, model, model_arg, build_engines))]
     if torch.cuda.is_available():
         attempts.append(("onnxruntime cuda", lambda: OnnxRuntimeVision(export_dir, model, "cuda", model_arg)))
     else:

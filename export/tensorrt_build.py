@@ -11,8 +11,10 @@ error, or a warning that the profile is not self-consistent, fails the build.
 
 Engines are cached under a key of GPU model, compute capability, TensorRT version, ONNX
 sha256, precision and profile. A sidecar ``<part>.engine.json`` records the key; an
-engine whose key does not match the current machine is rebuilt (when its ONNX is at
-hand) or refused with a clear error, never loaded blindly.
+engine whose key does not match what is needed (:func:`ensure_engines`: this machine,
+this ONNX, this profile) is rebuilt (when its ONNX is at hand) or refused with the
+command that builds it, never loaded blindly. :meth:`ProfileConfig.for_node` is the
+profile the node feeds: batch 1, L = the model's router_length, the model frame S.
 """
 from __future__ import annotations
 
@@ -91,6 +93,22 @@ class ProfileConfig:
         tokens = next((p.outputs[0].shape[1] for p in manifest.parts if p.part == "vit"), manifest.router_length)
         return cls(L=DimRange(1, manifest.router_length, max(100, manifest.router_length)),
                    size=DimRange(size, size, size), tokens=DimRange(1, int(tokens), int(tokens)))
+
+    @classmethod
+    def for_node(cls, manifest: Manifest) -> "ProfileConfig":
+        """What the node feeds the graphs: one image, every unit group padded to exactly L =
+        router_length REFs (inference keeps the export contract's fixed L), the model frame S
+        (a camera image of any size is letterboxed to S x S before the encoders), and 1 to
+        all ViT tokens into the projector (pooled image tokens, region tokens)."""
+        size, length = manifest.image_size, manifest.router_length
+        tokens = int(next((p.outputs[0].shape[1] for p in manifest.parts if p.part == "vit"), length))
+        return cls(batch=DimRange(1, 1, 1), L=DimRange(length, length, length),
+                   size=DimRange(size, size, size), tokens=DimRange(1, tokens, tokens))
+
+    def to_text(self) -> str:
+        """The ``--profiles`` text that gives this profile back (``override`` reads it)."""
+        return ",".join(f"{name}={r.min}/{r.opt}/{r.max}"
+                        for name, r in ((n, getattr(self, n)) for n in ("batch", "L", "size", "tokens")))
 
     def override(self, text: str | None) -> "ProfileConfig":
         """Apply ``batch=1/1/4,L=1/32/100,size=64/64/128`` (any subset)."""
@@ -243,30 +261,84 @@ def build_engines(onnx_dir: str | Path, out_dir: str | Path, profiles: ProfileCo
                   trt: ModuleType | None = None, force: bool = False) -> dict[str, Path]:
     """Build (or reuse from the cache) one engine per exported part; part -> engine path."""
     trt = trt or import_tensorrt()
+    return ensure_engines(onnx_dir, out_dir, profiles, parts, trt=trt, identity=device_identity(trt, target),
+                          fp16=fp16, build=True, force=force)
+
+
+def tensorrt_command(onnx_dir: str | Path, engine_dir: str | Path, profiles: ProfileConfig,
+                     parts: list[str] | None, fp16: bool, identity: dict[str, str]) -> str:
+    """The `refvlm export tensorrt` command that builds engines with exactly this key."""
+    command = f"refvlm export tensorrt --onnx {onnx_dir} --out {engine_dir} --profiles {profiles.to_text()}"
+    if parts:
+        command += f" --parts {','.join(parts)}"
+    if fp16:
+        command += " --fp16"
+    if identity["gpu"].startswith("none"):  # a CPU build names the GPU generation it targets
+        command += f" --target {identity['compute_capability']}"
+    return command
+
+
+def ensure_engines(onnx_dir: str | Path, engine_dir: str | Path, profiles: ProfileConfig | None,
+                   parts: list[str] | None, *, trt: ModuleType, identity: dict[str, str], fp16: bool = False,
+                   build: bool = True, force: bool = False) -> dict[str, Path]:
+    """part -> engine path, each engine built for ``identity`` (GPU, compute capability), this
+    TensorRT, the part's ONNX file as it is now, ``fp16`` and ``profiles``. A missing or stale
+    engine is built into ``engine_dir`` when ``build`` (``force``: every engine), else refused
+    with a CheckpointError that says why and which command builds it."""
     manifest = Manifest.load(onnx_dir)
     profiles = profiles or ProfileConfig.for_manifest(manifest)
-    identity = device_identity(trt, target)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    built = {}
-    for spec in manifest.parts:
-        if parts and spec.part not in parts:
-            continue
+    specs = [spec for spec in manifest.parts if not parts or spec.part in parts]
+    command = tensorrt_command(onnx_dir, engine_dir, profiles, parts, fp16, identity)
+    out = Path(engine_dir)
+    engines = {}
+    for spec in specs:
         onnx_path = Path(onnx_dir) / spec.file
         if not onnx_path.is_file():
             raise CheckpointError(f"{onnx_path} is missing: re-run `refvlm export onnx --model M --out {onnx_dir}`")
         shapes = profiles.shapes(spec)
         key = engine_key(trt, identity, file_sha256(onnx_path), fp16, shapes)
         engine_path, key_path = engine_paths(out, spec.part)
-        if not force and cached_key(key_path) == key and engine_path.is_file():
+        problem = "a rebuild was asked for" if force else engine_problem(engine_path, key_path, key)
+        if problem is None:
             log.info("%s: cached engine matches (%s)", spec.part, key["digest"][:12])
+        elif not build:
+            raise CheckpointError(f"the TensorRT engine {engine_path} cannot be used: {problem}; build it with "
+                                  f"`{command}`")
         else:
-            engine = build_engine(trt, onnx_path, shapes, fp16, target if is_rtx(trt) else None)
-            engine_path.write_bytes(engine)
-            key_path.write_text(json.dumps({**key, "part": spec.part, "onnx": spec.file}, indent=2))
-            log.info("%s: built %s (%.1f kB)", spec.part, engine_path, len(engine) / 1024)
-        built[spec.part] = engine_path
-    return built
+            log.info("%s: building an engine (%s)", spec.part, problem)
+            _write_engine(trt, onnx_path, spec, shapes, key, fp16, identity, engine_path, key_path, command)
+        engines[spec.part] = engine_path
+    return engines
+
+
+def _write_engine(trt: ModuleType, onnx_path: Path, spec: PartSpec, shapes: dict[str, Any], key: dict[str, Any],
+                  fp16: bool, identity: dict[str, str], engine_path: Path, key_path: Path, command: str) -> None:
+    target = identity["compute_capability"] if is_rtx(trt) and identity["gpu"].startswith("none") else None
+    engine = build_engine(trt, onnx_path, shapes, fp16, target)
+    try:
+        engine_path.parent.mkdir(parents=True, exist_ok=True)
+        engine_path.write_bytes(engine)
+        key_path.write_text(json.dumps({**key, "part": spec.part, "onnx": spec.file}, indent=2))
+    except OSError as error:
+        raise CheckpointError(f"cannot write the engine cache {engine_path.parent} ({error}): build the engines "
+                              f"where they can be written with `{command}`") from error
+    log.info("%s: built %s (%.1f kB)", spec.part, engine_path, len(engine) / 1024)
+
+
+def engine_problem(engine_path: Path, key_path: Path, wanted: dict[str, Any]) -> str | None:
+    """Why the cached engine cannot stand in for one built with key ``wanted`` (None: it can)."""
+    if not engine_path.is_file():
+        return "there is no engine"
+    key = cached_key(key_path)
+    if key is None:
+        return f"its key file {key_path.name} is missing or corrupt"
+    if key.get("digest") == wanted["digest"] and key == wanted:
+        return None
+    labels = {"onnx_sha256": "another ONNX graph", "profile": "another optimisation profile",
+              "fp16": f"fp16={key.get('fp16')} (needed fp16={wanted['fp16']})"}
+    reasons = [labels.get(name) or f"{name} {key.get(name)!r} (here {value!r})"
+               for name, value in wanted.items() if name != "digest" and key.get(name) != value]
+    return "it was built for " + ", ".join(reasons or ["another key"])
 
 
 def cached_key(key_path: Path) -> dict[str, Any] | None:

@@ -133,6 +133,9 @@ def test_select_runtime_explicit_and_auto(exported, tmp_path):
     if not has_cuda():
         assert runtime.describe()["onnx_provider"] == "CPUExecutionProvider"
         assert reason.startswith("auto: onnxruntime cpu") and "no CUDA GPU" in reason
+        assert "tensorrt: backend tensorrt needs a CUDA GPU" in reason  # why TensorRT was passed over
+        with pytest.raises(ConfigError, match="backend tensorrt needs a CUDA GPU: pick onnxruntime or torch"):
+            select_runtime("tensorrt", model, folder)
     runtime, reason = select_runtime("auto", model, tmp_path / "missing", model_arg="tiny")
     assert isinstance(runtime, TorchRuntime) and "refvlm export onnx --model tiny" in reason
 
@@ -152,5 +155,30 @@ def test_onnxruntime_cuda_runtime_matches_torch(exported):
     runtime = OnnxRuntimeVision(folder, model, "cuda")
     assert runtime.describe()["onnx_provider"] == "CUDAExecutionProvider"
     reference, candidate = predict_both(model, runtime)
+    scores = parity.result_parity(reference, candidate)
+    assert scores["max_box_error_px"] <= 1.0 and scores["min_mask_iou"] >= parity.MASK_IOU_MIN
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not has_cuda(), reason="needs an NVIDIA GPU")
+def test_tensorrt_runtime_builds_the_node_engines_on_configure_and_matches_torch(exported, tmp_path):
+    from refvlm_export.runtime import TensorRTVision
+    from refvlm_export.tensorrt_build import import_tensorrt
+
+    try:
+        trt = import_tensorrt("tensorrt")
+    except ConfigError as error:
+        pytest.skip(f"no TensorRT on this machine ({error})")
+    model, folder = exported
+    model = model.cuda()
+    target = copy_export(folder, tmp_path)
+    with pytest.raises(CheckpointError, match="there is no engine; build it with `refvlm export tensorrt"):
+        TensorRTVision(target, model, "tiny", build_engines=False, trt=trt)
+    runtime = TensorRTVision(target, model, "tiny", build_engines=True, trt=trt)  # built into the cache
+    assert sorted(p.name for p in (target / "engines").glob("*.engine")) == sorted(
+        f"decoder_{u}.engine" for u in model.decoders)
+    TensorRTVision(target, model, "tiny", build_engines=False, trt=trt)  # the cache now matches
+    reference, candidate = predict_both(model, runtime)
+    assert candidate.trp_text == reference.trp_text and candidate.diagnostics["backend"] == "tensorrt"
     scores = parity.result_parity(reference, candidate)
     assert scores["max_box_error_px"] <= 1.0 and scores["min_mask_iou"] >= parity.MASK_IOU_MIN

@@ -1,10 +1,15 @@
 """TensorRT engines: every exported graph of the tiny model parses and builds with its
 optimisation profile (TensorRT-RTX builds on CPU; the full TensorRT needs a GPU), the
 engine cache is keyed and refuses engines of another machine, inconsistent profiles
-fail, and the `refvlm export` commands work. GPU tests run engines and fp16 parity."""
+fail, and the `refvlm export` commands work. The node's engines (its profile: batch 1, the
+model's L and image side) are checked against what is needed, rebuilt when missing or stale,
+or refused naming the command that builds them. GPU tests run engines and fp16 parity."""
 from __future__ import annotations
 
 import json
+import re
+import shlex
+import shutil
 
 import pytest
 import torch
@@ -13,8 +18,10 @@ from refvlm_cli.main import main
 from refvlm_core.errors import CheckpointError, ConfigError
 from refvlm_export import parity
 from refvlm_export.onnx_export import Manifest
+from refvlm_export.runtime import ensure_node_engines
 from refvlm_export.tensorrt_build import (DimRange, EngineBuildError, ProfileConfig, build_engine, build_engines,
-                                          check_engine, device_identity, engine_paths, import_tensorrt)
+                                          check_engine, device_identity, engine_paths, ensure_engines,
+                                          import_tensorrt)
 from tests.export_helpers import has_cuda, tiny_export
 
 pytestmark = pytest.mark.timeout(300)
@@ -100,6 +107,71 @@ def test_cli_export_and_build(tmp_path, capsys):
     assert (tmp_path / "eng" / "decoder_depth.engine").is_file()
     assert main(["export", "tensorrt", "--onnx", str(tmp_path / "nothing"), "--out", str(tmp_path / "e")]) == 2
     assert "refvlm export onnx" in capsys.readouterr().err
+
+
+# ---- the node's engines: its profile, staleness, rebuild or refusal --------------------
+
+def test_node_profile_is_one_image_the_models_L_and_image_side():
+    model, folder = tiny_export()
+    manifest = Manifest.load(folder)
+    profile = ProfileConfig.for_node(manifest)
+    length, size = model.config.router_length, model.config.vision.image_size
+    assert (profile.batch, profile.L, profile.size) == (DimRange(1, 1, 1), DimRange(length, length, length),
+                                                       DimRange(size, size, size))
+    assert profile.tokens.min == 1 and profile.tokens.max == manifest.part("vit").outputs[0].shape[1]
+    assert ProfileConfig().override(profile.to_text()) == profile  # the refusal's command gives it back
+    box = profile.shapes(manifest.part("decoder_box"))
+    assert box["ref_embeddings"] == ((1, length, model.llm.hidden_size),) * 3
+    assert box != ProfileConfig.for_manifest(manifest).shapes(manifest.part("decoder_box"))
+
+
+@pytest.fixture()
+def node_export(tmp_path):
+    """(TensorRT module, a copy of the tiny export, its manifest, this machine's identity)."""
+    trt = _trt()
+    _, folder = tiny_export()
+    target = tmp_path / "export"
+    shutil.copytree(folder, target)
+    return trt, target, Manifest.load(target), device_identity(trt, "SM89")
+
+
+def _command_in(message: str) -> list[str]:
+    [command] = re.findall(r"`(refvlm export tensorrt [^`]*)`", message)
+    return shlex.split(command)[1:]
+
+
+def test_missing_engines_are_refused_naming_the_command_that_builds_them(node_export):
+    trt, folder, manifest, identity = node_export
+    with pytest.raises(CheckpointError, match="there is no engine; build it with `refvlm export tensorrt") as refused:
+        ensure_node_engines(folder, manifest, trt, identity, build=False)
+    assert not (folder / "engines").exists()
+    assert main(_command_in(str(refused.value))) == 0  # exactly the engines the node needs
+    engines = ensure_node_engines(folder, manifest, trt, identity, build=False)
+    assert set(engines) == {p.part for p in manifest.parts if p.unit} and all(p.is_file() for p in engines.values())
+
+
+def test_stale_engines_are_rebuilt_or_refused_with_the_reason(node_export):
+    trt, folder, manifest, identity = node_export
+    engines = ensure_node_engines(folder, manifest, trt, identity, build=True)  # built: none were there
+    before = {part: path.stat().st_mtime_ns for part, path in engines.items()}
+    key_file = engine_paths(folder / "engines", "decoder_box")[1]
+    key = json.loads(key_file.read_text())
+    stale = {"tensorrt": ("tensorrt 8.6.1", "tensorrt 'tensorrt 8.6.1'"),
+             "gpu": ("NVIDIA Jetson Orin", "gpu 'NVIDIA Jetson Orin'"),
+             "onnx_sha256": ("0" * 64, "another ONNX graph"),
+             "profile": ({**key["profile"], "ref_embeddings": [[1, 1, 64]] * 3}, "another optimisation profile")}
+    for name, (value, reason) in stale.items():
+        key_file.write_text(json.dumps({**key, name: value}))
+        with pytest.raises(CheckpointError, match=re.escape(reason) + ".*build it with `refvlm export tensorrt"):
+            ensure_node_engines(folder, manifest, trt, identity, build=False)
+    rebuilt = ensure_node_engines(folder, manifest, trt, identity, build=True)
+    after = {part: path.stat().st_mtime_ns for part, path in rebuilt.items()}
+    assert after["decoder_box"] != before["decoder_box"]  # only the stale engine was built again
+    assert all(after[p] == before[p] for p in before if p != "decoder_box")
+    assert ensure_node_engines(folder, manifest, trt, identity, build=False) == rebuilt
+    wider = ProfileConfig.for_manifest(manifest)  # another profile than the node's: every engine is stale
+    with pytest.raises(CheckpointError, match="another optimisation profile"):
+        ensure_engines(folder, folder / "engines", wider, ["decoder_depth"], trt=trt, identity=identity, build=False)
 
 
 # ---- GPU: run what was built ---------------------------------------------------------

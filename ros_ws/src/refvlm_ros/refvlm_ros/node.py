@@ -82,7 +82,7 @@ def load_predictor(p: params.NodeParams) -> Any:
     if p.backend != "torch":
         from refvlm_export.runtime import default_export_dir, select_runtime  # noqa: PLC0415
         runtime, reason = select_runtime(p.backend, predictor.model, default_export_dir(p.export_dir, p.model_path),
-                                         p.device, p.model_path or p.model_preset)
+                                         p.device, p.model_path or p.model_preset, p.build_engines)
         predictor.set_runtime(runtime, reason)
     return predictor
 

@@ -37,6 +37,11 @@ class NodeParams:
     export_dir: str = field(default="", metadata=_describe(
         "Folder written by `refvlm export onnx` for the exported backends; empty = "
         "<model_path>/export"))
+    build_engines: bool = field(default=True, metadata=_describe(
+        "backend tensorrt (and auto's TensorRT attempt): a missing or stale TensorRT engine "
+        "(another GPU, TensorRT version, ONNX file or profile) is built at configure into "
+        "<export_dir>/engines for the node's profile (batch 1, the model's L and image side); "
+        "false: configure fails naming the `refvlm export tensorrt` command that builds it"))
     standing_prompt: str = field(default="", metadata=_describe(
         "Prompt re-run on new camera frames at rate_hz; empty = only answer queries. "
         "The prompt topic replaces it at run time"))
