@@ -19,7 +19,10 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from refvlm_core.config import MatchCosts
 from refvlm_core.matching import box_cost, grouped_hungarian, pad_groups, pad_stack
+
+COSTS = MatchCosts()
 
 
 def make_batch(rng: np.random.Generator, batch: int, max_groups: int, max_targets: int, length: int, device: str):
@@ -39,7 +42,7 @@ def make_batch(rng: np.random.Generator, batch: int, max_groups: int, max_target
 
 
 def batched(pred, pred_group, tgt_boxes, tgt_groups):
-    cost = box_cost(pred, pad_stack(tgt_boxes))  # [B, L, Mmax]
+    cost = box_cost(pred, pad_stack(tgt_boxes), COSTS.box_l1, COSTS.box_giou)  # [B, L, Mmax]
     return grouped_hungarian(cost, pred_group, pad_groups(tgt_groups))
 
 
@@ -51,7 +54,8 @@ def per_group_loop(pred, pred_group, tgt_boxes, tgt_groups):
         for g in torch.unique(tgt_groups[b]).tolist():
             rows = (pred_group[b] == g).nonzero().flatten()
             cols = (tgt_groups[b] == g).nonzero().flatten()
-            cost = box_cost(pred[b, rows][None], tgt_boxes[b][cols][None])[0].cpu().numpy()
+            pair = box_cost(pred[b, rows][None], tgt_boxes[b][cols][None], COSTS.box_l1, COSTS.box_giou)
+            cost = pair[0].cpu().numpy()
             r, c = linear_sum_assignment(cost)
             pairs += zip(rows.cpu().numpy()[r].tolist(), cols.cpu().numpy()[c].tolist())
         pairs.sort()
@@ -105,7 +109,7 @@ def main() -> None:
     print(f"cost + matching   batched {t_batched:8.2f} ms   per-group loop {t_loop:8.2f} ms   "
           f"loop / batched = {t_loop / t_batched:5.1f}x")
 
-    cost = box_cost(data[0], pad_stack(data[2]))
+    cost = box_cost(data[0], pad_stack(data[2]), COSTS.box_l1, COSTS.box_giou)
     target_group = pad_groups(data[3])
     host = (cost.cpu().numpy(), data[1].cpu().numpy(), target_group.cpu().numpy())
     s_batched = median_ms(lambda: grouped_hungarian(cost, data[1], target_group), args.repeats, args.device)

@@ -19,7 +19,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from refvlm_core.errors import ConfigError
 from refvlm_core.from_dict import dataclass_from_dict
@@ -73,6 +73,63 @@ class AggregationConfig:
 
 
 @dataclass
+class LossWeights:
+    """Loss weights (and the few loss constants): the one place of their defaults.
+    ``ModelConfig.loss_weights`` holds these fields by name (training overrides some)."""
+
+    lm: float = 1.0
+    box_l1: float = 5.0
+    box_giou: float = 2.0
+    box_score: float = 1.0             # BCE of the box score towards the matched IoU
+    box_heatmap: float = 1.0           # -log of the box heatmap's mass inside the target box
+    keypoint_heatmap: float = 1.0      # cross-entropy of each keypoint heatmap against a Gaussian at the target
+    aux: float = 1.0                   # weight of the per-layer auxiliary losses (0: last layer only)
+    mask_focal: float = 20.0
+    mask_dice: float = 1.0
+    keypoint_l1: float = 1.0
+    keypoint_visibility: float = 1.0
+    depth_silog: float = 1.0
+    focal_alpha: float = 0.25          # focal loss constants, also the shape of the mask matching cost
+    focal_gamma: float = 2.0
+    silog_lambda: float = 0.5          # 0: plain log MSE, 1: fully scale invariant (Eigen et al. use 0.5)
+
+    @classmethod
+    def coerce(cls, value: "LossWeights | Mapping[str, float] | None") -> "LossWeights":
+        """LossWeights from itself, a mapping of field names (e.g. ModelConfig.loss_weights) or None."""
+        return _coerce_weights(cls, value, "loss weight")
+
+
+@dataclass
+class MatchCosts:
+    """Weights of the pairwise costs Hungarian matching minimises (detr's ``set_cost_*``),
+    separate from the loss weights so that one can change without the other; the defaults
+    are the loss weights' defaults."""
+
+    box_l1: float = 5.0
+    box_giou: float = 2.0
+    mask_focal: float = 20.0
+    mask_dice: float = 1.0
+    keypoint_l1: float = 1.0
+    keypoint_visibility: float = 1.0
+
+    @classmethod
+    def coerce(cls, value: "MatchCosts | Mapping[str, float] | None") -> "MatchCosts":
+        return _coerce_weights(cls, value, "match cost")
+
+
+def _coerce_weights(cls: type, value: Any, what: str) -> Any:
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise ConfigError(f"unknown {what}(s) {unknown}: use names among {sorted(known)}")
+    return cls(**{k: float(v) for k, v in value.items()})
+
+
+@dataclass
 class ModelConfig:
     name: str = "custom"
     vision: VisionConfig = field(default_factory=VisionConfig)
@@ -83,7 +140,8 @@ class ModelConfig:
     #                                           fewer image tokens for the LLM (the decoders read the pyramid)
     router_length: int = 100                  # REF embeddings per unit and image, padded (L in shape comments)
     decoders: dict[str, dict] = field(default_factory=dict)   # unit -> kwargs of the decoder registry
-    loss_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_LOSS_WEIGHTS))
+    loss_weights: dict[str, float] = field(default_factory=lambda: dataclasses.asdict(LossWeights()))
+    match_costs: MatchCosts = field(default_factory=MatchCosts)   # Hungarian matching's cost weights
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     max_prompt_chars: int = 2000
     cache_dir: str | None = None              # None: $REFVLM_CACHE_DIR or ~/.cache/refvlm
@@ -142,6 +200,7 @@ class ModelConfig:
             raise ConfigError(f"router_length={self.router_length}: must be >= 1")
         if self.max_prompt_chars < 1:
             raise ConfigError("max_prompt_chars must be >= 1")
+        LossWeights.coerce(self.loss_weights)  # unknown names fail here, naming them
         return self
 
     def weight_paths(self) -> dict[str, str | None]:
@@ -168,15 +227,6 @@ class ModelConfig:
     def resolved_cache_dir(self) -> Path:
         base = self.cache_dir or os.environ.get("REFVLM_CACHE_DIR") or "~/.cache/refvlm"
         return Path(base).expanduser()
-
-
-DEFAULT_LOSS_WEIGHTS: dict[str, float] = {
-    "lm": 1.0,
-    "box_l1": 5.0, "box_giou": 2.0,
-    "mask_focal": 20.0, "mask_dice": 1.0,
-    "keypoint_l1": 1.0, "keypoint_visibility": 1.0,
-    "depth_silog": 1.0,
-}
 
 
 # ---- presets ------------------------------------------------------------------------

@@ -1,55 +1,20 @@
 """Decoder losses: box L1 + GIoU, mask focal + dice, keypoint L1 + visibility BCE, and the
-scale-invariant log depth loss (Eigen et al., 2014). Weights are ``LossWeights`` fields.
+scale-invariant log depth loss (Eigen et al., 2014). Weights are ``LossWeights`` fields
+(defined with the model config, ``refvlm_core.config``, where their defaults live).
 
 Every function takes already-matched, flattened predictions and targets (see
 refvlm_core.matching) and returns an unweighted scalar; the decoders weight them.
 """
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
 from typing import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from refvlm_core.errors import ConfigError
+from refvlm_core.config import LossWeights  # noqa: F401  (the losses' weights, imported from here)
 from refvlm_core.geometry import cxcywh_to_xyxy, generalized_box_iou
-
-
-@dataclass
-class LossWeights:
-    """Loss weights (and the few loss constants). Field names match ModelConfig.loss_weights."""
-
-    lm: float = 1.0                    # used by the model's LM loss, kept here so the config maps 1:1
-    box_l1: float = 5.0
-    box_giou: float = 2.0
-    box_score: float = 1.0             # BCE of the box score towards the matched IoU
-    box_heatmap: float = 1.0           # -log of the box heatmap's mass inside the target box
-    keypoint_heatmap: float = 1.0      # cross-entropy of each keypoint heatmap against a Gaussian at the target
-    aux: float = 1.0                   # weight of the per-layer auxiliary losses (0: last layer only)
-    mask_focal: float = 20.0
-    mask_dice: float = 1.0
-    keypoint_l1: float = 1.0
-    keypoint_visibility: float = 1.0
-    depth_silog: float = 1.0
-    focal_alpha: float = 0.25
-    focal_gamma: float = 2.0
-    silog_lambda: float = 0.5          # 0: plain log MSE, 1: fully scale invariant (Eigen et al. use 0.5)
-
-    @classmethod
-    def coerce(cls, value: "LossWeights | Mapping[str, float] | None") -> "LossWeights":
-        """LossWeights from itself, a mapping of field names (e.g. ModelConfig.loss_weights) or None."""
-        if value is None:
-            return cls()
-        if isinstance(value, cls):
-            return value
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(value) - known)
-        if unknown:
-            raise ConfigError(f"unknown loss weight(s) {unknown}: use names among {sorted(known)}")
-        return cls(**{k: float(v) for k, v in value.items()})
 
 
 def connected_zero(outputs: Mapping[str, Tensor]) -> Tensor:

@@ -64,15 +64,16 @@ def _solve_image(cost: np.ndarray, same: np.ndarray, rows_used: np.ndarray, cols
 
 
 # ---- pairwise costs, batched: [B, N, ...] x [B, M, ...] -> [B, N, M] -------------------
+# Their weights are ModelConfig.match_costs (MatchCosts), passed by the decoders.
 
-def box_cost(pred: Tensor, target: Tensor, l1_weight: float = 5.0, giou_weight: float = 2.0) -> Tensor:
+def box_cost(pred: Tensor, target: Tensor, l1_weight: float, giou_weight: float) -> Tensor:
     """pred [B, N, 4], target [B, M, 4] cxcywh in [0, 1] -> l1_weight * L1 - giou_weight * GIoU."""
     l1 = torch.cdist(pred, target, p=1)
     giou = torch.vmap(generalized_box_iou)(cxcywh_to_xyxy(pred), cxcywh_to_xyxy(target))
     return l1_weight * l1 - giou_weight * giou
 
 
-def mask_cost(pred_logits: Tensor, target: Tensor, focal_weight: float = 20.0, dice_weight: float = 1.0,
+def mask_cost(pred_logits: Tensor, target: Tensor, focal_weight: float, dice_weight: float,
               alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
     """pred_logits [B, N, P], target [B, M, P] 0/1 on the same P pixels (or sampled points) -> focal + dice."""
     prob = pred_logits.sigmoid()
@@ -85,7 +86,7 @@ def mask_cost(pred_logits: Tensor, target: Tensor, focal_weight: float = 20.0, d
 
 
 def keypoint_cost(pred_xy: Tensor, vis_logits: Tensor, target: Tensor,
-                  l1_weight: float = 1.0, visibility_weight: float = 1.0) -> Tensor:
+                  l1_weight: float, visibility_weight: float) -> Tensor:
     """pred_xy [B, N, 17, 2], vis_logits [B, N, 17], target [B, M, 17, 3] -> L1 over labelled keypoints + vis BCE."""
     labelled = (target[..., 2] > 0).to(pred_xy.dtype)  # [B, M, 17]
     error = (pred_xy[:, :, None] - target[:, None, :, :, :2]).abs().sum(-1)  # [B, N, M, 17]

@@ -37,7 +37,7 @@ class RefVLM(nn.Module):
         self.projector = Projector(encoder.vit_width, llm.hidden_size, config.projector.hidden_size)
         self.decoders = nn.ModuleDict({
             unit: build_decoder(unit, llm.hidden_size, encoder.pyramid_channels,
-                                loss_weights=config.loss_weights, **kwargs)
+                                loss_weights=config.loss_weights, match_costs=config.match_costs, **kwargs)
             for unit, kwargs in config.decoders.items()})
         self.loss_weights = LossWeights.coerce(config.loss_weights)
         self.processor = (Processor(config, llm.tokenizer, self.num_image_tokens, tuple(self.decoders))

@@ -120,7 +120,7 @@ def test_keypoint_cost_uses_labelled_keypoints_only():
             assert torch.allclose(cost[0, n, m], l1 + bce, atol=1e-5)
     moved = target.clone()
     moved[0, 0, :, :2] += (moved[0, 0, :, 2:] == 0) * 5.0  # move only unlabelled keypoints
-    assert torch.allclose(keypoint_cost(xy, vis, moved), cost)
+    assert torch.allclose(keypoint_cost(xy, vis, moved, l1_weight=1.0, visibility_weight=1.0), cost)
 
 
 def test_padding_helpers():

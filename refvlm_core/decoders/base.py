@@ -12,6 +12,7 @@ from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence, TypeVar
 
 from torch import Tensor, nn
 
+from refvlm_core.config import MatchCosts
 from refvlm_core.errors import ConfigError, InputError
 from refvlm_core.losses import LossWeights
 from refvlm_core.router import RoutedRefs, UnitTargets
@@ -33,11 +34,13 @@ class UnitDecoder(nn.Module):
     unit: ClassVar[str] = ""
 
     def __init__(self, llm_dim: int, pyramid_channels: Sequence[int],
-                 loss_weights: LossWeights | Mapping[str, float] | None = None) -> None:
+                 loss_weights: LossWeights | Mapping[str, float] | None = None,
+                 match_costs: MatchCosts | Mapping[str, float] | None = None) -> None:
         super().__init__()
         self.llm_dim = int(llm_dim)
         self.pyramid_channels = [int(c) for c in pyramid_channels]
         self.weights = LossWeights.coerce(loss_weights)
+        self.costs = MatchCosts.coerce(match_costs)   # what matching minimises, apart from the loss weights
 
     def forward(self, ref_embeddings: Tensor, ref_valid: Tensor, pyramid: Sequence[Tensor]) -> dict[str, Tensor]:
         raise NotImplementedError
@@ -127,7 +130,7 @@ def decoder_class(name: str) -> type[UnitDecoder]:
 
 def build_decoder(name: str, llm_dim: int, pyramid_channels: Sequence[int], **kwargs: Any) -> UnitDecoder:
     """Instantiate the decoder of unit ``name``; kwargs come from ModelConfig.decoders[name]
-    (plus ``loss_weights``, e.g. ModelConfig.loss_weights)."""
+    (plus ``loss_weights`` and ``match_costs``, e.g. ModelConfig's)."""
     cls = decoder_class(name)
     try:
         return cls(llm_dim, pyramid_channels, **kwargs)

@@ -61,7 +61,8 @@ class BoxDecoder(UnitDecoder):
         pred = outputs["boxes"]
         boxes = [b if b is not None else pred.new_zeros(0, 4) for b in boxes]
         groups = [t.group_ids.to(pred.device) for t in targets]
-        cost = box_cost(pred.detach(), pad_stack(boxes).to(pred), w.box_l1, w.box_giou)  # [B, L, Mmax]
+        c = self.costs
+        cost = box_cost(pred.detach(), pad_stack(boxes).to(pred), c.box_l1, c.box_giou)  # [B, L, Mmax]
         matches = grouped_hungarian(cost, routed.group_ids, pad_groups(groups))
         tgt = matched_targets(boxes, matches).to(pred)
         num = max(tgt.shape[0], 1)

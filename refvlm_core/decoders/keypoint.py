@@ -53,7 +53,8 @@ class KeypointDecoder(UnitDecoder):
         xy, vis = outputs["keypoints"], outputs["visibility_logits"]
         keypoints = [k.to(xy) if k is not None else xy.new_zeros(0, NUM_KEYPOINTS, 3) for k in keypoints]
         groups = [t.group_ids.to(xy.device) for t in targets]
-        cost = keypoint_cost(xy.detach(), vis.detach(), pad_stack(keypoints), w.keypoint_l1, w.keypoint_visibility)
+        c = self.costs
+        cost = keypoint_cost(xy.detach(), vis.detach(), pad_stack(keypoints), c.keypoint_l1, c.keypoint_visibility)
         matches = grouped_hungarian(cost, routed.group_ids, pad_groups(groups))
         tgt = matched_targets(keypoints, matches)
         layers, heatmaps = outputs.get("layer_keypoints", xy[None]), outputs.get("layer_keypoint_heatmaps")

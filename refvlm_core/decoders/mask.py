@@ -49,7 +49,7 @@ class MaskDecoder(UnitDecoder):
         masks = [_resize(m.to(logits), size) if m is not None else logits.new_zeros(0, *size) for m in masks]
         flat = [m.flatten(1) for m in masks]  # per image [M_b, h*w]
         groups = [t.group_ids.to(logits.device) for t in targets]
-        cost = mask_cost(logits.detach().flatten(2), pad_stack(flat), w.mask_focal, w.mask_dice,
+        cost = mask_cost(logits.detach().flatten(2), pad_stack(flat), self.costs.mask_focal, self.costs.mask_dice,
                          w.focal_alpha, w.focal_gamma)
         matches = grouped_hungarian(cost, routed.group_ids, pad_groups(groups))
         tgt = matched_targets(flat, matches)
