@@ -53,3 +53,26 @@ def test_refvlm_help_lists_every_command_group():
     assert done.returncode == 0, done.stderr
     for command in ("trp", "infer", "data", "train", "eval", "export", "bringup", "demo"):
         assert command in done.stdout, f"`refvlm {command}` missing from --help"
+
+
+def _package_folders() -> dict[str, str]:
+    """setup.py's import name -> folder mapping, read from its source."""
+    import ast
+
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    node = next(n for n in ast.walk(tree) if isinstance(n, ast.Assign)
+                and any(getattr(t, "id", None) == "IMPORT_NAME_TO_FOLDER" for t in n.targets))
+    return ast.literal_eval(node.value)
+
+
+def test_every_top_level_package_is_installed_from_its_folder(tmp_path):
+    """A package folder at the root (e.g. simworld/) must be in setup.py's mapping, and the
+    install must find it from anywhere (not only from the checkout's root)."""
+    folders = _package_folders()
+    assert sorted(folders.values()) == sorted(p.parent.name for p in ROOT.glob("*/__init__.py"))
+    code = "import importlib, sys\nfor name in sys.argv[1:]:\n    print(importlib.import_module(name).__file__)"
+    done = subprocess.run([sys.executable, "-c", code, *folders], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
+    assert done.returncode == 0, f"run `make setup` after adding a package: {done.stderr[-2000:]}"
+    for (name, folder), file in zip(folders.items(), done.stdout.split()):
+        assert Path(file).resolve() == (ROOT / folder / "__init__.py").resolve(), name
