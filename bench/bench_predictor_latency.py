@@ -74,14 +74,14 @@ def load_predictors(name: str):
     torch.manual_seed(0)
     predictor = Predictor.from_preset(name)
     llm = predictor.model.llm
-    llm.model = get_peft_model(llm.model, LoraConfig(r=16, lora_alpha=32, target_modules=[
+    llm.lm = get_peft_model(llm.lm, LoraConfig(r=16, lora_alpha=32, target_modules=[
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
     with torch.no_grad():
         for param_name, param in llm.named_parameters():
             if "lora_B" in param_name:
                 param.normal_(0, 1e-3)
     merged = Predictor(copy.deepcopy(predictor.model))
-    merged.model.llm.model = merged.model.llm.model.merge_and_unload()
+    merged.model.llm.lm = merged.model.llm.lm.merge_and_unload()
     int8 = Predictor(copy.deepcopy(merged.model))
     quantize_llm(int8.model.llm, "int8")
     return predictor, merged, int8

@@ -61,7 +61,7 @@ def bench(name: str, llm: RefLLM, prompt_tokens: int, new_tokens: int, repeats: 
     torch.manual_seed(0)
     ids = torch.randint(100, 40000, (1, prompt_tokens))
     embeds = llm.embed_multimodal(ids)
-    model, processors = llm.model.eval(), hf_processor(llm)
+    model, processors = llm.lm.eval(), hf_processor(llm)
     common = dict(inputs_embeds=embeds, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                   pad_token_id=llm.tokenizer.pad_token_id or 0)
     # same tokens from each path

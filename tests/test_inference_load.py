@@ -86,7 +86,7 @@ def test_merge_keeps_what_the_adapters_learned(saved_lora):
 def test_folded_weights_equal_peft_merge(saved_lora):
     """The merge at load (no peft) gives exactly the weights of peft's merge_and_unload."""
     merged, unmerged = _predictor(saved_lora, True), _predictor(saved_lora, False)
-    unmerged.model.llm.model = unmerged.model.llm.model.merge_and_unload()
+    unmerged.model.llm.lm = unmerged.model.llm.lm.merge_and_unload()
     ours, peft_merged = merged.model.llm.causal_lm.state_dict(), unmerged.model.llm.causal_lm.state_dict()
     assert ours.keys() == peft_merged.keys()
     different = [k for k in ours if not torch.equal(ours[k], peft_merged[k])]

@@ -180,7 +180,7 @@ def test_splice_places_features_in_their_slots(tiny_llm):
     embeds = tiny_llm.embed_multimodal(ids, image, regions)
     assert torch.equal(embeds[0, 1:3], image[0]) and torch.equal(embeds[1, 0:2], image[1])
     assert torch.equal(embeds[0, 4], regions[0]) and torch.equal(embeds[1, 2:4], regions[1:])
-    plain = tiny_llm.model.get_input_embeddings()(ids)
+    plain = tiny_llm.lm.get_input_embeddings()(ids)
     assert torch.equal(embeds[0, 0], plain[0, 0]) and torch.equal(embeds[1, 4], plain[1, 4])
     with pytest.raises(ValueError, match="region"):
         tiny_llm.embed_multimodal(ids, image, regions[:2])
@@ -217,7 +217,7 @@ def test_lm_loss_at_answer_tokens_equals_full_logits_cross_entropy(tiny_llm):
     labels = torch.full((2, 7), -100)
     labels[0, 3:6] = torch.tensor([11, 12, 13])
     labels[1, 6] = 14
-    logits = tiny_llm.model.lm_head(hidden)
+    logits = tiny_llm.lm.lm_head(hidden)
     expected = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
                                                  ignore_index=-100)
     assert torch.allclose(tiny_llm.lm_loss(hidden, labels), expected, atol=1e-6)
@@ -233,7 +233,7 @@ def test_paper_llm_on_meta_device():
     count = sum(p.numel() for p in llm.parameters())
     # Vicuna-7B: 6.74e9 parameters; +7 TRP rows in embed_tokens and lm_head
     assert count == 6_738_415_616 + 2 * 4096 * len(trp.SPECIAL_TOKENS)
-    assert json.dumps(llm.model.config.to_dict()) and llm.hidden_size == 4096
+    assert json.dumps(llm.lm.config.to_dict()) and llm.hidden_size == 4096
 
 
 def test_llm_image_pool_gives_the_llm_fewer_image_tokens():

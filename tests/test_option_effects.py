@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 import torch
 
-from refvlm_core.config import ModelConfig, preset
+from refvlm_core.config import MatchCosts, ModelConfig, preset
 from refvlm_core.errors import ConfigError, InputError
 from refvlm_core.losses import LossWeights
 from refvlm_training.engine.config import TrainConfig
@@ -40,9 +40,11 @@ TESTS = Path(__file__).resolve().parent
 HERE = "tests/test_option_effects.py"
 
 
-@dataclasses.dataclass(frozen=True)
 class Effect:
-    test: str                      # "tests/<file>.py::<test function>"
+    """Tests ("tests/<file>.py::<test function>") that each assert the field's effect."""
+
+    def __init__(self, *tests: str) -> None:
+        self.tests = tests
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,8 +52,8 @@ class NotBehavioural:
     reason: str
 
 
-def here(name: str) -> Effect:
-    return Effect(f"{HERE}::{name}")
+def here(*names: str) -> Effect:
+    return Effect(*(f"{HERE}::{name}" for name in names))
 
 
 # Dict fields whose keys are options of their own (each key must show its effect).
@@ -111,6 +113,8 @@ MODEL_REGISTRY: dict[str, Effect | NotBehavioural] = {
     "cache_dir": here("test_cache_dir_is_where_the_tokenizer_is_read"),
     **{f"loss_weights.{f.name}": here("test_each_loss_weight_changes_the_losses")
        for f in dataclasses.fields(LossWeights)},
+    **{f"match_costs.{f.name}": Effect("tests/test_match_costs.py::test_each_match_cost_changes_the_assignment")
+       for f in dataclasses.fields(MatchCosts)},
 }
 
 TRAIN_REGISTRY: dict[str, Effect | NotBehavioural] = {
@@ -120,7 +124,7 @@ TRAIN_REGISTRY: dict[str, Effect | NotBehavioural] = {
                           "model, metrics and TensorBoard files from it"),
     "steps": Effect(f"{ENGINE}::test_stage1_then_stage2_lower_the_loss"),
     "batch_size": here("test_batch_size_and_grad_accum_consume_samples"),
-    "grad_accum": here("test_batch_size_and_grad_accum_consume_samples"),
+    "grad_accum": here("test_batch_size_and_grad_accum_consume_samples", "test_stage0_refuses_what_it_does_not_read"),
     "grad_clip": here("test_grad_clip_shrinks_the_step"),
     "strategy": Effect("tests/test_train_fsdp.py::test_fsdp_with_lora_is_refused"),
     "mixed_precision": here("test_bf16_mixed_precision_changes_the_loss"),
@@ -178,8 +182,8 @@ def _test_functions(path: Path) -> set[str]:
 
 
 def test_every_effect_test_exists():
-    named = {entry.test for registry in (MODEL_REGISTRY, TRAIN_REGISTRY) for entry in registry.values()
-             if isinstance(entry, Effect)}
+    named = {test for registry in (MODEL_REGISTRY, TRAIN_REGISTRY) for entry in registry.values()
+             if isinstance(entry, Effect) for test in entry.tests}
     root = TESTS.parent
     absent = [test for test in sorted(named)
               if test.split("::")[1] not in _test_functions(root / test.split("::")[0])]
@@ -799,3 +803,36 @@ def test_stage0_head_dim_is_the_heads_width(tmp_path):
     _stage0(tmp_path, head_dim=12)
     with safe_open(str(tmp_path / "model" / "dense_heads.safetensors"), "pt") as handle:
         assert handle.get_tensor("pixel_head.weight").shape[1] == 12
+
+
+# What stage 0 reads of a TrainConfig; the rest (STAGE0_UNUSED) it refuses when set.
+STAGE0_READS = {"stage", "seed", "out", "steps", "batch_size", "grad_clip", "checkpoint_every", "log_every",
+                "data.num_workers", "model.preset", "model.overrides", "optim.lr", "optim.weight_decay",
+                "optim.betas", "optim.warmup_steps", "optim.min_lr_ratio", "vision_pretrain.scenes",
+                "vision_pretrain.width", "vision_pretrain.height", "vision_pretrain.head_dim",
+                "vision_pretrain.loss_weights"}
+STAGE0_SET = {"grad_accum": 2, "strategy": "fsdp", "mixed_precision": "bf16", "gradient_checkpointing": True,
+              "train_encoders": True, "trainable": ["decoders"], "cache_frozen": False, "save_trainable_only": True,
+              "loss_weights": {"lm": 2.0}, "lora": {"enabled": True}, "external_decoder": {"unit": "mask"},
+              "data.train": "shards", "data.stage1_decimals": 3, "data.max_samples": 4, "model.init_from": "m"}
+
+
+def test_stage0_refuses_what_it_does_not_read():
+    """A field stage 0 ignores (grad_accum once was) is refused in a stage-0 config, not
+    silently dropped; every field is either read by stage 0 or refused there."""
+    from refvlm_training.engine.config import STAGE0_UNUSED, config_from_dict
+
+    unused = {path for path in walk(TrainConfig) if path.split(".")[0] in STAGE0_UNUSED or path in STAGE0_UNUSED}
+    assert set(walk(TrainConfig)) - unused == STAGE0_READS, "say whether stage 0 reads each new field"
+    assert set(STAGE0_SET) == set(STAGE0_UNUSED)
+    base = {"stage": 0, "model": {"preset": "tiny"}}
+    config_from_dict(base)
+    for name, value in STAGE0_SET.items():
+        data = copy.deepcopy(base)
+        *parents, leaf = name.split(".")
+        target = data
+        for parent in parents:
+            target = target.setdefault(parent, {})
+        target[leaf] = value
+        with pytest.raises(ConfigError, match=f"stage 0 .*does not use .*'{name}'"):
+            config_from_dict(data)

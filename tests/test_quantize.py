@@ -71,7 +71,7 @@ def test_refuses_unknown_kind_and_unmerged_lora(pair):
     from peft import LoraConfig, get_peft_model
 
     llm = copy.deepcopy(float_.model.llm)
-    llm.model = get_peft_model(llm.model, LoraConfig(r=2, target_modules=["q_proj"]))
+    llm.lm = get_peft_model(llm.lm, LoraConfig(r=2, target_modules=["q_proj"]))
     with pytest.raises(ConfigError, match="merging"):
         quantize_llm(llm, "int8")
 

@@ -99,10 +99,10 @@ def test_stage1_then_stage2_lower_the_loss(tmp_path, data_dir):
     trainable = {n for n, p in s1.model.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith("projector.") for n in trainable)
     before1 = _fixed_loss(s1)
-    frozen = s1.model.llm.model.lm_head.weight.clone()
+    frozen = s1.model.llm.lm.lm_head.weight.clone()
     result1 = s1.fit()
     after1 = _fixed_loss(s1)
-    assert torch.equal(frozen, s1.model.llm.model.lm_head.weight)
+    assert torch.equal(frozen, s1.model.llm.lm.lm_head.weight)
     # Only the projector moves over a random-init LLM: a small but real drop (~0.06 nats measured).
     assert after1["loss"] < before1["loss"] - 0.02, (before1, after1)
 
@@ -131,29 +131,48 @@ def test_stage1_then_stage2_lower_the_loss(tmp_path, data_dir):
     ("sam", "mask", {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "mlp_dim": 64}),
     ("grounding_dino", "box", {"d_model": 32, "num_layers": 1, "num_heads": 2, "ffn_dim": 64, "num_points": 2}),
 ])
-def test_stage3_external_decoder_trains(tmp_path, data_dir, kind, unit, settings):
-    from refvlm_core.decoders import BoxDecoder, MaskDecoder, register_decoder
+def test_stage3_external_decoder_trains_saves_loads_predicts_and_exports(tmp_path, data_dir, kind, unit, settings):
+    """A stage-3 model is a model like any other: its config names the decoder kind, so
+    load_model builds it again, and it predicts and exports to ONNX."""
+    from model_samples import forced_answer_hook
+    from refvlm_core.checkpoint import load_model
+    from refvlm_core.predictor import Predictor
+    from refvlm_export.onnx_export import export_model
     from refvlm_training.engine.trainer import Trainer
 
-    try:
-        trainer = Trainer(tiny_train_config(data_dir, tmp_path / kind, stage=3, steps=8, batch_size=2,
-                                  optim={"lr": 2e-3, "warmup_steps": 1},
-                                  external_decoder={"unit": unit, "kind": kind, "settings": settings}),
-                          progress=False)
-        decoder = trainer.model.decoders[unit]
-        assert type(decoder).__name__ == {"sam": "SamMaskAdapter", "grounding_dino": "GroundingDinoBoxAdapter"}[kind]
-        assert all(p.requires_grad for p in decoder.parameters())
-        keys = [k for k in _fixed_loss(trainer) if k.startswith(f"loss_{unit}_")]
-        before = _fixed_loss(trainer)
-        trainer.fit()
-        after = _fixed_loss(trainer)
-        assert all(torch.isfinite(torch.tensor(after[k])) for k in keys)
-        assert sum(after[k] for k in keys) < sum(before[k] for k in keys), (before, after)
-        saved = json.loads((tmp_path / kind / "model" / "external_decoder.json").read_text())
-        assert saved["kind"] == kind
-    finally:  # restore the built-in decoders for the other tests
-        register_decoder("mask", replace=True)(MaskDecoder)
-        register_decoder("box", replace=True)(BoxDecoder)
+    adapter = {"sam": "SamMaskAdapter", "grounding_dino": "GroundingDinoBoxAdapter"}[kind]
+    trainer = Trainer(tiny_train_config(data_dir, tmp_path / kind, stage=3, steps=8, batch_size=2,
+                                        optim={"lr": 2e-3, "warmup_steps": 1},
+                                        external_decoder={"unit": unit, "kind": kind, "settings": settings}),
+                      progress=False)
+    decoder = trainer.model.decoders[unit]
+    assert type(decoder).__name__ == adapter
+    assert all(p.requires_grad for p in decoder.parameters())
+    keys = [k for k in _fixed_loss(trainer) if k.startswith(f"loss_{unit}_")]
+    before = _fixed_loss(trainer)
+    result = trainer.fit()
+    after = _fixed_loss(trainer)
+    assert all(torch.isfinite(torch.tensor(after[k])) for k in keys)
+    assert sum(after[k] for k in keys) < sum(before[k] for k in keys), (before, after)
+
+    saved = json.loads((result.model_dir / "config.json").read_text())
+    assert saved["decoders"][unit] == {"kind": kind, **settings}
+    torch.manual_seed(0)  # tiny's "base LLM" is its seeded random init
+    loaded = load_model(result.model_dir)
+    assert type(loaded.decoders[unit]).__name__ == adapter
+    trained = trainer.model.decoders[unit].state_dict()
+    assert all(torch.equal(v, trained[k]) for k, v in loaded.decoders[unit].state_dict().items())
+
+    predictor = Predictor(loaded)
+    answer = f"<Phrase>thing</Phrase> (<Unit>{unit}</Unit>[0]<REF>)"
+    image = np.random.default_rng(0).integers(0, 255, (40, 56, 3), dtype=np.uint8)
+    found = predictor.predict(image, "Find the thing.", logits_hook=forced_answer_hook(loaded.llm.tokenizer, answer),
+                              constrained=False)
+    obj = found.objects[0]
+    assert (obj.box_xyxy if unit == "box" else obj.mask) is not None, found.errors
+    manifest = export_model(loaded, tmp_path / f"{kind}_onnx", units=[unit], encoders=False)
+    assert manifest.part(f"decoder_{unit}").file == f"decoder_{unit}.onnx"
+    assert (tmp_path / f"{kind}_onnx" / f"decoder_{unit}.onnx").stat().st_size > 0
 
 
 # ---- distributed and resume -------------------------------------------------------

@@ -95,7 +95,7 @@ def test_two_process_fsdp_equals_one_process(tmp_path, data_dir, single):
     assert state["model"] and all(torch.equal(v, loaded[k]) for k, v in state["model"].items())
     moments = state["optimizer"]["state"]
     assert set(moments) <= set(state["model"])
-    assert set(state["model"]) - set(moments) <= {"llm.model.lm_head.weight"}  # tied: one state, embeddings'
+    assert set(state["model"]) - set(moments) <= {"llm.lm.lm_head.weight"}  # tied: one state, embeddings'
     assert all(moments[k]["exp_avg"].shape == state["model"][k].shape for k in moments)
     print(f"fsdp vs single process: worst weight difference {worst:.2e}")
 

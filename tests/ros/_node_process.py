@@ -37,11 +37,10 @@ class ForcedAnswerPredictor:
         return forced
 
     def predict(self, image: Any, prompt: str, visual_prompts: Any = (),
-                logits_hook: Callable | None = None) -> Any:
+                on_token: Callable | None = None) -> Any:
         time.sleep(self._delay_s)
-        hook = self._force if logits_hook is None else (
-            lambda step, logits: logits_hook(step, self._force(step, logits)))
-        return self._predictor.predict(image, prompt, visual_prompts, logits_hook=hook)
+        return self._predictor.predict(image, prompt, visual_prompts, logits_hook=self._force,
+                                       on_token=on_token)
 
 
 def main() -> None:

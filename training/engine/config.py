@@ -74,6 +74,19 @@ class VisionPretrainConfig:
     loss_weights: dict[str, float] = field(default_factory=dict)  # e.g. {depth: 0.5, token_color: 1.0}
 
 
+# Fields stage 0 (engine/stage0.py) never reads: set away from their defaults in a stage-0
+# config they would do nothing, so validate refuses them.
+STAGE0_UNUSED = ("grad_accum", "strategy", "mixed_precision", "gradient_checkpointing", "train_encoders",
+                 "trainable", "cache_frozen", "save_trainable_only", "loss_weights", "lora", "external_decoder",
+                 "data.train", "data.stage1_decimals", "data.max_samples", "model.init_from")
+
+
+def _dotted(obj: Any, name: str) -> Any:
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 @dataclass
 class TrainConfig:
     stage: int = 1
@@ -106,6 +119,11 @@ class TrainConfig:
         if self.stage == 0:
             if self.vision_pretrain.scenes < 1:
                 raise ConfigError("vision_pretrain.scenes must be >= 1")
+            defaults = TrainConfig()
+            unused = [name for name in STAGE0_UNUSED if _dotted(self, name) != _dotted(defaults, name)]
+            if unused:
+                raise ConfigError(f"stage 0 (tower pretraining) does not use {unused}: remove them from its "
+                                  "config (they apply to stages 1-3; vision_pretrain configures stage 0)")
         elif not self.data.train:
             raise ConfigError("data.train is not set: point it at a folder of shards "
                               "(e.g. written by 'refvlm data simworld')")

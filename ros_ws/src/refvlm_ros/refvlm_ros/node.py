@@ -368,7 +368,7 @@ class RefVLMNode(LifecycleNode):
         return None if self.p.image_backend == "auto" else self.p.image_backend
 
     def answer(self, image: Image, prompt: str, visual_prompts: list[VisualPromptMsg],
-               depth: Callable[[], messages.DepthContext | None], logits_hook: Callable | None = None
+               depth: Callable[[], messages.DepthContext | None], on_token: Callable | None = None
                ) -> tuple[Result, RefResult, np.ndarray]:
         """One question on one image -> (Result, RefResult message, RGB [H, W, 3] uint8).
         ``depth()`` gives the image's depth context (called once the inputs are valid).
@@ -384,7 +384,7 @@ class RefVLMNode(LifecycleNode):
             if self._predictor is None:
                 raise InputError("no model loaded: configure the node first")
             result = self._predictor.predict(rgb, prompt, visual_prompts=core_prompts,
-                                             logits_hook=logits_hook)
+                                             on_token=on_token)
         config = LocalizationConfig(min_pixels=self.p.localization_min_pixels)
         msg = messages.result_to_msg(result, image.header, context, config)
         latency = time.perf_counter() - t0
@@ -448,7 +448,7 @@ class RefVLMNode(LifecycleNode):
                              "publish images there or send one in the request (use_image)")
         return frame, lambda: self._depth_context(frame)
 
-    def _run_request(self, request: Any, reply: Any, logits_hook: Callable | None = None) -> Any:
+    def _run_request(self, request: Any, reply: Any, on_token: Callable | None = None) -> Any:
         """Answers a Query request or Ground goal: fills reply.success/error/result; every
         failure becomes an error reply."""
         self._stats.count_query()
@@ -459,7 +459,7 @@ class RefVLMNode(LifecycleNode):
                 raise InputError("the node is not configured: configure it (lifecycle) first")
             frame, depth = self._request_frame(request)
             header = frame.header
-            _, reply.result, _ = self.answer(frame, prompt, list(request.visual_prompts), depth, logits_hook)
+            _, reply.result, _ = self.answer(frame, prompt, list(request.visual_prompts), depth, on_token)
             reply.success = True
         except GoalCanceled:
             raise
@@ -480,31 +480,28 @@ class RefVLMNode(LifecycleNode):
         reply.success, reply.error = False, error
         reply.result = messages.error_result(header, prompt[:ERROR_PROMPT_ECHO], error)
 
-    def _streaming_hook(self, goal_handle: Any, every: int = 4) -> Callable:
-        """A logits hook that streams the partial answer as feedback and stops generation
-        when the goal is canceled. The Predictor decodes greedily, so the token picked
-        at each step is the argmax of the logits the hook sees."""
-        tokens: list[int] = []
-        tokenizer = self._predictor.model.llm.tokenizer
+    @staticmethod
+    def _streamer(goal_handle: Any, every: int = 4) -> Callable[[int, str], None]:
+        """The Predictor's on_token callback for a ~/ground goal: the partial answer as
+        feedback every ``every`` tokens; a cancel request stops generation."""
+        count = 0
 
-        def hook(step: int, logits: Any) -> Any:
+        def on_token(token_id: int, answer_so_far: str) -> None:
+            nonlocal count
             if goal_handle.is_cancel_requested:
                 raise GoalCanceled()
-            if step and step % every == 0:
-                text = tokenizer.decode(tokens, skip_special_tokens=False)
+            count += 1
+            if count % every == 0:
                 goal_handle.publish_feedback(Ground.Feedback(
-                    stage="decode", partial_answer=trp.plain_text(text)))
-            tokens.append(int(logits.argmax(-1)[0]))
-            return logits
+                    stage="decode", partial_answer=trp.plain_text(answer_so_far)))
 
-        return hook
+        return on_token
 
     def _on_ground(self, goal_handle: Any) -> Ground.Result:
         goal = goal_handle.request
         goal_handle.publish_feedback(Ground.Feedback(stage="waiting for the model"))
-        hook = self._streaming_hook(goal_handle) if self._predictor is not None else None
         try:
-            result = self._run_request(goal, Ground.Result(), hook)
+            result = self._run_request(goal, Ground.Result(), self._streamer(goal_handle))
         except GoalCanceled:
             goal_handle.canceled()
             return Ground.Result(success=False, error="canceled")
