@@ -86,7 +86,7 @@ def wrap_model(model: nn.Module, info: DistInfo, strategy: str, find_unused: boo
 
 
 def _base_llm(model: nn.Module) -> nn.Module:
-    llm = model.llm.model
+    llm = model.llm.lm
     return llm.get_base_model() if hasattr(llm, "get_base_model") else llm
 
 

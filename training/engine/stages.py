@@ -89,10 +89,10 @@ def add_lora(model, cfg: TrainConfig) -> None:
     already carries); in the LLM only the adapters and the TRP token rows train."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    if not isinstance(model.llm.model, PeftModel):
+    if not isinstance(model.llm.lm, PeftModel):
         lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                           target_modules=list(cfg.lora.target_modules), bias="none")
-        model.llm.model = get_peft_model(model.llm.model, lora)
+        model.llm.lm = get_peft_model(model.llm.lm, lora)
     for name, param in model.llm.named_parameters():
         param.requires_grad_("lora_" in name)
     train_token_rows_only(model)
@@ -126,8 +126,8 @@ def merge_lora(model) -> None:
     """Fold LoRA adapters into the LLM weights so the saved model loads without peft."""
     from peft import PeftModel
 
-    if isinstance(model.llm.model, PeftModel):
-        model.llm.model = model.llm.model.merge_and_unload()
+    if isinstance(model.llm.lm, PeftModel):
+        model.llm.lm = model.llm.lm.merge_and_unload()
 
 
 def count_trainable(model: nn.Module) -> tuple[int, int]:

@@ -146,7 +146,7 @@ class Trainer:
             swap_decoder(model, self.cfg.external_decoder)
         self.params = configure_stage(model, self.cfg)
         if self.cfg.gradient_checkpointing:
-            llm = model.llm.model
+            llm = model.llm.lm
             llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.to(self.info.device)
         model.train()
