@@ -286,7 +286,8 @@ def fold_lora(model, config: dict, tensors: dict[str, torch.Tensor], path: Path)
     with torch.no_grad():
         for name, parts in pairs.items():
             weight = modules[name].weight                                  # [out, in]
-            weight += (parts["B.weight"].to(weight.dtype) @ parts["A.weight"].to(weight.dtype)) * scaling
+            # in place: a temporary [out, in] delta per layer made this ~4x slower
+            weight.addmm_(parts["B.weight"].to(weight.dtype), parts["A.weight"].to(weight.dtype), alpha=scaling)
     return True
 
 
