@@ -113,7 +113,8 @@ MODEL_REGISTRY: dict[str, Effect | NotBehavioural] = {
     "cache_dir": here("test_cache_dir_is_where_the_tokenizer_is_read"),
     **{f"loss_weights.{f.name}": here("test_each_loss_weight_changes_the_losses")
        for f in dataclasses.fields(LossWeights)},
-    **{f"match_costs.{f.name}": Effect("tests/test_match_costs.py::test_each_match_cost_changes_the_assignment")
+    **{f"match_costs.{f.name}": Effect("tests/test_match_costs.py::test_each_match_cost_changes_the_assignment",
+                                       f"{HERE}::test_match_costs_reach_the_model_decoders")
        for f in dataclasses.fields(MatchCosts)},
 }
 
@@ -461,6 +462,16 @@ def test_cache_dir_is_where_the_tokenizer_is_read(tmp_path, tiny_model):
     changed.save_pretrained(str(copy_at))
     loaded = load_tokenizer(tiny_with(cache_dir=str(tmp_path)))
     assert "<zebra-token>" in loaded.get_vocab() and "<zebra-token>" not in load_tokenizer(default).get_vocab()
+
+
+def test_match_costs_reach_the_model_decoders(tiny_model):
+    """What matching minimises per cost is tests/test_match_costs.py's; here: the model's
+    decoders are built with the config's costs."""
+    costs = {f.name: getattr(MatchCosts(), f.name) * 0.5 + 0.1 for f in dataclasses.fields(MatchCosts)}
+    model = rebuilt(tiny_model, tiny_with(match_costs=MatchCosts(**costs)))
+    for decoder in model.decoders.values():
+        assert dataclasses.asdict(decoder.costs) == costs
+    assert all(d.costs == MatchCosts() for d in tiny_model.decoders.values())
 
 
 def _loss_weight_model(tiny_model, weights: dict[str, float]):
