@@ -209,7 +209,8 @@ def _export(module: nn.Module, args: tuple[Tensor, ...], spec: PartSpec, out: Pa
         program = torch.onnx.export(module.eval(), args, dynamo=True, opset_version=opset,
                                     input_names=[t.name for t in spec.inputs],
                                     output_names=[t.name for t in spec.outputs],
-                                    dynamic_shapes=dynamic_shapes, verbose=False)
+                                    dynamic_shapes=dynamic_shapes, verbose=False,
+                                    custom_translation_table=_translations())
     proto = program.model_proto
     meta = {**meta, "part": spec.part, "unit": spec.unit or "", "opset": str(opset),
             "inputs": json.dumps([asdict(t) for t in spec.inputs]),
@@ -222,6 +223,20 @@ def _export(module: nn.Module, args: tuple[Tensor, ...], spec: PartSpec, out: Pa
     onnx.checker.check_model(str(path), full_check=True)  # by path: works past the 2 GB proto limit
     spec.onnx_sha256 = file_sha256(path)
     log.info("exported %s (%.1f kB)", path, path.stat().st_size / 1024)
+
+
+def _translations() -> dict[Any, Any]:
+    """ONNX for the aten ops the exporter has none for. ``_is_all_true``: the shape checks
+    inside transformers' modules (``torch._check``, e.g. Grounding-DINO's deformable
+    attention) trace to it."""
+    from onnx import TensorProto
+    from onnxscript import opset18 as op
+
+    def is_all_true(values):
+        as_int = op.Cast(values, to=TensorProto.INT64)
+        return op.Cast(op.ReduceMin(as_int, keepdims=0), to=TensorProto.BOOL)
+
+    return {torch.ops.aten._is_all_true.default: is_all_true}
 
 
 def _dim(name: str, min_value: int = 1, max_value: int | None = None) -> Any:

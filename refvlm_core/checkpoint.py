@@ -61,8 +61,8 @@ def save_model(model, folder: str | os.PathLike, mode: str = "full", dtype: str 
     elif mode == "trainable":
         weights = {n: p.detach().contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
         if not weights:
-            raise CheckpointError("no trainable parameters to save: call model.trainable_parameters(stage) "
-                                  "first, or save with mode='full'")
+            raise CheckpointError("no trainable parameters to save: set requires_grad on the parts that "
+                                  "trained (refvlm_training stages do), or save with mode='full'")
     else:
         weights, extra = over_base_tensors(model, _storage_dtype(dtype))
     return write_model_folder(folder, weights, model, mode, extra)

@@ -7,7 +7,8 @@ ConvNeXt pyramid. ``forward(batch)`` returns every loss; generation is in predic
 """
 from __future__ import annotations
 
-from typing import Any, Iterator
+import warnings
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -17,15 +18,13 @@ from refvlm_core.aggregation import mask_guided_aggregation, tokens_to_map
 from refvlm_core.config import ModelConfig
 from refvlm_core.decoders import build_decoder
 from refvlm_core.encoders import DualImageEncoder
-from refvlm_core.errors import ConfigError, InputError
+from refvlm_core.errors import InputError
 from refvlm_core.features import ImageFeatures
 from refvlm_core.llm import RefLLM
 from refvlm_core.losses import LossWeights
 from refvlm_core.processor import Processor
 from refvlm_core.projector import Projector
-from refvlm_core.router import RoutedRefs, route
-
-STAGES = (1, 2, 3)
+from refvlm_core.router import RoutedRefs, route, routing_problems
 
 
 class RefVLM(nn.Module):
@@ -40,7 +39,7 @@ class RefVLM(nn.Module):
                                 loss_weights=config.loss_weights, match_costs=config.match_costs, **kwargs)
             for unit, kwargs in config.decoders.items()})
         self.loss_weights = LossWeights.coerce(config.loss_weights)
-        self.processor = (Processor(config, llm.tokenizer, self.num_image_tokens, tuple(self.decoders))
+        self.processor = (Processor(config, llm.tokenizer, self.num_image_tokens, self.decoders)
                           if llm.tokenizer is not None else None)
 
     @classmethod
@@ -92,9 +91,13 @@ class RefVLM(nn.Module):
     def route_refs(self, ref_embeddings: list[torch.Tensor], ref_units: list[list[tuple[str, ...]]],
                    ref_groups: list[list[int]]) -> dict[str, RoutedRefs]:
         # training pads each unit's group to its longest (the decoders' outputs for valid refs do
-        # not depend on the padding); inference keeps the fixed L of the export contract
-        return route(ref_embeddings, ref_units, ref_groups, tuple(self.decoders), self.config.router_length,
-                     pad_to_longest=self.training)
+        # not depend on the padding) and warns of dropped <REF>s; inference keeps the fixed L of
+        # the export contract and leaves reporting to the caller (Result.errors)
+        units, length = tuple(self.decoders), self.config.router_length
+        if self.training:
+            for problem in routing_problems(ref_units, units, length):
+                warnings.warn(problem, stacklevel=2)
+        return route(ref_embeddings, ref_units, ref_groups, units, length, pad_to_longest=self.training)
 
     def run_decoders(self, routed: dict[str, RoutedRefs], pyramid: list[torch.Tensor]
                      ) -> dict[str, dict[str, torch.Tensor]]:
@@ -139,18 +142,6 @@ class RefVLM(nn.Module):
                 raise InputError(f"image {b}: {len(positions)} <REF> tokens but {len(units)} REF targets")
             refs.append(hidden[b, positions])
         return refs
-
-    # ---- stages -----------------------------------------------------------------------
-    def trainable_parameters(self, stage: int) -> Iterator[nn.Parameter]:
-        """Stage 1: projector only. Stages 2 and 3: everything but the frozen encoders
-        (stage 3 swaps in external decoders by registration before training).
-        Sets ``requires_grad`` to match and yields the trainable parameters."""
-        if stage not in STAGES:
-            raise ConfigError(f"training stage {stage}: use one of {STAGES}")
-        trainable = {"projector"} if stage == 1 else {"projector", "llm", "decoders"}
-        for name, module in self.named_children():
-            module.requires_grad_(name in trainable)
-        return (p for p in self.parameters() if p.requires_grad)
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -18,11 +18,12 @@ from refvlm_core import trp
 from refvlm_core.config import ModelConfig, preset
 from refvlm_core.constrained import TrpGrammar
 from refvlm_core.errors import InputError
-from refvlm_core.geometry import cxcywh_to_xyxy, clip_boxes, validate_image
+from refvlm_core.geometry import validate_image
 from refvlm_core.geometry import Letterbox
 from refvlm_core.prefix_cache import PromptPrefixCache
 from refvlm_core.model import RefVLM
 from refvlm_core.results import ReferredObject, Result
+from refvlm_core.router import routing_problems
 from refvlm_core.runtime import TorchRuntime, VisionRuntime
 from refvlm_core.visual_prompts import VisualPrompt, validate
 
@@ -145,8 +146,8 @@ class Predictor:
         return result
 
     def _decode_refs(self, parse: trp.TrpParse, states: torch.Tensor, pyramid: list[torch.Tensor],
-                     errors: list[str]) -> dict[int, dict[str, Any]]:
-        """ordinal -> merged postprocessed outputs of every decoder its block names."""
+                     errors: list[str]) -> dict[int, dict[str, dict[str, Any]]]:
+        """ordinal -> unit -> that unit decoder's postprocessed output for the <REF>."""
         if states.shape[0] != len(parse.refs):
             errors.append(f"{states.shape[0]} <REF> tokens but {len(parse.refs)} <REF>s in the parsed text")
             return {}
@@ -155,45 +156,28 @@ class Predictor:
         block_of = {ref.ordinal: k for k, (_, block) in enumerate(parse.blocks()) for ref in block.refs}
         units = [[site.units for site in parse.refs]]
         groups = [[block_of.get(site.ordinal, -1) for site in parse.refs]]
-        unknown = sorted({u for site in parse.refs for u in site.units} - set(self.model.decoders))
-        if unknown:
-            errors.append(f"no decoder for unit(s) {unknown}; their <REF>s are not decoded")
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # unknown units are reported in Result.errors
-            routed = self.model.route_refs([states], units, groups)
+        errors += routing_problems(units, tuple(self.model.decoders), self.config.router_length)
+        routed = self.model.route_refs([states], units, groups)
         named = {unit: refs for unit, refs in routed.items() if refs.num_refs}  # only those the answer names
         runner = self.decoder_backend or self.runtime
         outputs = runner.run_decoders(named, pyramid)
-        merged: dict[int, dict[str, Any]] = {}
+        decoded: dict[int, dict[str, dict[str, Any]]] = {}
         for unit in named:
             for item in self.model.decoders[unit].postprocess(outputs[unit], named[unit])[0]:
-                merged.setdefault(item["ordinal"], {}).update(item)
-        return merged
+                decoded.setdefault(item["ordinal"], {})[unit] = item
+        return decoded
 
-    def _objects(self, parse: trp.TrpParse, decoded: dict[int, dict[str, Any]],
+    def _objects(self, parse: trp.TrpParse, decoded: dict[int, dict[str, dict[str, Any]]],
                  letterbox: Letterbox) -> list[ReferredObject]:
-        size = float(letterbox.size)
+        """One ReferredObject per <REF> with units; each unit's decoder fills in its output."""
         objects = []
         for site in parse.refs:
             if not site.units:
                 continue
-            out = decoded.get(site.ordinal, {})
             obj = ReferredObject(phrase=site.phrase, units=site.units, instance_index=site.index
                                  if site.index is not None else -1, ref_ordinal=site.ordinal,
-                                 ref_span=site.span, score=out.get("score"))
-            if "box_cxcywh" in out:
-                xyxy = cxcywh_to_xyxy(np.asarray(out["box_cxcywh"], np.float64)[None]) * size
-                obj.box_xyxy = clip_boxes(letterbox.boxes_to_image(xyxy), letterbox.height,
-                                          letterbox.width)[0].astype(np.float32)
-            if "mask_logits" in out:
-                obj.mask = letterbox.mask_to_image(out["mask_logits"].astype(np.float32)) > 0.0
-            if "keypoints" in out:
-                keypoints = np.asarray(out["keypoints"], np.float64)
-                xy = letterbox.points_to_image(keypoints[:, :2] * size)
-                obj.keypoints = np.concatenate([xy, keypoints[:, 2:3]], -1).astype(np.float32)
-            if "depth" in out:
-                obj.depth = letterbox.dense_to_image(out["depth"].astype(np.float32))
+                                 ref_span=site.span)
+            for unit, output in decoded.get(site.ordinal, {}).items():
+                self.model.decoders[unit].fill_object(obj, output, letterbox)
             objects.append(obj)
         return objects

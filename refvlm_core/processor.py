@@ -7,12 +7,12 @@ What one encoded sample holds (see ``encode_sample``):
   region_masks  [R, S, S] bool, one per ``<region>``, in the model frame
   ref_units     per <REF> ordinal: the units of its <Unit> block
   ref_groups    per <REF> ordinal: its unit-block index (all assistant turns, text order)
-  targets       unit -> router.UnitTargets (normalised model frame)
+  targets       unit -> targets.UnitTargets (normalised model frame), encoded by the unit's decoder
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -20,13 +20,15 @@ import torch
 from refvlm_core import trp
 from refvlm_core.config import ModelConfig
 from refvlm_core.errors import InputError
-from refvlm_core.geometry import CLIP_MEAN_RGB, Letterbox, normalize_boxes, validate_image, xyxy_to_cxcywh
-from refvlm_core.router import UnitTargets
-from refvlm_core.sample import RefTarget, Sample
+from refvlm_core.geometry import CLIP_MEAN_RGB, Letterbox, validate_image
+from refvlm_core.sample import Sample
+from refvlm_core.targets import TargetFrame, UnitTargets
 from refvlm_core.visual_prompts import VisualPrompt, rasterize_in_model_frame
 
+if TYPE_CHECKING:
+    from refvlm_core.decoders import UnitDecoder
+
 IGNORE = -100
-MASK_STRIDE = 4  # mask and depth targets at S/4, the resolution the pixel decoders work at
 # Used only when a tokenizer has no chat template of its own (ChatML layout).
 FALLBACK_CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -62,11 +64,13 @@ class Encoded:
 
 
 class Processor:
-    def __init__(self, config: ModelConfig, tokenizer, num_image_tokens: int, units: Sequence[str]):
+    def __init__(self, config: ModelConfig, tokenizer, num_image_tokens: int,
+                 decoders: Mapping[str, "UnitDecoder"]):
         self.config = config
         self.tokenizer = tokenizer
         self.num_image_tokens = int(num_image_tokens)
-        self.units = tuple(units)
+        self.decoders = decoders  # unit -> its decoder, which encodes that unit's targets
+        self.units = tuple(decoders)
         if tokenizer.chat_template is None:
             tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
         self.image_id = tokenizer.convert_tokens_to_ids(trp.IMAGE)
@@ -198,11 +202,13 @@ class Processor:
 
     def _ref_targets(self, sample: Sample, letterbox: Letterbox
                      ) -> tuple[list[tuple[str, ...]], list[int], dict[str, UnitTargets]]:
-        """Per <REF>: units and block index; per unit: targets with block ids."""
+        """Per <REF>: units and block index; per unit: targets with block ids, each encoded
+        by the unit's decoder."""
+        frame = TargetFrame(sample, letterbox)
         ref_units: list[tuple[str, ...]] = []
         ref_groups: list[int] = []
-        per_unit: dict[str, dict[str, list]] = {u: {"group_ids": [], "boxes": [], "masks": [], "keypoints": []}
-                                                for u in self.units}
+        group_ids: dict[str, list[int]] = {unit: [] for unit in self.units}
+        parts: dict[str, list[np.ndarray]] = {unit: [] for unit in self.units}
         block_index = 0
         for turn in sample.turns:
             if turn.role != "assistant":
@@ -212,58 +218,26 @@ class Processor:
                 raise InputError(f"sample {sample.id}: an answer has {len(blocks)} unit blocks but "
                                  f"{len(turn.targets)} RefTargets; give one RefTarget per block, in text order")
             for (_, block), target in zip(blocks, turn.targets):
-                if len(block.refs) != target.count and not set(block.units) <= {"depth"}:
+                if len(block.refs) != target.count and self._counts_instances(block.units):
                     raise InputError(f"sample {sample.id}: block {block_index} has {len(block.refs)} <REF>s "
                                      f"but its RefTarget has {target.count} instances")
                 ref_units += [block.units] * len(block.refs)
                 ref_groups += [block_index] * len(block.refs)
                 for unit in block.units:
-                    if unit in per_unit:
-                        self._add_unit_target(per_unit[unit], unit, target, block_index, letterbox, sample)
+                    if unit in self.decoders:
+                        decoder = self.decoders[unit]
+                        group_ids[unit] += [block_index] * (target.count if decoder.instance_targets else 1)
+                        part = decoder.encode_target(target, frame)
+                        if part is not None:
+                            parts[unit].append(part)
                 block_index += 1
-        targets = {unit: self._unit_targets(unit, fields, letterbox, sample) for unit, fields in per_unit.items()}
+        targets = {unit: decoder.collate_targets(parts[unit], torch.tensor(group_ids[unit], dtype=torch.long), frame)
+                   for unit, decoder in self.decoders.items()}
         return ref_units, ref_groups, targets
 
-    def _add_unit_target(self, fields: dict[str, list], unit: str, target: RefTarget, block: int,
-                         letterbox: Letterbox, sample: Sample) -> None:
-        count = 1 if unit == "depth" else target.count
-        fields["group_ids"] += [block] * count
-        if unit == "box":
-            boxes = target.boxes if target.boxes is not None else _mask_boxes(target.masks, sample.id)
-            model = letterbox.boxes_to_model(boxes)
-            fields["boxes"].append(xyxy_to_cxcywh(normalize_boxes(model, self.size)).clip(0, 1))
-        elif unit == "mask":
-            if target.masks is None:
-                raise InputError(f"sample {sample.id}: a mask block's RefTarget has no masks")
-            out = self.size // MASK_STRIDE
-            fields["masks"].append(np.stack([letterbox.mask_coverage_to_model(m, out) for m in target.masks]))
-        elif unit == "keypoint":
-            if target.keypoints is None:
-                raise InputError(f"sample {sample.id}: a keypoint block's RefTarget has no keypoints")
-            xy = letterbox.points_to_model(target.keypoints[..., :2]) / self.size
-            fields["keypoints"].append(np.concatenate([xy, target.keypoints[..., 2:3]], -1))
-        elif unit == "depth" and sample.depth is None:
-            raise InputError(f"sample {sample.id}: a depth block but Sample.depth is None")
-
-    def _unit_targets(self, unit: str, fields: dict[str, list], letterbox: Letterbox,
-                      sample: Sample) -> UnitTargets:
-        def cat(name: str, shape: tuple[int, ...]) -> torch.Tensor:
-            parts = fields[name]
-            return torch.from_numpy(np.concatenate(parts).astype(np.float32)) if parts else torch.zeros(shape)
-        out = self.size // MASK_STRIDE
-        group_ids = torch.tensor(fields["group_ids"], dtype=torch.long)
-        targets = UnitTargets(group_ids=group_ids)
-        if unit == "box":
-            targets.boxes = cat("boxes", (0, 4))
-        elif unit == "mask":
-            targets.masks = cat("masks", (0, out, out))
-        elif unit == "keypoint":
-            targets.keypoints = cat("keypoints", (0, 17, 3))
-        elif unit == "depth" and len(group_ids) and sample.depth is not None:
-            depth = letterbox.image_to_model(sample.depth.astype(np.float32), np.nan)
-            depth = torch.from_numpy(np.ascontiguousarray(depth)).float()[None, None]
-            targets.depth = torch.nn.functional.adaptive_avg_pool2d(depth, out)[0, 0]  # NaN where any NaN
-        return targets
+    def _counts_instances(self, units: Sequence[str]) -> bool:
+        """Whether a block of these units has one <REF> per target instance (not so for depth)."""
+        return any(unit not in self.decoders or self.decoders[unit].instance_targets for unit in units)
 
     # ---- batches --------------------------------------------------------------------
     def collate(self, items: Sequence[Encoded]) -> dict[str, Any]:
@@ -287,15 +261,3 @@ class Processor:
             "targets": {unit: [item.targets[unit] for item in items] for unit in self.units},
         }
 
-
-def _mask_boxes(masks: np.ndarray | None, sample_id: str) -> np.ndarray:
-    """Tight xyxy boxes of masks (a box block given only masks)."""
-    if masks is None:
-        raise InputError(f"sample {sample_id}: a box block's RefTarget has neither boxes nor masks")
-    boxes = []
-    for mask in masks:
-        ys, xs = np.nonzero(mask)
-        if len(xs) == 0:
-            raise InputError(f"sample {sample_id}: an empty instance mask cannot give a box")
-        boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
-    return np.asarray(boxes, dtype=np.float32)

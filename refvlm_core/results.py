@@ -23,6 +23,9 @@ class ReferredObject:
     mask: np.ndarray | None = None      # [H, W] bool
     keypoints: np.ndarray | None = None # [17, 3]: x, y pixels, visibility probability
     depth: np.ndarray | None = None     # [H, W] float32 metres, NaN unknown
+    # outputs of units without a field above (a plug-in decoder's), named by that decoder,
+    # in original pixels where geometric, e.g. {"point_xy": [2]}
+    outputs: dict[str, np.ndarray] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: box and keypoints as lists, mask as COCO RLE, depth as a summary."""
@@ -45,6 +48,9 @@ class ReferredObject:
                             "min": float(known.min()) if known.size else None,
                             "median": float(np.median(known)) if known.size else None,
                             "max": float(known.max()) if known.size else None}
+        if self.outputs:
+            out["outputs"] = {name: np.asarray(value, np.float64).round(3).tolist()
+                              for name, value in self.outputs.items()}
         return out
 
 

@@ -5,13 +5,9 @@ Routing is by what the model generated (the parsed <Unit> tag), not by the task 
 system prompt. Every requested unit gets an entry even when no <REF> goes to it, so
 every decoder still runs forward and contributes a zero, graph-connected loss (a
 decoder skipped on one rank would hang distributed training).
-
-This module also holds ``UnitTargets``, the per-image, per-unit ground truth the
-processor builds for the decoders' losses.
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -37,27 +33,6 @@ class RoutedRefs:
         return int(self.valid.sum())
 
 
-@dataclass
-class UnitTargets:
-    """Ground truth of one unit for one image, in the normalised model frame.
-
-    ``group_ids[i]`` is the unit-block index of instance i: instances are matched only
-    to <REF>s of the same block (grouped Hungarian matching). Fields a unit does not
-    use stay None. Depth is one map per image: every depth <REF> of the image is
-    supervised by it (no matching), so ``group_ids`` only lists the depth blocks.
-    """
-
-    group_ids: Tensor                  # [M] long
-    boxes: Tensor | None = None        # [M, 4] cx, cy, w, h in [0, 1]
-    masks: Tensor | None = None        # [M, h, w] float 0/1
-    keypoints: Tensor | None = None    # [M, 17, 3] x, y in [0, 1], v (0 absent, 1 occluded, 2 visible)
-    depth: Tensor | None = None        # [h, w] metres, NaN unknown
-
-    @property
-    def count(self) -> int:
-        return int(self.group_ids.shape[0])
-
-
 def route(
     ref_embeddings: list[Tensor],
     ref_units: list[list[tuple[str, ...]]],
@@ -75,14 +50,11 @@ def route(
     Returns unit -> RoutedRefs with L = router_length (with ``pad_to_longest``: L = the unit's most
     <REF>s in one image, at least 1 and at most router_length; the decoders give the same outputs
     for the valid refs, and training does not pay for padding). A composite block goes to each of its
-    units; <REF>s beyond router_length for one unit are dropped with a warning; units not in
-    ``units`` are dropped with a warning.
+    units; <REF>s beyond router_length for one unit and units not in ``units`` are dropped
+    (``routing_problems`` says which, for the caller to report).
     """
     _check_route_inputs(ref_embeddings, ref_units, ref_groups, router_length)
-    unknown = {u for per_image in ref_units for block in per_image for u in block} - set(units)
-    if unknown:
-        warnings.warn(f"<REF>s of units {sorted(unknown)} have no decoder and are not decoded; "
-                      f"decoders exist for {sorted(units)}", stacklevel=2)
+
     def length(unit: str) -> int:
         if not pad_to_longest:
             return router_length
@@ -92,16 +64,31 @@ def route(
     return {unit: _route_one_unit(ref_embeddings, ref_units, ref_groups, unit, length(unit)) for unit in units}
 
 
+def routing_problems(ref_units: list[list[tuple[str, ...]]], units: Sequence[str],
+                     router_length: int) -> list[str]:
+    """What ``route`` drops, in words: <REF>s of units without a decoder, and <REF>s beyond
+    ``router_length`` for one unit in one image."""
+    problems = []
+    unknown = {u for per_image in ref_units for block in per_image for u in block} - set(units)
+    if unknown:
+        problems.append(f"no decoder for unit(s) {sorted(unknown)}; their <REF>s are not decoded "
+                        f"(decoders exist for {sorted(units)})")
+    for b, per_image in enumerate(ref_units):
+        for unit in units:
+            count = sum(unit in block for block in per_image)
+            if count > router_length:
+                problems.append(f"image {b}: {count} <REF>s for unit '{unit}' exceed router_length="
+                                f"{router_length}; decoded the first {router_length} (raise "
+                                "ModelConfig.router_length to keep them all)")
+    return problems
+
+
 def _route_one_unit(ref_embeddings: list[Tensor], ref_units: list[list[tuple[str, ...]]],
                     ref_groups: list[list[int]], unit: str, router_length: int) -> RoutedRefs:
     rows, ordinals, groups = [], [], []
     for b, (emb, per_ref_units, per_ref_groups) in enumerate(zip(ref_embeddings, ref_units, ref_groups)):
         picked = [i for i, block_units in enumerate(per_ref_units) if unit in block_units]
-        if len(picked) > router_length:
-            warnings.warn(f"image {b}: {len(picked)} <REF>s for unit '{unit}' exceed "
-                          f"router_length={router_length}; decoding the first {router_length} "
-                          f"(raise router_length to keep them all)", stacklevel=3)
-            picked = picked[:router_length]
+        picked = picked[:router_length]
         pad = router_length - len(picked)
         index = torch.tensor(picked, dtype=torch.long, device=emb.device)
         rows.append(torch.cat([emb.index_select(0, index), emb.new_zeros(pad, emb.shape[1])]))  # [L, D]

@@ -2,17 +2,18 @@
 losses, overfitting one target, postprocess format and the registry."""
 from __future__ import annotations
 
-from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
+import point_unit as point_unit_module
+from point_unit import PointDecoder
 from refvlm_core.decoders import (UnitDecoder, build_decoder, register_decoder, registered_units,
                                   unregister_decoder)
 from refvlm_core.errors import ConfigError
-from refvlm_core.losses import connected_zero
-from refvlm_core.router import RoutedRefs, UnitTargets, route
+from refvlm_core.router import RoutedRefs, route
+from refvlm_core.targets import UnitTargets
 
 LLM_DIM = 32
 CHANNELS = (8, 16, 32)
@@ -50,9 +51,9 @@ def random_targets(unit: str, routed: RoutedRefs, size: int = 32) -> list[UnitTa
         groups = routed.group_ids[b][routed.valid[b]]
         m = groups.numel()
         kp = torch.cat([torch.rand(m, 17, 2), torch.randint(0, 3, (m, 17, 1)).float()], dim=-1)
-        targets.append(UnitTargets(group_ids=groups.clone(), boxes=torch.rand(m, 4) * 0.4 + 0.2,
-                                   masks=(torch.rand(m, size, size) > 0.5).float(), keypoints=kp,
-                                   depth=torch.rand(size, size) * 4 + 0.5))
+        value = {"box": torch.rand(m, 4) * 0.4 + 0.2, "mask": (torch.rand(m, size, size) > 0.5).float(),
+                 "keypoint": kp, "depth": torch.rand(size, size) * 4 + 0.5}[unit]
+        targets.append(UnitTargets(group_ids=groups.clone(), value=value))
     return targets
 
 
@@ -135,7 +136,7 @@ def test_overfits_a_single_target(unit):
     target = random_targets(unit, routed, size=16)
     if unit == "mask":  # a blob, not noise: learnable from a 16 x 16 feature map
         yy, xx = torch.meshgrid(torch.arange(16), torch.arange(16), indexing="ij")
-        target[0].masks = (((yy - 6) ** 2 + (xx - 9) ** 2) < 20).float()[None]
+        target[0].value = (((yy - 6) ** 2 + (xx - 9) ** 2) < 20).float()[None]
     steps, factor = OVERFIT[unit]
     optimizer = torch.optim.Adam(decoder.parameters(), lr=3e-3)
     first = last = None
@@ -176,33 +177,10 @@ def test_postprocess_gives_numpy_per_valid_ref(unit):
 
 # ---- registry --------------------------------------------------------------------
 
-class PointDecoder(UnitDecoder):
-    """A toy unit: one (x, y) point per <REF>, from the embedding alone."""
-
-    def __init__(self, llm_dim: int, pyramid_channels: Any, **kwargs: Any) -> None:
-        super().__init__(llm_dim, pyramid_channels, **kwargs)
-        self.head = torch.nn.Linear(llm_dim, 2)
-
-    def forward(self, ref_embeddings, ref_valid, pyramid):
-        return {"points": self.head(ref_embeddings).sigmoid()}  # [B, L, 2]
-
-    def loss(self, outputs, routed, targets):
-        zero = connected_zero(outputs)
-        goals = [t.boxes[:, :2] for t in targets if t.boxes is not None and t.count]
-        if not goals:
-            return {"loss_point": zero}
-        return {"loss_point": (outputs["points"][routed.valid] - torch.cat(goals)).abs().mean() + zero}
-
-    def postprocess(self, outputs, routed):
-        return [[{"point": p} for p in outputs["points"][b][routed.valid[b]].detach().numpy()]
-                for b in range(routed.valid.shape[0])]
-
-
 @pytest.fixture
 def point_unit():
-    register_decoder("point")(PointDecoder)
-    yield "point"
-    unregister_decoder("point")
+    yield point_unit_module.register()
+    point_unit_module.unregister()
 
 
 def test_a_registered_unit_routes_and_builds_without_other_changes(point_unit):
@@ -213,7 +191,7 @@ def test_a_registered_unit_routes_and_builds_without_other_changes(point_unit):
     pyramid = make_pyramid(batch=1)
     outputs = {u: decoders[u](routed[u].embeddings, routed[u].valid, pyramid) for u in units}
     assert outputs["point"]["points"].shape == (1, 4, 2) and routed["point"].num_refs == 2
-    target = [UnitTargets(group_ids=torch.tensor([0, 1]), boxes=torch.rand(2, 4))]
+    target = [UnitTargets(group_ids=torch.tensor([0, 1]), value=torch.rand(2, 2))]
     assert decoders["point"].loss(outputs["point"], routed["point"], target)["loss_point"] > 0
     assert len(decoders["point"].postprocess(outputs["point"], routed["point"])[0]) == 2
 

@@ -15,6 +15,7 @@ from refvlm_core.config import preset
 from refvlm_core.errors import ConfigError, InputError
 from refvlm_core.geometry import cxcywh_to_xyxy
 from refvlm_core.visual_prompts import VisualPrompt
+from refvlm_training.engine.stages import set_stage_trainable
 
 torch.set_num_threads(1)
 
@@ -49,7 +50,7 @@ def test_processor_labels_only_answers(model):
 
 def test_processor_targets_in_model_frame(model):
     encoded = model.processor.encode_sample(mixed_samples()[0])
-    boxes = encoded.targets["box"].boxes
+    boxes = encoded.targets["box"].value
     # first square: x 8..30, y 5..25 of 80x60 -> model frame 64: scale 0.8, pad 10 px top
     expected = torch.tensor([(8 + 30) / 2 * 0.8 / 64, (5 + 25 + 20) / 2 * 0.8 / 64, 22 * 0.8 / 64, 20 * 0.8 / 64])
     assert torch.allclose(boxes[0], expected, atol=1e-4)
@@ -89,13 +90,13 @@ def test_forward_backward_mixed_units(model, batch):
 
 
 def test_trainable_parameters_by_stage(model):
-    stage1 = set(map(id, model.trainable_parameters(1)))
+    stage1 = set(map(id, set_stage_trainable(model, 1)))
     assert stage1 == set(map(id, model.projector.parameters()))
-    stage2 = list(model.trainable_parameters(2))
+    stage2 = list(set_stage_trainable(model, 2))
     assert len(stage2) == sum(1 for _ in model.projector.parameters()) + sum(
         1 for _ in model.llm.parameters()) + sum(1 for _ in model.decoders.parameters())
     with pytest.raises(ConfigError):
-        model.trainable_parameters(4)
+        set_stage_trainable(model, 4)
 
 
 def test_overfit_fixed_batch(batch):
@@ -104,7 +105,7 @@ def test_overfit_fixed_batch(batch):
 
     torch.manual_seed(1)
     model = RefVLM.from_config(preset("tiny"))
-    optimizer = torch.optim.AdamW(model.trainable_parameters(2), lr=3e-3)
+    optimizer = torch.optim.AdamW(set_stage_trainable(model, 2), lr=3e-3)
     first = last = None
     for _ in range(30):
         losses = model(batch)

@@ -11,6 +11,7 @@ from model_samples import mixed_samples
 from refvlm_core.config import preset
 from refvlm_core.errors import CheckpointError
 from refvlm_core.results import ReferredObject, Result
+from refvlm_training.engine.stages import set_stage_trainable
 
 torch.set_num_threads(1)
 
@@ -45,14 +46,14 @@ def test_trainable_only_checkpoint(model, tmp_path):
     from refvlm_core.checkpoint import load_model, save_model
     from safetensors import safe_open
 
-    model.trainable_parameters(1)
+    set_stage_trainable(model, 1)
     save_model(model, tmp_path, mode="trainable")
     with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as handle:
         assert all(k.startswith("projector.") for k in handle.keys())
     torch.manual_seed(0)  # same base init: tiny's "base LLM" is its seeded random init
     loaded = load_model(tmp_path)
     assert torch.equal(loaded.projector.net[0].weight, model.projector.net[0].weight)
-    model.trainable_parameters(2)
+    set_stage_trainable(model, 2)
 
 
 def test_corrupt_and_missing_checkpoints(model, tmp_path):

@@ -1,11 +1,12 @@
 """Latent Embeddings Router: grouping by generated unit, composite blocks, padding, truncation."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from refvlm_core.errors import InputError
-from refvlm_core.router import route
+from refvlm_core.router import route, routing_problems
 
 
 def embeddings(*counts: int, dim: int = 6) -> list[torch.Tensor]:
@@ -34,16 +35,50 @@ def test_groups_by_generated_unit_with_composite_blocks():
     assert (box.valid == (box.ordinals >= 0)).all()
 
 
-def test_truncates_to_router_length_with_a_warning():
-    with pytest.warns(UserWarning, match="exceed router_length=3"):
-        routed = route(embeddings(5), [[("box",)] * 5], [[0] * 5], units=("box",), router_length=3)
+def test_truncates_to_router_length_and_says_so():
+    units = [[("box",)] * 5]
+    routed = route(embeddings(5), units, [[0] * 5], units=("box",), router_length=3)
     assert routed["box"].ordinals.tolist() == [[0, 1, 2]]
+    [problem] = routing_problems(units, ("box",), router_length=3)
+    assert "5 <REF>s for unit 'box' exceed router_length=3" in problem
+    assert routing_problems(units, ("box",), router_length=5) == []
 
 
-def test_unknown_unit_is_dropped_with_a_warning():
-    with pytest.warns(UserWarning, match="polygon"):
-        routed = route(embeddings(2), [[("polygon",), ("box",)]], [[0, 1]], units=("box",), router_length=2)
+def test_unknown_unit_is_dropped_and_named():
+    units = [[("polygon",), ("box",)]]
+    routed = route(embeddings(2), units, [[0, 1]], units=("box",), router_length=2)
     assert routed["box"].ordinals.tolist() == [[1, -1]]
+    assert routing_problems(units, ("box",), router_length=2) == [
+        "no decoder for unit(s) ['polygon']; their <REF>s are not decoded (decoders exist for ['box'])"]
+
+
+@pytest.fixture(scope="module")
+def tiny_predictor():
+    from refvlm_core.predictor import Predictor
+
+    return Predictor.from_preset("tiny")
+
+
+def test_training_warns_of_dropped_refs_and_inference_reports_them_in_the_result(tiny_predictor):
+    """The model warns while training; the Predictor puts the same words in Result.errors."""
+    from model_samples import forced_answer_hook
+
+    model = tiny_predictor.model
+    units = [[("box",)] * (model.config.router_length + 1)]
+    states = [torch.randn(len(units[0]), model.llm.hidden_size)]
+    model.train()
+    try:
+        with pytest.warns(UserWarning, match="exceed router_length"):
+            model.route_refs(states, units, [[0] * len(units[0])])
+    finally:
+        model.eval()
+    answer = "<Phrase>blobs</Phrase> (<Unit>box</Unit>" + "".join(
+        f"[{i}]<REF>" for i in range(model.config.router_length + 1)) + ")"
+    image = np.zeros((32, 32, 3), np.uint8)
+    result = tiny_predictor.predict(image, "Find the blobs.", constrained=False, max_new_tokens=200,
+                                    logits_hook=forced_answer_hook(model.llm.tokenizer, answer))
+    assert any("exceed router_length" in e for e in result.errors), result.errors
+    assert sum(o.box_xyxy is not None for o in result.objects) == model.config.router_length
 
 
 def test_gradient_flows_back_to_the_llm_embeddings():

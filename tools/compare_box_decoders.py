@@ -88,7 +88,8 @@ def accuracy(decoder, words, pyramids, boxes, phrases) -> float:
 
 def train_curve(kind: str, train, test, vocabulary, pyramid_channels, args) -> list[tuple[int, float, float]]:
     from refvlm_core.decoders.box import BoxDecoder, DetrBoxDecoder
-    from refvlm_core.router import UnitTargets, route
+    from refvlm_core.router import route
+    from refvlm_core.targets import UnitTargets
 
     torch.manual_seed(0)
     cls = BoxDecoder if kind == "heatmap" else DetrBoxDecoder
@@ -101,7 +102,7 @@ def train_curve(kind: str, train, test, vocabulary, pyramid_channels, args) -> l
         index = order.integers(0, len(train["phrases"]), args.batch).tolist()
         refs = words([train["phrases"][i] for i in index])
         routed = route([r[None] for r in refs], [[("box",)]] * len(index), [[0]] * len(index), ("box",), 1)["box"]
-        targets = [UnitTargets(group_ids=torch.zeros(1, dtype=torch.long), boxes=train["boxes"][i:i + 1])
+        targets = [UnitTargets(group_ids=torch.zeros(1, dtype=torch.long), value=train["boxes"][i:i + 1])
                    for i in index]
         losses = decoder.loss(decoder(routed.embeddings, routed.valid, batch_of(train["pyramids"], index)),
                               routed, targets)

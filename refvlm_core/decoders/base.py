@@ -1,21 +1,32 @@
 """The visual-unit decoder interface and its registry.
 
 A decoder turns the <REF> embeddings the router sent to its unit into that unit's
-outputs (boxes, masks, ...). Units are looked up by name, so a new unit, or an external
-decoder replacing a built-in one (SAM-like mask, Grounding-DINO-like box), plugs in with
-``@register_decoder("name")`` and no other code change: the router routes any unit name
-the model writes in its ``<Unit>`` tag.
+outputs (boxes, masks, ...), and owns everything else unit-specific: how a block's
+ground truth becomes targets in the model frame (the processor calls it), its loss, and
+how an output goes back to original pixels on a ``ReferredObject`` (the predictor calls
+it). So a new unit is one module with a ``@register_decoder("name")`` class and no other
+code change: the router routes any unit name the model writes in its ``<Unit>`` tag, the
+TRP grammar allows every registered unit, and outputs with no dedicated ReferredObject
+field go to ``ReferredObject.outputs`` (and the ROS message's ``outputs``). Several
+implementations of one unit (the built-in mask decoder, a SAM-like one) are kinds of it,
+chosen by ``ModelConfig.decoders[unit]["kind"]``.
 """
 from __future__ import annotations
 
 from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence, TypeVar
 
+import numpy as np
+import torch
 from torch import Tensor, nn
 
 from refvlm_core.config import MatchCosts
 from refvlm_core.errors import ConfigError, InputError
+from refvlm_core.geometry import Letterbox
 from refvlm_core.losses import LossWeights
-from refvlm_core.router import RoutedRefs, UnitTargets
+from refvlm_core.results import ReferredObject
+from refvlm_core.router import RoutedRefs
+from refvlm_core.sample import RefTarget
+from refvlm_core.targets import TargetFrame, UnitTargets
 
 
 class UnitDecoder(nn.Module):
@@ -28,10 +39,15 @@ class UnitDecoder(nn.Module):
     - ``loss(outputs, routed, targets) -> dict of weighted scalar losses``, matched with
       grouped Hungarian matching, zero but graph-connected when there are no targets;
     - ``postprocess(outputs, routed) -> per image, per valid ref, a dict of numpy values``
-      in the normalised model frame, each with its "ordinal" and "group".
+      in the normalised model frame, each with its "ordinal" and "group";
+    - ``encode_target(target, frame)``: one unit block's ground truth -> model frame;
+    - ``fill_object(obj, output, letterbox)``: one ref's postprocessed output -> ``obj``.
     """
 
     unit: ClassVar[str] = ""
+    # False: one target per image serves all its <REF>s of this unit (depth), no matching,
+    # and a block's <REF> count is not tied to its instances
+    instance_targets: ClassVar[bool] = True
 
     def __init__(self, llm_dim: int, pyramid_channels: Sequence[int],
                  loss_weights: LossWeights | Mapping[str, float] | None = None,
@@ -51,19 +67,33 @@ class UnitDecoder(nn.Module):
     def postprocess(self, outputs: dict[str, Tensor], routed: RoutedRefs) -> list[list[dict[str, Any]]]:
         raise NotImplementedError
 
-    def check_targets(self, routed: RoutedRefs, targets: list[UnitTargets], field: str) -> list[Tensor]:
-        """One target tensor per image for ``field`` (empty when an image has none of this unit)."""
+    # ---- ground truth (processor) and results (predictor) ---------------------------
+    def encode_target(self, target: RefTarget, frame: TargetFrame) -> np.ndarray | None:
+        """One unit block's ground truth (original pixels) -> [M, ...] float32 in the
+        normalised model frame, M = ``target.count`` (None: the unit has no per-block value).
+        Raise InputError naming ``frame.sample.id`` when the target lacks what the unit needs."""
+        raise NotImplementedError(f"{type(self).__name__} must implement encode_target to be trained")
+
+    def collate_targets(self, parts: list[np.ndarray], group_ids: Tensor, frame: TargetFrame) -> UnitTargets:
+        """One image's encoded blocks -> its UnitTargets (instances concatenated; None if none)."""
+        value = torch.from_numpy(np.concatenate(parts).astype(np.float32)) if parts else None
+        return UnitTargets(group_ids=group_ids, value=value)
+
+    def fill_object(self, obj: ReferredObject, output: dict[str, Any], letterbox: Letterbox) -> None:
+        """Put one ref's postprocessed output (normalised model frame) on ``obj`` in original
+        pixels: in its dedicated field when ReferredObject has one, else in ``obj.outputs``."""
+        raise NotImplementedError(f"{type(self).__name__} must implement fill_object to be used for prediction")
+
+    def check_targets(self, routed: RoutedRefs, targets: list[UnitTargets]) -> list[Tensor | None]:
+        """The target value of each image (None when an image has none of this unit)."""
         if len(targets) != routed.valid.shape[0]:
             raise InputError(f"{self.unit} decoder: {len(targets)} target entries for a batch of "
                              f"{routed.valid.shape[0]} images; pass one UnitTargets per image (count 0 if none)")
-        values = []
         for b, target in enumerate(targets):
-            value = getattr(target, field)
-            if value is None and target.count > 0:
+            if target.value is None and target.count > 0:
                 raise InputError(f"{self.unit} decoder: image {b} has {target.count} {self.unit} targets "
-                                 f"but UnitTargets.{field} is None; fill it in the processor")
-            values.append(value)
-        return values
+                                 f"but no UnitTargets.value; encode_target must return them")
+        return [target.value for target in targets]
 
 
 def layer_weights(num_layers: int, aux: float) -> list[float]:
@@ -87,33 +117,41 @@ def per_image(routed: RoutedRefs, make: Callable[[int, int], dict[str, Any]]) ->
     return results
 
 
-# ---- registry ---------------------------------------------------------------------
+# ---- registry ----------------------------------------------------------------------
 
-_REGISTRY: dict[str, type[UnitDecoder]] = {}
+DEFAULT_KIND = "default"
+_REGISTRY: dict[str, dict[str, type[UnitDecoder]]] = {}  # unit -> kind -> class
 D = TypeVar("D", bound=type[UnitDecoder])
 
 
-def register_decoder(name: str, *, replace: bool = False) -> Callable[[D], D]:
-    """Class decorator: make ``cls`` the decoder of unit ``name``.
+def register_decoder(unit: str, *, kind: str = DEFAULT_KIND, replace: bool = False) -> Callable[[D], D]:
+    """Class decorator: make ``cls`` a decoder of ``unit``.
 
-    Registering an existing name raises unless ``replace=True`` (how an external decoder
-    replaces a built-in one).
+    ``kind`` names one implementation among several for a unit (``ModelConfig.decoders[unit]
+    ["kind"]`` picks it; a saved model says which it was trained with). Registering an
+    existing (unit, kind) raises unless ``replace=True``.
     """
     def decorate(cls: D) -> D:
         if not issubclass(cls, UnitDecoder):
-            raise ConfigError(f"{cls.__name__} must subclass UnitDecoder to be registered as unit '{name}'")
-        if name in _REGISTRY and _REGISTRY[name] is not cls and not replace:
-            raise ConfigError(f"unit '{name}' already has decoder {_REGISTRY[name].__name__}; "
+            raise ConfigError(f"{cls.__name__} must subclass UnitDecoder to be registered as unit '{unit}'")
+        kinds = _REGISTRY.setdefault(unit, {})
+        if kind in kinds and kinds[kind] is not cls and not replace:
+            raise ConfigError(f"unit '{unit}' already has decoder {kinds[kind].__name__} of kind '{kind}'; "
                               f"pass replace=True to register_decoder to swap in {cls.__name__}")
-        cls.unit = name
-        _REGISTRY[name] = cls
+        cls.unit = unit
+        kinds[kind] = cls
         return cls
     return decorate
 
 
-def unregister_decoder(name: str) -> None:
-    """Remove a unit from the registry (plugins and tests that register temporary units)."""
-    _REGISTRY.pop(name, None)
+def unregister_decoder(unit: str, kind: str | None = None) -> None:
+    """Remove one kind of a unit, or the whole unit (plugins and tests with temporary units)."""
+    if kind is None:
+        _REGISTRY.pop(unit, None)
+    else:
+        _REGISTRY.get(unit, {}).pop(kind, None)
+        if not _REGISTRY.get(unit, True):
+            del _REGISTRY[unit]
 
 
 def registered_units() -> tuple[str, ...]:
@@ -121,19 +159,27 @@ def registered_units() -> tuple[str, ...]:
     return tuple(_REGISTRY)
 
 
-def decoder_class(name: str) -> type[UnitDecoder]:
-    if name not in _REGISTRY:
-        raise ConfigError(f"no decoder registered for unit '{name}': registered units are "
-                          f"{list(_REGISTRY)}; register one with @register_decoder('{name}')")
-    return _REGISTRY[name]
+def decoder_kinds(unit: str) -> tuple[str, ...]:
+    return tuple(_REGISTRY.get(unit, ()))
 
 
-def build_decoder(name: str, llm_dim: int, pyramid_channels: Sequence[int], **kwargs: Any) -> UnitDecoder:
-    """Instantiate the decoder of unit ``name``; kwargs come from ModelConfig.decoders[name]
+def decoder_class(unit: str, kind: str = DEFAULT_KIND) -> type[UnitDecoder]:
+    if unit not in _REGISTRY:
+        raise ConfigError(f"no decoder registered for unit '{unit}': registered units are "
+                          f"{list(_REGISTRY)}; register one with @register_decoder('{unit}')")
+    if kind not in _REGISTRY[unit]:
+        raise ConfigError(f"unit '{unit}' has no decoder of kind '{kind}': its kinds are "
+                          f"{list(_REGISTRY[unit])}; fix ModelConfig.decoders['{unit}']['kind']")
+    return _REGISTRY[unit][kind]
+
+
+def build_decoder(unit: str, llm_dim: int, pyramid_channels: Sequence[int], kind: str = DEFAULT_KIND,
+                  **kwargs: Any) -> UnitDecoder:
+    """Instantiate the decoder of ``unit`` (of ``kind``); kwargs come from ModelConfig.decoders[unit]
     (plus ``loss_weights`` and ``match_costs``, e.g. ModelConfig's)."""
-    cls = decoder_class(name)
+    cls = decoder_class(unit, kind)
     try:
         return cls(llm_dim, pyramid_channels, **kwargs)
     except TypeError as error:
-        raise ConfigError(f"bad settings for the '{name}' decoder ({cls.__name__}): {error}; "
-                          f"fix ModelConfig.decoders['{name}']") from error
+        raise ConfigError(f"bad settings for the '{unit}' decoder ({cls.__name__}): {error}; "
+                          f"fix ModelConfig.decoders['{unit}']") from error

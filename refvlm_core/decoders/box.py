@@ -6,25 +6,30 @@ centre is the heatmap's expectation; its width, height and score come from the q
 the feature the heatmap pools. Trained with L1 + GIoU on the box, a cross-entropy that
 pulls the heatmap mass inside the target box, and both on every decoder layer (auxiliary).
 
-``DetrBoxDecoder`` (not registered): the DETR-style baseline that regresses cx, cy, w, h
+``DetrBoxDecoder`` (kind "detr"): the DETR-style baseline that regresses cx, cy, w, h
 from the query alone. Kept for the side-by-side learning curves in the model card
-(tools/compare_box_decoders.py); swap it in with ``register_decoder("box", replace=True)``.
+(tools/compare_box_decoders.py); a model uses it with ``decoders: {box: {kind: detr}}``.
 """
 from __future__ import annotations
 
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from refvlm_core.decoders.base import UnitDecoder, layer_weights, per_image, register_decoder
 from refvlm_core.decoders.layers import MLP, DenseRefDecoder, RefImageDecoder, dot_heatmap, soft_argmax
-from refvlm_core.geometry import box_iou, cxcywh_to_xyxy
+from refvlm_core.errors import InputError
+from refvlm_core.geometry import Letterbox, box_iou, clip_boxes, cxcywh_to_xyxy, normalize_boxes, xyxy_to_cxcywh
 from refvlm_core.losses import box_giou_loss, box_l1_loss, connected_zero, heatmap_box_loss
 from refvlm_core.matching import (box_cost, grouped_hungarian, matched_predictions, matched_targets,
                                   pad_groups, pad_stack)
-from refvlm_core.router import RoutedRefs, UnitTargets
+from refvlm_core.results import ReferredObject
+from refvlm_core.router import RoutedRefs
+from refvlm_core.sample import RefTarget
+from refvlm_core.targets import TargetFrame, UnitTargets
 
 BOX_LOSSES = ("loss_box_l1", "loss_box_giou", "loss_box_score", "loss_box_heatmap")
 
@@ -54,7 +59,7 @@ class BoxDecoder(UnitDecoder):
         return outputs
 
     def loss(self, outputs: dict[str, Tensor], routed: RoutedRefs, targets: list[UnitTargets]) -> dict[str, Tensor]:
-        boxes = self.check_targets(routed, targets, "boxes")
+        boxes = self.check_targets(routed, targets)
         w, zero = self.weights, connected_zero(outputs)
         if sum(t.count for t in targets) == 0 or not bool(routed.valid.any()):
             return dict.fromkeys(BOX_LOSSES, zero)
@@ -86,6 +91,18 @@ class BoxDecoder(UnitDecoder):
     def postprocess(self, outputs: dict[str, Tensor], routed: RoutedRefs) -> list[list[dict[str, Any]]]:
         return box_postprocess(outputs, routed)
 
+    def encode_target(self, target: RefTarget, frame: TargetFrame) -> np.ndarray:
+        """xyxy pixels (or the masks' tight boxes) -> [M, 4] cx, cy, w, h in [0, 1] of the model frame."""
+        boxes = target.boxes if target.boxes is not None else mask_boxes(target.masks, frame.sample.id)
+        model = frame.letterbox.boxes_to_model(boxes)
+        return xyxy_to_cxcywh(normalize_boxes(model, frame.size)).clip(0, 1)
+
+    def fill_object(self, obj: ReferredObject, output: dict[str, Any], letterbox: Letterbox) -> None:
+        xyxy = cxcywh_to_xyxy(np.asarray(output["box_cxcywh"], np.float64)[None]) * letterbox.size
+        obj.box_xyxy = clip_boxes(letterbox.boxes_to_image(xyxy), letterbox.height,
+                                  letterbox.width)[0].astype(np.float32)
+        obj.score = output["score"]
+
 
 def box_score_loss(scores: Tensor, routed: RoutedRefs, matches: list, src: Tensor, tgt: Tensor) -> Tensor:
     """BCE of each valid ref's score towards its box's IoU with the matched target (0 if unmatched)."""
@@ -104,6 +121,20 @@ def box_postprocess(outputs: dict[str, Tensor], routed: RoutedRefs) -> list[list
     return per_image(routed, lambda b, l: {"box_cxcywh": boxes[b, l], "score": float(scores[b, l])})
 
 
+def mask_boxes(masks: np.ndarray | None, sample_id: str) -> np.ndarray:
+    """Tight xyxy boxes of masks (a box block given only masks)."""
+    if masks is None:
+        raise InputError(f"sample {sample_id}: a box block's RefTarget has neither boxes nor masks")
+    boxes = []
+    for mask in masks:
+        ys, xs = np.nonzero(mask)
+        if len(xs) == 0:
+            raise InputError(f"sample {sample_id}: an empty instance mask cannot give a box")
+        boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+    return np.asarray(boxes, dtype=np.float32)
+
+
+@register_decoder("box", kind="detr")
 class DetrBoxDecoder(BoxDecoder):
     """The DETR-style baseline: cx, cy, w, h and a score regressed from the decoded query
     (BoxDecoder's losses, without the heatmap term it has no heatmap for)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -17,11 +18,18 @@ from torch import Tensor, nn
 from refvlm_core.decoders.base import UnitDecoder, per_image, register_decoder
 from refvlm_core.decoders.layers import PixelDecoder
 from refvlm_core.losses import connected_zero, silog_loss
-from refvlm_core.router import RoutedRefs, UnitTargets
+from refvlm_core.errors import InputError
+from refvlm_core.geometry import Letterbox
+from refvlm_core.results import ReferredObject
+from refvlm_core.router import RoutedRefs
+from refvlm_core.sample import RefTarget
+from refvlm_core.targets import TargetFrame, UnitTargets
 
 
 @register_decoder("depth")
 class DepthDecoder(UnitDecoder):
+    instance_targets = False  # the image's depth map supervises every depth <REF> of it
+
     def __init__(self, llm_dim: int, pyramid_channels: Sequence[int], hidden_dim: int = 64,
                  min_depth: float = 1e-3, init_depth: float = 2.0, **kwargs: Any) -> None:
         super().__init__(llm_dim, pyramid_channels, **kwargs)
@@ -43,7 +51,7 @@ class DepthDecoder(UnitDecoder):
         return {"depth": F.softplus(raw) + self.min_depth}                  # metres, > 0
 
     def loss(self, outputs: dict[str, Tensor], routed: RoutedRefs, targets: list[UnitTargets]) -> dict[str, Tensor]:
-        maps = self.check_targets(routed, targets, "depth")
+        maps = self.check_targets(routed, targets)
         zero = connected_zero(outputs)
         pred = outputs["depth"]  # [B, L, h, w]
         losses = []
@@ -62,3 +70,19 @@ class DepthDecoder(UnitDecoder):
     def postprocess(self, outputs: dict[str, Tensor], routed: RoutedRefs) -> list[list[dict[str, Any]]]:
         depth = outputs["depth"].detach().float().cpu().numpy()
         return per_image(routed, lambda b, l: {"depth": depth[b, l]})
+
+    def encode_target(self, target: RefTarget, frame: TargetFrame) -> None:
+        if frame.sample.depth is None:
+            raise InputError(f"sample {frame.sample.id}: a depth block but Sample.depth is None")
+        return None  # the map is per image (collate_targets)
+
+    def collate_targets(self, parts: list[np.ndarray], group_ids: Tensor, frame: TargetFrame) -> UnitTargets:
+        """The sample's depth map [h, w] at the dense size, NaN where any pixel under it is unknown."""
+        if not len(group_ids) or frame.sample.depth is None:
+            return UnitTargets(group_ids=group_ids)
+        depth = frame.letterbox.image_to_model(frame.sample.depth.astype(np.float32), np.nan)
+        depth = torch.from_numpy(np.ascontiguousarray(depth)).float()[None, None]
+        return UnitTargets(group_ids=group_ids, value=F.adaptive_avg_pool2d(depth, frame.dense_size)[0, 0])
+
+    def fill_object(self, obj: ReferredObject, output: dict[str, Any], letterbox: Letterbox) -> None:
+        obj.depth = letterbox.dense_to_image(output["depth"].astype(np.float32))

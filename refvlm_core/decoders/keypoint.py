@@ -16,7 +16,12 @@ from refvlm_core.decoders.layers import MLP, DenseRefDecoder, dot_heatmap, soft_
 from refvlm_core.losses import connected_zero, heatmap_keypoint_loss, keypoint_l1_loss, keypoint_visibility_loss
 from refvlm_core.matching import (grouped_hungarian, keypoint_cost, matched_predictions, matched_targets,
                                   pad_groups, pad_stack)
-from refvlm_core.router import RoutedRefs, UnitTargets
+from refvlm_core.errors import InputError
+from refvlm_core.geometry import Letterbox
+from refvlm_core.results import ReferredObject
+from refvlm_core.router import RoutedRefs
+from refvlm_core.sample import RefTarget
+from refvlm_core.targets import TargetFrame, UnitTargets
 
 NUM_KEYPOINTS = 17
 
@@ -45,7 +50,7 @@ class KeypointDecoder(UnitDecoder):
         return outputs
 
     def loss(self, outputs: dict[str, Tensor], routed: RoutedRefs, targets: list[UnitTargets]) -> dict[str, Tensor]:
-        keypoints = self.check_targets(routed, targets, "keypoints")
+        keypoints = self.check_targets(routed, targets)
         w, zero = self.weights, connected_zero(outputs)
         names = ("loss_keypoint_l1", "loss_keypoint_visibility", "loss_keypoint_heatmap")
         if sum(t.count for t in targets) == 0 or not bool(routed.valid.any()):
@@ -75,3 +80,15 @@ class KeypointDecoder(UnitDecoder):
         vis = outputs["visibility_logits"].detach().float().sigmoid().cpu().numpy()
         # [17, 3]: x, y normalised, probability that the keypoint is labelled
         return per_image(routed, lambda b, l: {"keypoints": np.concatenate([xy[b, l], vis[b, l, :, None]], -1)})
+
+    def encode_target(self, target: RefTarget, frame: TargetFrame) -> np.ndarray:
+        """[M, 17, 3] x, y pixels, v -> [M, 17, 3] x, y in [0, 1] of the model frame, v."""
+        if target.keypoints is None:
+            raise InputError(f"sample {frame.sample.id}: a keypoint block's RefTarget has no keypoints")
+        xy = frame.letterbox.points_to_model(target.keypoints[..., :2]) / frame.size
+        return np.concatenate([xy, target.keypoints[..., 2:3]], -1)
+
+    def fill_object(self, obj: ReferredObject, output: dict[str, Any], letterbox: Letterbox) -> None:
+        keypoints = np.asarray(output["keypoints"], np.float64)
+        xy = letterbox.points_to_image(keypoints[:, :2] * letterbox.size)
+        obj.keypoints = np.concatenate([xy, keypoints[:, 2:3]], -1).astype(np.float32)

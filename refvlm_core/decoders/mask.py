@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -15,7 +16,12 @@ from refvlm_core.decoders.base import UnitDecoder, layer_weights, per_image, reg
 from refvlm_core.decoders.layers import MLP, DenseRefDecoder, dot_heatmap
 from refvlm_core.losses import connected_zero, dice_loss, sigmoid_focal_loss
 from refvlm_core.matching import grouped_hungarian, mask_cost, matched_predictions, matched_targets, pad_groups, pad_stack
-from refvlm_core.router import RoutedRefs, UnitTargets
+from refvlm_core.errors import InputError
+from refvlm_core.geometry import Letterbox
+from refvlm_core.results import ReferredObject
+from refvlm_core.router import RoutedRefs
+from refvlm_core.sample import RefTarget
+from refvlm_core.targets import TargetFrame, UnitTargets
 
 
 @register_decoder("mask")
@@ -38,7 +44,7 @@ class MaskDecoder(UnitDecoder):
         return outputs
 
     def loss(self, outputs: dict[str, Tensor], routed: RoutedRefs, targets: list[UnitTargets]) -> dict[str, Tensor]:
-        masks = self.check_targets(routed, targets, "masks")
+        masks = self.check_targets(routed, targets)
         w, zero = self.weights, connected_zero(outputs)
         names = ("loss_mask_focal", "loss_mask_dice")
         if sum(t.count for t in targets) == 0 or not bool(routed.valid.any()):
@@ -65,6 +71,15 @@ class MaskDecoder(UnitDecoder):
     def postprocess(self, outputs: dict[str, Tensor], routed: RoutedRefs) -> list[list[dict[str, Any]]]:
         logits = outputs["mask_logits"].detach().float().cpu().numpy()
         return per_image(routed, lambda b, l: {"mask_logits": logits[b, l]})
+
+    def encode_target(self, target: RefTarget, frame: TargetFrame) -> np.ndarray:
+        """[M, H, W] bool pixels -> [M, h, w] coverage in [0, 1] at the dense size of the model frame."""
+        if target.masks is None:
+            raise InputError(f"sample {frame.sample.id}: a mask block's RefTarget has no masks")
+        return np.stack([frame.letterbox.mask_coverage_to_model(m, frame.dense_size) for m in target.masks])
+
+    def fill_object(self, obj: ReferredObject, output: dict[str, Any], letterbox: Letterbox) -> None:
+        obj.mask = letterbox.mask_to_image(output["mask_logits"].astype(np.float32)) > 0.0
 
 
 def _resize(masks: Tensor, size: torch.Size) -> Tensor:

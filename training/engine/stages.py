@@ -57,6 +57,18 @@ def apply_loss_weights(model, weights: dict[str, float]) -> None:
         decoder.weights = coerced
 
 
+def set_stage_trainable(model, stage: int) -> list[nn.Parameter]:
+    """Stage 1: projector only. Stages 2 and 3: everything but the encoders (stage 3 after
+    ``stage3.swap_decoder``). Sets ``requires_grad`` of the model's parts; the trainable list."""
+    if stage not in (1, 2, 3):
+        raise ConfigError(f"training stage {stage}: the model trains in stages 1, 2 and 3 "
+                          "(stage 0 pretrains the vision towers alone)")
+    trainable = {"projector"} if stage == 1 else {"projector", "llm", "decoders"}
+    for name, module in model.named_children():
+        module.requires_grad_(name in trainable)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 def configure_stage(model, cfg: TrainConfig) -> list[nn.Parameter]:
     """Set requires_grad for ``cfg.stage`` (adding LoRA adapters if asked); the trainable list."""
     if cfg.lora.enabled:
@@ -68,7 +80,7 @@ def configure_stage(model, cfg: TrainConfig) -> list[nn.Parameter]:
     elif cfg.trainable is None or "llm" in cfg.trainable:
         merge_lora(model)  # a model loaded with adapters (over_base) fine-tunes as a plain LLM
     # (a frozen LLM keeps its adapters, so the model saves over_base again)
-    model.trainable_parameters(cfg.stage)
+    set_stage_trainable(model, cfg.stage)
     if cfg.trainable is not None:  # an explicit set replaces the stage's (e.g. a decoder-only phase)
         for name, module in model.named_children():
             module.requires_grad_(name in cfg.trainable)

@@ -299,20 +299,13 @@ class Trainer:
 
         folder = self.out / MODEL_DIR
         if self.cfg.strategy == "fsdp" and self.info.distributed:
-            saved = _save_fsdp_model(self.model, folder, self.info, self.cfg.save_trainable_only)
-            if saved is not None and self.cfg.stage == 3:
-                (folder / "external_decoder.json").write_text(
-                    json.dumps(dataclasses.asdict(self.cfg.external_decoder), indent=2))
-            return saved
+            return _save_fsdp_model(self.model, folder, self.info, self.cfg.save_trainable_only)
         if self.info.is_main:
             model = unwrap(self.model)
             if self.cfg.lora.enabled or has_lora(model):  # adapters unmerged + TRP rows over the base LLM
                 save_model(model, folder, mode="over_base")
             else:
                 save_model(model, folder, mode="trainable" if self.cfg.save_trainable_only else "full")
-            if self.cfg.stage == 3:
-                (folder / "external_decoder.json").write_text(
-                    json.dumps(dataclasses.asdict(self.cfg.external_decoder), indent=2))
         barrier(self.info)
         return folder if self.info.is_main else None
 

@@ -18,7 +18,7 @@ from refvlm_core.errors import InputError
 from refvlm_core.results import ReferredObject, Result
 from refvlm_core.visual_prompts import VisualPrompt
 from refvlm_interfaces.msg import ReferredObject as ReferredObjectMsg
-from refvlm_interfaces.msg import RefResult
+from refvlm_interfaces.msg import RefResult, UnitOutput
 from refvlm_interfaces.msg import VisualPrompt as VisualPromptMsg
 from refvlm_ros.image_conversions import array_to_image, image_to_array
 from refvlm_ros.localization import Intrinsics, LocalizationConfig, box_region, localize
@@ -127,6 +127,7 @@ def object_to_msg(obj: ReferredObject, image_hw: tuple[int, int], context: Depth
             else [str(i) for i in range(len(kp))]
         out.keypoint_x, out.keypoint_y, out.keypoint_visibility = (
             kp[:, 0].tolist(), kp[:, 1].tolist(), kp[:, 2].tolist())
+    out.outputs = [unit_output(name, value) for name, value in obj.outputs.items()]
     region = _object_region(obj, image_hw)
     if obj.depth is not None:  # the model's own depth unit
         depth = np.asarray(obj.depth, np.float32)
@@ -134,6 +135,12 @@ def object_to_msg(obj: ReferredObject, image_hw: tuple[int, int], context: Depth
                          else depth.ravel())
     _set_location(out, region, context, config)
     return out
+
+
+def unit_output(name: str, value: np.ndarray) -> UnitOutput:
+    """A plug-in unit's output array -> UnitOutput (name, shape, row-major values)."""
+    value = np.asarray(value, dtype=np.float64)
+    return UnitOutput(name=name, shape=[int(d) for d in value.shape], values=value.ravel().tolist())
 
 
 def result_to_msg(result: Result, header: Any, context: DepthContext | None = None,
