@@ -155,7 +155,8 @@ TRAIN_REGISTRY: dict[str, Effect | NotBehavioural] = {
     "lora.target_modules": here("test_lora_rank_and_target_modules_shape_the_adapters"),
     "lora.alpha": here("test_lora_alpha_scales_the_adapters"),
     "lora.dropout": here("test_lora_dropout_makes_training_passes_differ"),
-    "external_decoder.unit": Effect(f"{ENGINE}::test_stage3_external_decoder_trains_saves_loads_predicts_and_exports"),
+    "external_decoder.unit": Effect(f"{ENGINE}::test_stage3_external_decoder_trains_saves_loads_predicts_and_exports",
+                                    f"{HERE}::test_stage_sections_are_refused_in_the_other_stages"),
     "external_decoder.kind": Effect(f"{ENGINE}::test_stage3_external_decoder_trains_saves_loads_predicts_and_exports"),
     "external_decoder.settings": here("test_external_decoder_settings_and_weights"),
     "external_decoder.weights": here("test_external_decoder_settings_and_weights"),
@@ -847,3 +848,19 @@ def test_stage0_refuses_what_it_does_not_read():
         target[leaf] = value
         with pytest.raises(ConfigError, match=f"stage 0 .*does not use .*'{name}'"):
             config_from_dict(data)
+
+
+def test_stage_sections_are_refused_in_the_other_stages(data_dir):
+    """external_decoder is stage 3's and vision_pretrain stage 0's: another stage refuses them
+    instead of training without them."""
+    from refvlm_training.engine.config import config_from_dict
+
+    base = {"data": {"train": str(data_dir)}, "model": {"preset": "tiny"}}
+    for stage in (1, 2):
+        with pytest.raises(ConfigError, match="external_decoder is read by stage 3 only"):
+            config_from_dict({**base, "stage": stage, "external_decoder": {"unit": "mask", "kind": "sam"}})
+    for stage in (1, 2, 3):
+        with pytest.raises(ConfigError, match="vision_pretrain configures stage 0 only"):
+            stage3 = {"external_decoder": {"unit": "mask"}} if stage == 3 else {}
+            config_from_dict({**base, **stage3, "stage": stage, "vision_pretrain": {"scenes": 10}})
+    config_from_dict({**base, "stage": 3, "external_decoder": {"unit": "mask", "kind": "sam"}})

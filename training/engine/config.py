@@ -140,6 +140,12 @@ class TrainConfig:
         if self.stage == 3 and self.external_decoder is None:
             raise ConfigError("stage 3 needs external_decoder: {unit: mask, kind: sam} or "
                               "{unit: box, kind: grounding_dino}")
+        if self.stage in (1, 2) and self.external_decoder is not None:
+            raise ConfigError(f"external_decoder is read by stage 3 only (stage {self.stage} would train the "
+                              "built-in decoders): remove it or run --stage 3")
+        if self.stage != 0 and self.vision_pretrain != VisionPretrainConfig():
+            raise ConfigError(f"vision_pretrain configures stage 0 only (stage {self.stage} would ignore it): "
+                              "remove it from this config")
         if self.optim.lr <= 0 or self.optim.warmup_steps < 0 or not 0 <= self.optim.min_lr_ratio <= 1:
             raise ConfigError("optim: lr > 0, warmup_steps >= 0 and 0 <= min_lr_ratio <= 1")
         return self
