@@ -2,6 +2,7 @@
 VENV   := .venv
 BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
+BACKEND ?=
 
 .PHONY: setup test demo bench clean
 
@@ -12,7 +13,7 @@ test: setup
 	@bash tools/run_tests.sh $(PYTEST_ARGS)
 
 demo: setup
-	@$(BIN)/refvlm demo
+	@$(BIN)/refvlm demo $(if $(BACKEND),--backend $(BACKEND))
 
 bench: setup
 	@for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

@@ -24,7 +24,14 @@ def register(subparsers) -> None:
                         help="SimWorld test layout index (default: first showing every target)")
     parser.add_argument("--size", default="320x240", help="camera WIDTHxHEIGHT (default 320x240)")
     parser.add_argument("--timeout", type=float, default=100.0,
-                        help="give up after this many seconds (default 100)")
+                        help="give up after this many seconds (default 100; an export made first "
+                             "does not count)")
+    parser.add_argument("--backend", default="torch", choices=("torch", "onnxruntime", "tensorrt", "auto"),
+                        help="what runs the node's encoders, projector and decoders (default torch); "
+                             "the others run the model's export, made on first use and cached")
+    parser.add_argument("--export-cache", type=Path, default=None, metavar="DIR",
+                        help="where exports are cached (default $REFVLM_EXPORT_CACHE, else "
+                             "~/.cache/refvlm/exports)")
     parser.set_defaults(func=run)
 
 
@@ -52,6 +59,7 @@ def run(args) -> int:
     if args.ask:
         questions = tuple(demo.DemoQuestion(q, target="") for q in args.ask)
     config = demo.DemoConfig(out_dir=args.out, questions=questions, width=width, height=height,
-                             layout_index=args.layout, timeout_s=args.timeout)
+                             layout_index=args.layout, timeout_s=args.timeout, backend=args.backend,
+                             export_cache=args.export_cache)
     rows = demo.run_demo(config)
     return 0 if all(row.success for row in rows) else 1

@@ -57,8 +57,10 @@ class DemoConfig:
     split: str = "test"          # red cubes are held out of train/val: a compositional query
     layout_index: int | None = None   # None: the first layout showing every target
     model: ModelChoice | None = None  # None: the shipped default (default_model())
-    timeout_s: float = 100.0     # the whole run
+    timeout_s: float = 100.0     # the whole run (after the export, when one is made)
     query_timeout_s: float = 60.0
+    backend: str = "torch"       # the node's backend; exported ones export the model on first use
+    export_cache: Path | None = None  # None: refvlm_export.cache.default_cache_dir()
 
 
 @dataclass
@@ -300,14 +302,27 @@ class DemoClient:
             time.sleep(0.2)
 
 
+def with_backend(model: ModelChoice, backend: str, export_cache: Path | None, log=print) -> ModelChoice:
+    """``model`` run by ``backend``; an exported backend gets the model's export from the
+    cache, exported now if this model (config and weights) was never exported."""
+    if backend == "torch":
+        return model
+    from refvlm_export.cache import cached_export
+
+    model_arg = model.parameters.get("model_path") or model.parameters["model_preset"]
+    export_dir = cached_export(model_arg, export_cache, say=log)
+    return ModelChoice(dict(model.parameters, backend=backend, export_dir=str(export_dir)),
+                       f"{model.description}; backend {backend}, export {export_dir}", model.trained)
+
+
 def run_demo(config: DemoConfig, log=print) -> list[DemoRow]:
     """Run the demo; returns one row per question (also printed and written to out_dir)."""
     from refvlm_ros.bringup import Bringup
     from refvlm_ros.graph import load_graph
 
+    model = with_backend(config.model or default_model(), config.backend, config.export_cache, log)
     start = time.monotonic()
     deadline = start + config.timeout_s
-    model = config.model or default_model()
     targets = {q.target for q in config.questions if q.target} or {"red cube", "person"}
     layout_index = config.layout_index
     if layout_index is None:
