@@ -107,7 +107,8 @@ MODEL_REGISTRY: dict[str, Effect | NotBehavioural] = {
     "aggregation.alpha": here("test_aggregation_options_change_region_features"),
     "llm_image_pool": Effect(f"{CORE}::test_llm_image_pool_gives_the_llm_fewer_image_tokens"),
     "router_length": here("test_router_length_is_the_inference_group_length"),
-    "decoders": here("test_decoders_name_the_units_and_their_sizes"),
+    "decoders": Effect(f"{HERE}::test_decoders_name_the_units_and_their_sizes",  # and 'kind' picks the class:
+                       f"{ENGINE}::test_stage3_external_decoder_trains_saves_loads_predicts_and_exports"),
     "system_prompt": here("test_system_prompt_is_in_the_prompt"),
     "max_prompt_chars": here("test_max_prompt_chars_refuses_longer_prompts"),
     "cache_dir": here("test_cache_dir_is_where_the_tokenizer_is_read"),
@@ -765,30 +766,24 @@ def test_lora_dropout_makes_training_passes_differ(data_dir, tmp_path, plain_lor
 def test_external_decoder_settings_and_weights(tiny_model, tmp_path):
     from safetensors.torch import save_file
 
-    from refvlm_core.decoders import MaskDecoder, register_decoder
     from refvlm_training.engine.config import ExternalDecoderConfig
     from refvlm_training.engine.stage3 import swap_decoder
 
     settings = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "mlp_dim": 64}
     model = copy.deepcopy(tiny_model)
-    try:
-        torch.manual_seed(0)
-        first = swap_decoder(model, ExternalDecoderConfig(unit="mask", kind="sam", settings=settings))
-        wider = swap_decoder(model, ExternalDecoderConfig(unit="mask", kind="sam",
-                                                          settings={**settings, "hidden_size": 48}))
-        assert (first.prompt_proj.out_features, wider.prompt_proj.out_features) == (32, 48)
-        path = tmp_path / "sam.safetensors"
-        save_file({f"mask_decoder.{k}": v.contiguous() for k, v in first.sam.state_dict().items()}, str(path))
-        torch.manual_seed(1)
-        loaded = swap_decoder(model, ExternalDecoderConfig(unit="mask", kind="sam", settings=settings,
-                                                           weights=str(path)))
-        state = loaded.sam.state_dict()
-        assert all(torch.equal(state[k], v) for k, v in first.sam.state_dict().items())
-        with pytest.raises(ConfigError, match="do not exist"):
-            swap_decoder(model, ExternalDecoderConfig(unit="mask", kind="sam", settings=settings,
-                                                      weights=str(tmp_path / "missing.safetensors")))
-    finally:  # the built-in decoder back in the registry for the other tests
-        register_decoder("mask", replace=True)(MaskDecoder)
+    torch.manual_seed(0)
+    first = swap_decoder(model, ExternalDecoderConfig(unit="mask", kind="sam", settings=settings))
+    wider = swap_decoder(model, ExternalDecoderConfig(unit="mask", kind="sam", settings={**settings, "hidden_size": 48}))
+    assert (first.prompt_proj.out_features, wider.prompt_proj.out_features) == (32, 48)
+    path = tmp_path / "sam.safetensors"
+    save_file({f"mask_decoder.{k}": v.contiguous() for k, v in first.sam.state_dict().items()}, str(path))
+    torch.manual_seed(1)
+    loaded = swap_decoder(model, ExternalDecoderConfig(unit="mask", kind="sam", settings=settings, weights=str(path)))
+    state = loaded.sam.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in first.sam.state_dict().items())
+    with pytest.raises(ConfigError, match="do not exist"):
+        swap_decoder(model, ExternalDecoderConfig(unit="mask", kind="sam", settings=settings,
+                                                  weights=str(tmp_path / "missing.safetensors")))
 
 
 def _stage0(out: Path, **vision_pretrain) -> dict:
