@@ -23,6 +23,7 @@ from torch import nn
 from refvlm_core import torchvision_compat
 from refvlm_core.config import ModelConfig
 from refvlm_core.errors import ConfigError
+from refvlm_core.load_timing import phase
 
 torchvision_compat.install_import_hook()  # some transformers imports pull torchvision
 
@@ -106,7 +107,8 @@ def load_causal_lm(cfg: ModelConfig, vocab_size: int | None = None) -> nn.Module
 
     On the meta device (``with torch.device('meta')``) only ``llm.arch`` is used.
     """
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    with phase("import_transformers"):  # the first import of its model code: seconds
+        from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     dtype = torch_dtype(cfg.llm.dtype)
     on_meta = torch.empty(0).device.type == "meta"
@@ -124,7 +126,8 @@ def load_causal_lm(cfg: ModelConfig, vocab_size: int | None = None) -> nn.Module
             causal_lm = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
                                                              dtype=torch.float32)
             _atomic_save_folder(lambda folder: _save_dequantised(causal_lm, folder), cached)
-        return AutoModelForCausalLM.from_pretrained(str(cached), dtype=dtype)
+        with phase("base_llm_weights"):
+            return AutoModelForCausalLM.from_pretrained(str(cached), dtype=dtype)
     if cfg.llm.path is None or not Path(cfg.llm.path).expanduser().is_dir():
         raise ConfigError(f"llm.path = {cfg.llm.path!r} is not a folder: set it to the local "
                           "Hugging Face model folder")

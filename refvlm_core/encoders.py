@@ -1,7 +1,8 @@
 """Dual image encoder: CLIP-ViT tokens from a chosen layer + CLIP-ConvNeXt pyramid.
 
 Both towers are built by open_clip (``pretrained=None``: never downloads) or, for the
-small presets, from tower configs given in code; weights come from local files named in
+small presets, from tower configs given in code (the ViT then in plain torch, vit.py, and
+open_clip is not imported); weights come from local files named in
 the config. They start frozen (``requires_grad=False``, eval mode, no autograd graph), as
 in the paper where the CLIP towers never train. ``set_trainable(True)`` unfreezes them
 (stage 0 pretraining, or a run that fine-tunes them): then they follow ``train()`` /
@@ -15,18 +16,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from refvlm_core import torchvision_compat
+from refvlm_core import torchvision_compat, vit
 from refvlm_core.config import VisionConfig
 from refvlm_core.errors import CheckpointError, ConfigError
 from refvlm_core.features import ImageFeatures
+from refvlm_core.load_timing import phase
 
 torchvision_compat.install_import_hook()  # open_clip/timm import torchvision
 
 
 def build_vit(cfg: VisionConfig) -> nn.Module:
-    """open_clip VisionTransformer from a named config or ``cfg.vit_custom``."""
-    import open_clip
-    from open_clip.model import _build_vision_tower
+    """The ViT of ``cfg.vit_custom`` (plain fields: refvlm_core.vit, no open_clip import) or
+    open_clip's VisionTransformer of a named config."""
+    if cfg.vit_custom is not None and vit.is_plain(cfg.vit_custom):
+        return vit.build(cfg.vit_custom)
+    with phase("import_open_clip"):
+        from open_clip.model import _build_vision_tower
 
     vision_cfg = cfg.vit_custom or _open_clip_vision_cfg(cfg.vit_model)
     if vision_cfg.get("timm_model_name"):
@@ -37,7 +42,8 @@ def build_vit(cfg: VisionConfig) -> nn.Module:
 def build_convnext(cfg: VisionConfig) -> nn.Module:
     """A timm ConvNeXt trunk (stem + 4 stages), from open_clip's config or ``cfg.convnext_custom``."""
     if cfg.convnext_custom is not None:
-        from timm.models.convnext import ConvNeXt
+        with phase("import_timm"):
+            from timm.models.convnext import ConvNeXt
 
         kwargs = {"num_classes": 0, **cfg.convnext_custom}
         return ConvNeXt(**kwargs)
@@ -90,13 +96,14 @@ class DualImageEncoder(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.cfg = cfg
-        self.vit = build_vit(cfg)
-        self.convnext = build_convnext(cfg)
-        if cfg.vit_weights:
-            load_tower_weights(self.vit, cfg.vit_weights, ("visual.", "vit."))
-        if cfg.convnext_weights:
-            load_tower_weights(self.convnext, cfg.convnext_weights,
-                               ("visual.trunk.", "trunk.", "convnext."))
+        with phase("vision_towers"):
+            self.vit = build_vit(cfg)
+            self.convnext = build_convnext(cfg)
+            if cfg.vit_weights:
+                load_tower_weights(self.vit, cfg.vit_weights, ("visual.", "vit."))
+            if cfg.convnext_weights:
+                load_tower_weights(self.convnext, cfg.convnext_weights,
+                                   ("visual.trunk.", "trunk.", "convnext."))
         self.register_buffer("mean", torch.tensor(cfg.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(cfg.std).view(1, 3, 1, 1), persistent=False)
         num_blocks = len(self.vit.transformer.resblocks)

@@ -28,6 +28,7 @@ from refvlm_core import trp
 from refvlm_core.base_llm import load_causal_lm, load_tokenizer
 from refvlm_core.config import ModelConfig
 from refvlm_core.constrained import TrpDecodingState, TrpGrammar, constrain
+from refvlm_core.load_timing import phase
 from refvlm_core.prefix_cache import PromptPrefixCache
 from refvlm_core.processor import IGNORE
 
@@ -91,16 +92,18 @@ class RefLLM(nn.Module):
         if on_meta:  # architecture only: vocab grows by the TRP tokens
             vocab = int(cfg.llm.arch.get("vocab_size", 32000)) + len(trp.SPECIAL_TOKENS)
             return cls(load_causal_lm(cfg, vocab_size=vocab))
-        tokenizer = load_tokenizer(cfg)
-        tokenizer.add_special_tokens({"additional_special_tokens": list(trp.SPECIAL_TOKENS)},
-                                     replace_extra_special_tokens=False)
+        with phase("tokenizer"):
+            tokenizer = load_tokenizer(cfg)
+            tokenizer.add_special_tokens({"additional_special_tokens": list(trp.SPECIAL_TOKENS)},
+                                         replace_extra_special_tokens=False)
         if cfg.llm.kind == "llama-random":
             causal_lm = load_causal_lm(cfg, vocab_size=len(tokenizer))
             causal_lm.config.bos_token_id = tokenizer.bos_token_id
             causal_lm.config.eos_token_id = tokenizer.eos_token_id
         else:
             causal_lm = load_causal_lm(cfg)
-            add_token_rows(causal_lm, len(tokenizer))
+            with phase("trp_token_rows"):
+                add_token_rows(causal_lm, len(tokenizer))
         return cls(causal_lm, tokenizer)
 
     # ---- properties --------------------------------------------------------------
