@@ -17,7 +17,8 @@ def swap_decoder(model, spec: ExternalDecoderConfig) -> UnitDecoder:
         raise ConfigError(f"the model has no '{spec.unit}' decoder to replace; its units are {list(model.decoders)}")
     settings = {"kind": spec.kind, **spec.settings}
     decoder = build_decoder(spec.unit, model.llm.hidden_size, model.encoder.pyramid_channels,
-                            loss_weights=model.loss_weights, weights=spec.weights, **settings)
+                            loss_weights=model.loss_weights, match_costs=model.config.match_costs,
+                            weights=spec.weights, **settings)
     model.decoders[spec.unit] = decoder.to(next(model.parameters()).device)
     model.config.decoders[spec.unit] = settings  # weights travel in the model file, not as a path
     return decoder
