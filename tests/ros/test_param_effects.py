@@ -249,7 +249,7 @@ def test_overlay_and_diagnostics_period(nodes):
     assert 1_000_000_000 not in [t.timer_period_ns for t in other.timers]
 
 
-def test_request_limits_refuse_what_they_bound(nodes):
+def test_request_limits_refuse_what_they_bound(nodes, capfd):
     default = nodes.configured("refvlm_limits_default")
     strict = nodes.configured("refvlm_limits_strict", max_prompt_chars=10, max_image_pixels=2000,
                               max_aspect_ratio=1.5)
@@ -260,6 +260,13 @@ def test_request_limits_refuse_what_they_bound(nodes):
         assert _ask(default, prompt, image).success, parameter
         reply = _ask(strict, prompt, image)
         assert not reply.success and f"parameter {parameter}" in reply.error, (parameter, reply.error)
+    # above the model's own limit the parameter cannot raise it: configure says so
+    model_limit = nodes.predictor.config.max_prompt_chars
+    capfd.readouterr()
+    wide = nodes.configured("refvlm_limits_wide", max_prompt_chars=model_limit + 1000)
+    assert f"max_prompt_chars={model_limit + 1000} is above the model's limit ({model_limit}" in capfd.readouterr().err
+    reply = _ask(wide, "x" * (model_limit + 1), _image(40, 40))
+    assert not reply.success and "ModelConfig.max_prompt_chars" in reply.error
 
 
 class GatedPredictor:

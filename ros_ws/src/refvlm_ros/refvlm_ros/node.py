@@ -178,6 +178,10 @@ class RefVLMNode(LifecycleNode):
                                    f"({self.p.model_path or self.p.model_preset}, {self.p.device})")
             self._backend = backend_status(self._predictor)
             self.get_logger().info("backend: " + ", ".join(f"{k}={v}" for k, v in self._backend.items()))
+            limit = getattr(getattr(self._predictor, "config", None), "max_prompt_chars", None)
+            if limit is not None and self.p.max_prompt_chars > limit:  # the model refuses past its own limit
+                self.get_logger().warning(f"max_prompt_chars={self.p.max_prompt_chars} is above the model's limit "
+                                          f"({limit}, ModelConfig.max_prompt_chars): longer prompts are refused")
         except Exception as error:  # noqa: BLE001 (a failed configure must not kill the node)
             self.get_logger().error(f"configure failed: {error}")
             self._predictor = None
