@@ -40,3 +40,6 @@ def test_colcon_build_installs_the_ros_layout(tmp_path):
     assert {"sim.yaml", "camera.yaml"} <= {p.name for p in (launch / "params").iterdir()}
     for executable in ("refvlm_node", "refvlm_sim"):
         assert os.access(install / "refvlm_ros/lib/refvlm_ros" / executable, os.X_OK)
+    [site] = (install / "refvlm").glob("lib/python*/*-packages")
+    for name in ("refvlm_core", "refvlm_simworld", "refvlm_training", "refvlm_export", "refvlm_cli"):
+        assert (site / name / "__init__.py").is_file(), f"{name} is not installed by colcon"
