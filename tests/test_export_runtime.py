@@ -4,6 +4,7 @@ decoders for the Predictor with torch's answers; a stale, partial or missing exp
 refused with the command that rebuilds it; ``auto`` says what it picked and why."""
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 
@@ -18,7 +19,7 @@ from refvlm_core.runtime import TorchRuntime
 from refvlm_export import parity
 from refvlm_export.onnx_export import Manifest, config_hash, load_export_model, weights_sha256
 from refvlm_export.runtime import OnnxRuntimeVision, check_export, select_runtime
-from tests.export_helpers import has_cuda
+from tests.export_helpers import has_cuda, tiny_export
 from tests.model_samples import forced_answer_hook
 
 pytestmark = pytest.mark.timeout(300)
@@ -28,14 +29,10 @@ ANSWER = (f"{trp.format_phrase('cups', ('box',), 2)}, {trp.format_phrase('a bowl
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """(tiny model seeded 0, the folder `refvlm export onnx --model tiny` wrote for it)."""
-    from refvlm_cli.main import main
-
-    torch.set_num_threads(1)
-    folder = tmp_path_factory.mktemp("export") / "tiny"
-    assert main(["export", "onnx", "--model", "tiny", "--out", str(folder)]) == 0
-    return load_export_model("tiny", seed=0).eval(), folder
+def exported():
+    """(tiny model seeded 0, the folder `refvlm export onnx --model tiny` wrote for it; once
+    per test session)."""
+    return tiny_export()
 
 
 def copy_export(folder, tmp_path):
@@ -170,7 +167,7 @@ def test_tensorrt_runtime_builds_the_node_engines_on_configure_and_matches_torch
     except ConfigError as error:
         pytest.skip(f"no TensorRT on this machine ({error})")
     model, folder = exported
-    model = model.cuda()
+    model = copy.deepcopy(model).cuda()  # the shared model stays on the CPU
     target = copy_export(folder, tmp_path)
     with pytest.raises(CheckpointError, match="there is no engine; build it with `refvlm export tensorrt"):
         TensorRTVision(target, model, "tiny", build_engines=False, trt=trt)

@@ -125,3 +125,32 @@ def test_demo_runs_end_to_end(tmp_path):
     output = "\n".join(lines)
     assert "Locate the red cube." in output and "truth xyz" in output
     assert "untrained" in output
+
+
+def test_demo_backend_runs_the_export_from_the_cache(tmp_path):
+    """--backend onnxruntime: the node runs the model's cached export (a broken one fails
+    configure, the real one answers); the cache entry is found, not exported again."""
+    import shutil
+
+    pytest.importorskip("refvlm_ros.node")
+    from refvlm_core.errors import RefVLMError
+    from refvlm_export.cache import model_key
+    from tests.export_helpers import tiny_export
+
+    entry = tmp_path / "cache" / "-".join(model_key("tiny"))
+    entry.mkdir(parents=True)
+    (entry / "manifest.json").write_text("{}")
+    config = demo.DemoConfig(out_dir=tmp_path / "out", width=160, height=120, timeout_s=100.0,
+                             questions=demo.DEFAULT_QUESTIONS[:1], backend="onnxruntime",
+                             export_cache=tmp_path / "cache",
+                             model=demo.ModelChoice({"model_preset": "tiny"}, "tiny", False))
+    with pytest.raises(RefVLMError, match="failed to configure"):
+        demo.run_demo(config, log=lambda line: None)
+    shutil.rmtree(entry)
+    shutil.copytree(tiny_export()[1], entry)
+    lines: list[str] = []
+    [row] = demo.run_demo(config, log=lines.append)
+    assert row.success, row.error
+    assert f"export of tiny: reusing {entry}" in lines
+    assert json.loads((tmp_path / "out" / "answers.json").read_text())["model"].endswith(
+        f"backend onnxruntime, export {entry}")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from ros_client import NodeHandle, SpinningClient
 
 pytestmark = [pytest.mark.ros, pytest.mark.timeout(120)]
 
@@ -25,39 +26,26 @@ PLANE_M = 2.0
 NODE = "refvlm_node"
 
 
-class Client:
-    """A client node spun in a background thread, plus a 15 Hz camera (image, depth,
-    CameraInfo with one stamp) whose published stamps are remembered."""
+class Client(SpinningClient):
+    """A client of one refvlm_node (shared helpers in ros_client.py), plus a 15 Hz camera
+    (image, depth, CameraInfo with one stamp) whose published stamps are remembered."""
 
     def __init__(self, node: str = NODE) -> None:
         """``node``: the node's name with its namespace (no leading slash)."""
-        import rclpy
-        from diagnostic_msgs.msg import DiagnosticArray
-        from lifecycle_msgs.srv import ChangeState, GetState
         from rclpy.action import ActionClient
-        from rclpy.executors import MultiThreadedExecutor
         from rclpy.qos import qos_profile_sensor_data
         from refvlm_interfaces.action import Ground
         from refvlm_interfaces.msg import RefResult
-        from refvlm_interfaces.srv import Query
         from sensor_msgs.msg import CameraInfo, Image
         from std_msgs.msg import String
 
         from refvlm_ros.image_conversions import array_to_image
 
-        self.rclpy = rclpy
-        self.context = rclpy.Context()
-        rclpy.init(context=self.context)
-        self.node = rclpy.create_node("refvlm_test_client", context=self.context)
-        self.executor = MultiThreadedExecutor(num_threads=2, context=self.context)
-        self.executor.add_node(self.node)
-        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
-        self.thread.start()
-
+        super().__init__("refvlm_test_client")
+        self.target = NodeHandle(self, node)
+        self.query, self.change_state, self.get_state = (self.target.query, self.target.change_state,
+                                                         self.target.get_state)
         n = self.node
-        self.query = n.create_client(Query, f"/{node}/query")
-        self.change_state = n.create_client(ChangeState, f"/{node}/change_state")
-        self.get_state = n.create_client(GetState, f"/{node}/get_state")
         self.ground = ActionClient(n, Ground, f"/{node}/ground")
         self.image_pub = n.create_publisher(Image, "/image", qos_profile_sensor_data)
         self.depth_pub = n.create_publisher(Image, "/depth", qos_profile_sensor_data)
@@ -67,7 +55,6 @@ class Client:
         self.masks: list = []
         self.overlays: list = []
         self.detections: list = []
-        self.diagnostics: dict[str, str] = {}
         n.create_subscription(RefResult, f"/{node}/result", self.results.append, 10)
         n.create_subscription(Image, f"/{node}/masks", self.masks.append, 10)
         n.create_subscription(Image, f"/{node}/overlay", self.overlays.append, 10)
@@ -76,7 +63,6 @@ class Client:
             n.create_subscription(Detection2DArray, f"/{node}/detections", self.detections.append, 10)
         except ImportError:
             pass
-        n.create_subscription(DiagnosticArray, "/diagnostics", self._on_diagnostics, 10)
 
         rgb = np.zeros((H, W, 3), np.uint8)
         rgb[30:70, 40:90] = (220, 30, 30)
@@ -88,10 +74,14 @@ class Client:
         self.camera = None
         self.String = String
 
-    def _on_diagnostics(self, msg) -> None:
-        for status in msg.status:
-            if status.hardware_id == NODE:
-                self.diagnostics = {kv.key: kv.value for kv in status.values}
+    @property
+    def diagnostics(self) -> dict[str, str]:
+        """The node's latest /diagnostics values ({} until one arrives)."""
+        return self.diagnostics_of.get(NODE, {})
+
+    @diagnostics.setter
+    def diagnostics(self, values: dict[str, str]) -> None:
+        self.diagnostics_of[NODE] = values
 
     def start_camera(self, hz: float = 15.0) -> None:
         self.camera = self.node.create_timer(1.0 / hz, self.publish_frame)
@@ -105,44 +95,15 @@ class Client:
         self.stamps = (self.stamps + [(stamp.sec, stamp.nanosec)])[-500:]
         self.frame_count += 1
 
-    def call(self, client, request, timeout: float = 30.0):
-        assert client.wait_for_service(timeout_sec=timeout), f"{client.srv_name} not available"
-        future = client.call_async(request)
-        done = threading.Event()
-        future.add_done_callback(lambda _: done.set())
-        assert done.wait(timeout), f"{client.srv_name} did not answer within {timeout} s"
-        return future.result()
-
     def transition(self, label: str) -> None:
-        from lifecycle_msgs.srv import ChangeState
-        request = ChangeState.Request()
-        request.transition.label = label
-        assert self.call(self.change_state, request, timeout=60).success, f"transition {label} failed"
+        assert self.target.transition(label), f"transition {label} failed"
 
     def state(self, timeout: float = 30.0) -> str:
-        from lifecycle_msgs.srv import GetState
-        return self.call(self.get_state, GetState.Request(), timeout).current_state.label
+        return self.target.state(timeout)
 
     def ask(self, prompt: str, image=None, visual_prompts=(), timeout: float = 30.0, depth=None,
             camera_info=None):
-        from refvlm_interfaces.srv import Query
-        request = Query.Request(prompt=prompt, visual_prompts=list(visual_prompts))
-        if image is not None:
-            request.use_image, request.image = True, image
-        if depth is not None:
-            request.depth, request.camera_info = depth, camera_info
-        return self.call(self.query, request, timeout)
-
-    def wait_for(self, condition, timeout: float, what: str) -> None:
-        deadline = time.monotonic() + timeout
-        while not condition():
-            assert time.monotonic() < deadline, f"timed out waiting for {what}"
-            time.sleep(0.05)
-
-    def close(self) -> None:
-        self.executor.shutdown()
-        self.node.destroy_node()
-        self.context.try_shutdown()
+        return self.target.ask(prompt, image, visual_prompts, timeout, depth, camera_info)
 
 
 @pytest.fixture(scope="module")

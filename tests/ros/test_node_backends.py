@@ -5,18 +5,22 @@ projector and the decoders from a `refvlm export onnx` folder. The answer text i
 decoders read each backend's hidden states and pyramid. SimWorld questions: same TRP,
 boxes within 1 px, mask IoU >= 0.99, predicted depth within 1e-3 relative. Configure
 refuses an empty export folder naming the command that builds it; /diagnostics says which
-backend and ONNX Runtime provider run."""
+backend and ONNX Runtime provider run; without a GPU, backend:=tensorrt fails configure saying
+so and backend:=auto runs ONNX Runtime CPU with TensorRT's refusal as its reason."""
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from backend_parity import assert_same_result
+from ros_client import NodeHandle, SpinningClient
+
+from tests.export_helpers import tiny_export
 
 pytestmark = [pytest.mark.ros, pytest.mark.timeout(300)]
 
@@ -28,12 +32,8 @@ LAYOUTS = (0, 1, 2)
 
 
 @pytest.fixture(scope="module")
-def export_dir(tmp_path_factory):
-    from refvlm_cli.main import main
-
-    folder = tmp_path_factory.mktemp("export") / "tiny"
-    assert main(["export", "onnx", "--model", "tiny", "--out", str(folder)]) == 0
-    return folder
+def export_dir():
+    return tiny_export()[1]  # `refvlm export onnx --model tiny`, once per test session
 
 
 def start_node(name: str, backend: str, log: Path, extra: list[str]) -> subprocess.Popen:
@@ -66,103 +66,40 @@ def node_processes(tmp_path_factory, export_dir):
             process.kill()
 
 
-class Client:
-    """Query, lifecycle and parameter clients for both nodes, spun in a background thread."""
-
-    def __init__(self) -> None:
-        import rclpy
-        from diagnostic_msgs.msg import DiagnosticArray
-        from lifecycle_msgs.srv import ChangeState, GetState
-        from rcl_interfaces.srv import SetParameters
-        from rclpy.executors import MultiThreadedExecutor
-        from refvlm_interfaces.srv import Query
-
-        self.context = rclpy.Context()
-        rclpy.init(context=self.context)
-        self.node = rclpy.create_node("backend_test_client", context=self.context)
-        self.executor = MultiThreadedExecutor(num_threads=2, context=self.context)
-        self.executor.add_node(self.node)
-        threading.Thread(target=self.executor.spin, daemon=True).start()
-        n = self.node
-        self.query = {name: n.create_client(Query, f"/{name}/query") for name in NODES}
-        self.change_state = {name: n.create_client(ChangeState, f"/{name}/change_state") for name in NODES}
-        self.get_state = {name: n.create_client(GetState, f"/{name}/get_state") for name in NODES}
-        self.set_parameters = n.create_client(SetParameters, "/refvlm_ort/set_parameters")
-        self.diagnostics: dict[str, dict[str, str]] = {}
-        n.create_subscription(DiagnosticArray, "/diagnostics", self._on_diagnostics, 10)
-
-    def _on_diagnostics(self, msg) -> None:
-        for status in msg.status:
-            self.diagnostics[status.hardware_id] = {kv.key: kv.value for kv in status.values}
-
-    def call(self, client, request, timeout: float = 60.0):
-        assert client.wait_for_service(timeout_sec=timeout), f"{client.srv_name} not available"
-        future = client.call_async(request)
-        done = threading.Event()
-        future.add_done_callback(lambda _: done.set())
-        assert done.wait(timeout), f"{client.srv_name} did not answer within {timeout} s"
-        return future.result()
-
-    def transition(self, name: str, label: str) -> bool:
-        from lifecycle_msgs.srv import ChangeState
-        request = ChangeState.Request()
-        request.transition.label = label
-        return self.call(self.change_state[name], request, timeout=120).success
-
-    def state(self, name: str) -> str:
-        from lifecycle_msgs.srv import GetState
-        return self.call(self.get_state[name], GetState.Request(), timeout=120).current_state.label
-
-    def set_export_dir(self, folder: Path) -> None:
-        from rcl_interfaces.srv import SetParameters
-        from rclpy.parameter import Parameter
-        request = SetParameters.Request(parameters=[Parameter("export_dir", value=str(folder)).to_parameter_msg()])
-        assert all(r.successful for r in self.call(self.set_parameters, request).results)
-
-    def ask(self, name: str, prompt: str, image):
-        from refvlm_interfaces.srv import Query
-        return self.call(self.query[name], Query.Request(prompt=prompt, use_image=True, image=image))
-
-    def wait_for(self, condition, timeout: float, what: str) -> None:
-        deadline = time.monotonic() + timeout
-        while not condition():
-            assert time.monotonic() < deadline, f"timed out waiting for {what}"
-            time.sleep(0.1)
-
-    def close(self) -> None:
-        self.executor.shutdown()
-        self.node.destroy_node()
-        self.context.try_shutdown()
+@pytest.fixture(scope="module")
+def client(node_processes):
+    client = SpinningClient("backend_test_client")
+    yield client
+    client.close()
 
 
 @pytest.fixture(scope="module")
-def client(node_processes):
-    client = Client()
-    yield client
-    client.close()
+def nodes(client):
+    return {name: NodeHandle(client, name) for name in NODES}
 
 
 def log_tail(process) -> str:
     return process.log.read_text()[-3000:]
 
 
-def test_empty_export_fails_configure_naming_the_command_then_the_export_runs(client, node_processes, export_dir):
-    ort = node_processes["refvlm_ort"]
-    assert client.state("refvlm_ort") == "unconfigured", log_tail(ort)
-    assert not client.transition("refvlm_ort", "configure")
-    client.wait_for(lambda: "refvlm export onnx --model tiny --out" in ort.log.read_text(), 10, "the error log")
-    assert client.state("refvlm_ort") == "unconfigured"
-    client.set_export_dir(export_dir)
-    assert client.transition("refvlm_ort", "configure"), log_tail(ort)
-    assert client.transition("refvlm_ort", "activate")
-    client.wait_for(lambda: client.state("refvlm_torch") == "active", 120, "the torch node")
+def test_empty_export_fails_configure_naming_the_command_then_the_export_runs(client, nodes, node_processes,
+                                                                             export_dir):
+    ort, log = nodes["refvlm_ort"], node_processes["refvlm_ort"].log
+    assert ort.state(timeout=120) == "unconfigured", log_tail(node_processes["refvlm_ort"])
+    assert not ort.transition("configure", timeout=120)
+    client.wait_for(lambda: "refvlm export onnx --model tiny --out" in log.read_text(), 10, "the error log")
+    assert ort.state() == "unconfigured"
+    ort.set_parameters(export_dir=str(export_dir))
+    assert ort.transition("configure", timeout=120), log_tail(node_processes["refvlm_ort"])
+    assert ort.transition("activate")
+    client.wait_for(lambda: nodes["refvlm_torch"].state(timeout=120) == "active", 120, "the torch node")
 
 
-def test_diagnostics_say_which_backend_and_provider_run(client):
+def test_diagnostics_say_which_backend_and_provider_run(client, nodes):
     def reported() -> bool:
-        return all(client.diagnostics.get(name, {}).get("state") == "active" for name in NODES)
+        return all(node.diagnostics.get("state") == "active" for node in nodes.values())
     client.wait_for(reported, 30, "diagnostics of both nodes")
-    ort, torch_ = client.diagnostics["refvlm_ort"], client.diagnostics["refvlm_torch"]
+    ort, torch_ = nodes["refvlm_ort"].diagnostics, nodes["refvlm_torch"].diagnostics
     assert ort["backend"] == "onnxruntime" and ort["onnx_provider"] == "CPUExecutionProvider"
     assert "onnxruntime" in ort["backend_reason"]
     assert torch_["backend"] == "torch" and "onnx_provider" not in torch_
@@ -182,34 +119,31 @@ def sim_questions():
     return questions
 
 
-def mask_array(image) -> np.ndarray:
-    from refvlm_ros.image_conversions import image_to_array
-    return image_to_array(image, backend="numpy") > 0
-
-
-def assert_same_objects(reference, candidate) -> None:
-    from refvlm_export.parity import mask_iou
-    assert len(reference.objects) == len(candidate.objects) == 2
-    for ref, got in zip(reference.objects, candidate.objects):
-        assert (ref.phrase, list(ref.units), ref.has_box) == (got.phrase, list(got.units), got.has_box)
-        if ref.has_box:
-            assert np.abs(np.array(ref.box_xyxy) - np.array(got.box_xyxy)).max() <= 1.0
-        if ref.mask.width:
-            assert mask_iou(mask_array(ref.mask), mask_array(got.mask)) >= 0.99
-        assert ref.has_depth == got.has_depth
-        for field in ("depth_median", "depth_min", "depth_max"):
-            a, b = getattr(ref, field), getattr(got, field)
-            assert abs(a - b) <= 1e-3 * max(abs(a), 1e-6), (field, a, b)
-
-
-def test_simworld_questions_give_the_same_answers_on_both_backends(client):
+def test_simworld_questions_give_the_same_answers_on_both_backends(nodes):
     boxes = []
     for prompt, image in sim_questions():
-        reference, candidate = (client.ask(name, prompt, image) for name in NODES)
+        reference, candidate = (nodes[name].ask(prompt, image, timeout=60) for name in NODES)
         assert reference.success and candidate.success, (reference.error, candidate.error)
-        assert candidate.result.trp_text == reference.result.trp_text == ANSWER
-        assert list(candidate.result.errors) == list(reference.result.errors) == []
-        assert_same_objects(reference.result, candidate.result)
+        assert reference.result.trp_text == ANSWER and list(reference.result.errors) == []
+        assert len(reference.result.objects) == 2
+        assert_same_result(reference.result, candidate.result)
         assert reference.result.objects[0].has_box and reference.result.objects[1].has_depth
         boxes.append(tuple(reference.result.objects[0].box_xyxy))
     assert len(set(boxes)) == len(boxes)  # each image gives its own box: the comparison is not vacuous
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only fall-through")
+def test_without_a_gpu_tensorrt_is_refused_and_auto_runs_onnxruntime_saying_why(client, nodes, node_processes):
+    ort, log = nodes["refvlm_ort"], node_processes["refvlm_ort"].log
+    assert ort.transition("deactivate") and ort.transition("cleanup")
+    ort.set_parameters(backend="tensorrt")
+    assert not ort.transition("configure", timeout=120)
+    client.wait_for(lambda: "backend tensorrt needs a CUDA GPU: pick onnxruntime or torch" in log.read_text(),
+                    10, "the refusal in the log")
+    ort.set_parameters(backend="auto")
+    assert ort.transition("configure", timeout=120), log_tail(node_processes["refvlm_ort"])
+    client.wait_for(lambda: ort.diagnostics.get("state") == "configured", 30, "diagnostics after configure")
+    reason = ort.diagnostics["backend_reason"]
+    assert ort.diagnostics["backend"] == "onnxruntime" and reason.startswith("auto: onnxruntime cpu")
+    assert "tensorrt: backend tensorrt needs a CUDA GPU" in reason and "onnxruntime cuda: no CUDA GPU" in reason
+    assert "backend_reason=auto: onnxruntime cpu" in log.read_text()  # the log says it too

@@ -1,0 +1,113 @@
+"""The test side of the DDS tests: a client node in its own rclpy context, spun in a
+background thread, and handles on the services of a refvlm_node (query, lifecycle,
+parameters) that the test files share.
+
+    client = SpinningClient("my_test_client")
+    node = NodeHandle(client, "refvlm_node")       # the node's name with its namespace
+    assert node.transition("configure")
+    reply = node.ask("where is the red cube?", image=image)
+    client.diagnostics_of["refvlm_node"]           # the node's latest /diagnostics values
+    client.close()
+"""
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Callable
+
+
+class SpinningClient:
+    """A client node spun by a multi-threaded executor in a background thread; keeps the
+    latest /diagnostics values of every node by hardware id."""
+
+    def __init__(self, name: str) -> None:
+        import rclpy
+        from diagnostic_msgs.msg import DiagnosticArray
+        from rclpy.executors import MultiThreadedExecutor
+
+        self.rclpy = rclpy
+        self.context = rclpy.Context()
+        rclpy.init(context=self.context)
+        self.node = rclpy.create_node(name, context=self.context)
+        self.executor = MultiThreadedExecutor(num_threads=2, context=self.context)
+        self.executor.add_node(self.node)
+        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
+        self.thread.start()
+        self.diagnostics_of: dict[str, dict[str, str]] = {}
+        self.node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diagnostics, 10)
+
+    def _on_diagnostics(self, msg: Any) -> None:
+        for status in msg.status:
+            self.diagnostics_of[status.hardware_id] = {kv.key: kv.value for kv in status.values}
+
+    def call(self, client: Any, request: Any, timeout: float = 30.0) -> Any:
+        """The service's response; fails the test when it is not there or does not answer in time."""
+        assert client.wait_for_service(timeout_sec=timeout), f"{client.srv_name} not available"
+        future = client.call_async(request)
+        done = threading.Event()
+        future.add_done_callback(lambda _: done.set())
+        assert done.wait(timeout), f"{client.srv_name} did not answer within {timeout} s"
+        return future.result()
+
+    @staticmethod
+    def wait_for(condition: Callable[[], Any], timeout: float, what: str, poll_s: float = 0.05) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            time.sleep(poll_s)
+
+    def close(self) -> None:
+        self.executor.shutdown()
+        self.node.destroy_node()
+        self.context.try_shutdown()
+
+
+class NodeHandle:
+    """The Query, lifecycle and parameter services of one refvlm_node, called through a
+    SpinningClient."""
+
+    def __init__(self, client: SpinningClient, name: str) -> None:
+        from lifecycle_msgs.srv import ChangeState, GetState
+        from rcl_interfaces.srv import SetParameters
+        from refvlm_interfaces.srv import Query
+
+        self.client, self.name = client, name
+        n = client.node
+        self.query = n.create_client(Query, f"/{name}/query")
+        self.change_state = n.create_client(ChangeState, f"/{name}/change_state")
+        self.get_state = n.create_client(GetState, f"/{name}/get_state")
+        self.set_parameters_service = n.create_client(SetParameters, f"/{name}/set_parameters")
+
+    @property
+    def diagnostics(self) -> dict[str, str]:
+        """The node's latest /diagnostics values (hardware id: its name without namespace)."""
+        return self.client.diagnostics_of.get(self.name.rsplit("/", 1)[-1], {})
+
+    def transition(self, label: str, timeout: float = 60.0) -> bool:
+        from lifecycle_msgs.srv import ChangeState
+        request = ChangeState.Request()
+        request.transition.label = label
+        return self.client.call(self.change_state, request, timeout).success
+
+    def state(self, timeout: float = 30.0) -> str:
+        from lifecycle_msgs.srv import GetState
+        return self.client.call(self.get_state, GetState.Request(), timeout).current_state.label
+
+    def set_parameters(self, **values: Any) -> None:
+        from rcl_interfaces.srv import SetParameters
+        from rclpy.parameter import Parameter
+        request = SetParameters.Request(parameters=[Parameter(k, value=v).to_parameter_msg()
+                                                    for k, v in values.items()])
+        results = self.client.call(self.set_parameters_service, request).results
+        assert all(r.successful for r in results), [r.reason for r in results]
+
+    def ask(self, prompt: str, image: Any = None, visual_prompts: Any = (), timeout: float = 30.0,
+            depth: Any = None, camera_info: Any = None) -> Any:
+        """Query.Response about the latest camera frame, or about ``image`` (with its depth)."""
+        from refvlm_interfaces.srv import Query
+        request = Query.Request(prompt=prompt, visual_prompts=list(visual_prompts))
+        if image is not None:
+            request.use_image, request.image = True, image
+        if depth is not None:
+            request.depth, request.camera_info = depth, camera_info
+        return self.client.call(self.query, request, timeout)
