@@ -141,7 +141,8 @@ TRAIN_REGISTRY: dict[str, Effect | NotBehavioural] = {
     "data.train": NotBehavioural("where the samples come from (a path): every training test reads its "
                                  "shard through it; test_config_layers_and_errors shows the refusal when unset"),
     "data.num_workers": here("test_num_workers_starts_reader_processes"),
-    "data.stage1_decimals": here("test_stage1_decimals_are_the_digits_of_text_boxes"),
+    "data.stage1_decimals": here("test_stage1_decimals_are_the_digits_of_text_boxes",
+                                 "test_stage_sections_are_refused_in_the_other_stages"),
     "data.max_samples": here("test_max_samples_limits_the_stream"),
     "model.preset": here("test_model_preset_and_overrides_build_the_model"),
     "model.init_from": Effect(f"{ENGINE}::test_stage1_then_stage2_lower_the_loss"),
@@ -161,7 +162,8 @@ TRAIN_REGISTRY: dict[str, Effect | NotBehavioural] = {
     "external_decoder.kind": Effect(f"{ENGINE}::test_stage3_external_decoder_trains_saves_loads_predicts_and_exports"),
     "external_decoder.settings": here("test_external_decoder_settings_and_weights"),
     "external_decoder.weights": here("test_external_decoder_settings_and_weights"),
-    "vision_pretrain.scenes": here("test_stage0_render_options_change_the_first_loss"),
+    "vision_pretrain.scenes": here("test_stage0_render_options_change_the_first_loss",
+                                   "test_stage_sections_are_refused_in_the_other_stages"),
     "vision_pretrain.width": here("test_stage0_render_options_change_the_first_loss"),
     "vision_pretrain.height": here("test_stage0_render_options_change_the_first_loss"),
     "vision_pretrain.head_dim": here("test_stage0_head_dim_is_the_heads_width"),
@@ -846,16 +848,19 @@ def test_stage0_refuses_what_it_does_not_read():
 
 
 def test_stage_sections_are_refused_in_the_other_stages(data_dir):
-    """external_decoder is stage 3's and vision_pretrain stage 0's: another stage refuses them
-    instead of training without them."""
-    from refvlm_training.engine.config import config_from_dict
+    """external_decoder is stage 3's, data.stage1_decimals stage 1's and vision_pretrain
+    stage 0's: another stage refuses them instead of training without them."""
+    from refvlm_training.engine.config import STAGE_ONLY, config_from_dict
 
+    assert STAGE_ONLY == {"vision_pretrain": 0, "data.stage1_decimals": 1, "external_decoder": 3}
     base = {"data": {"train": str(data_dir)}, "model": {"preset": "tiny"}}
-    for stage in (1, 2):
-        with pytest.raises(ConfigError, match="external_decoder is read by stage 3 only"):
-            config_from_dict({**base, "stage": stage, "external_decoder": {"unit": "mask", "kind": "sam"}})
-    for stage in (1, 2, 3):
-        with pytest.raises(ConfigError, match="vision_pretrain configures stage 0 only"):
-            stage3 = {"external_decoder": {"unit": "mask"}} if stage == 3 else {}
-            config_from_dict({**base, **stage3, "stage": stage, "vision_pretrain": {"scenes": 10}})
-    config_from_dict({**base, "stage": 3, "external_decoder": {"unit": "mask", "kind": "sam"}})
+    stage3 = {"external_decoder": {"unit": "mask", "kind": "sam"}}
+    cases = {"external_decoder": stage3, "vision_pretrain": {"vision_pretrain": {"scenes": 10}},
+             "data.stage1_decimals": {"data": {"train": str(data_dir), "stage1_decimals": 3}}}
+    for name, section in cases.items():
+        for stage in {1, 2, 3} - {STAGE_ONLY[name]}:
+            with pytest.raises(ConfigError, match=f"{name} is read by stage {STAGE_ONLY[name]} only"):
+                config_from_dict({**base, **(stage3 if stage == 3 else {}), "stage": stage, **section})
+        only = STAGE_ONLY[name]
+        if only:
+            config_from_dict({**base, **(stage3 if only == 3 else {}), "stage": only, **section})

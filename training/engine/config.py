@@ -79,6 +79,8 @@ class VisionPretrainConfig:
 STAGE0_UNUSED = ("grad_accum", "strategy", "mixed_precision", "gradient_checkpointing", "train_encoders",
                  "trainable", "cache_frozen", "save_trainable_only", "loss_weights", "lora", "external_decoder",
                  "data.train", "data.stage1_decimals", "data.max_samples", "model.init_from")
+# Sections one stage alone reads (stage 0's are above): refused in another stage's config.
+STAGE_ONLY = {"vision_pretrain": 0, "data.stage1_decimals": 1, "external_decoder": 3}
 
 
 def _dotted(obj: Any, name: str) -> Any:
@@ -140,12 +142,10 @@ class TrainConfig:
         if self.stage == 3 and self.external_decoder is None:
             raise ConfigError("stage 3 needs external_decoder: {unit: mask, kind: sam} or "
                               "{unit: box, kind: grounding_dino}")
-        if self.stage in (1, 2) and self.external_decoder is not None:
-            raise ConfigError(f"external_decoder is read by stage 3 only (stage {self.stage} would train the "
-                              "built-in decoders): remove it or run --stage 3")
-        if self.stage != 0 and self.vision_pretrain != VisionPretrainConfig():
-            raise ConfigError(f"vision_pretrain configures stage 0 only (stage {self.stage} would ignore it): "
-                              "remove it from this config")
+        for name, only in STAGE_ONLY.items():
+            if self.stage not in (0, only) and _dotted(self, name) != _dotted(TrainConfig(), name):
+                raise ConfigError(f"{name} is read by stage {only} only (stage {self.stage} would ignore it): "
+                                  f"remove it from this config or run --stage {only}")
         if self.optim.lr <= 0 or self.optim.warmup_steps < 0 or not 0 <= self.optim.min_lr_ratio <= 1:
             raise ConfigError("optim: lr > 0, warmup_steps >= 0 and 0 <= min_lr_ratio <= 1")
         return self
