@@ -191,6 +191,9 @@ class ModelConfig:
             raise ConfigError(f"llm.kind={self.llm.kind!r}: use one of {LLM_KINDS}")
         if self.llm.kind == "llama-random" and not self.llm.arch:
             raise ConfigError("llm.kind='llama-random' needs llm.arch (LlamaConfig fields)")
+        if self.llm.kind == "gguf" and self.llm.tokenizer_path:
+            raise ConfigError("llm.tokenizer_path is not read for llm.kind='gguf' (the tokenizer comes from the "
+                              "GGUF file, llm.path): remove it")
         if a.grid < 1 or a.temperature <= 0:
             raise ConfigError(f"aggregation grid={a.grid}, temperature={a.temperature}: "
                               "grid must be >= 1 and temperature > 0")

@@ -348,6 +348,10 @@ def test_tokenizer_path_is_the_tokenizer(tmp_path, tiny_model):
     extended.save_pretrained(str(folder))
     loaded = load_tokenizer(tiny_with(llm__tokenizer_path=str(folder)))
     assert "<zebra-token>" in loaded.get_vocab() and "<zebra-token>" not in tiny_model.llm.tokenizer.get_vocab()
+    nano = preset("nano")  # a GGUF base takes its tokenizer from the GGUF file: the field is refused there
+    nano.llm.tokenizer_path = str(folder)
+    with pytest.raises(ConfigError, match="llm.tokenizer_path is not read for llm.kind='gguf'"):
+        nano.validate()
 
 
 def test_llm_arch_and_dtype_build_the_llm():
