@@ -34,12 +34,13 @@ def here(name: str) -> str:
     return f"{HERE}::{name}"
 
 
-PARAM_REGISTRY: dict[str, str] = {
+PARAM_REGISTRY: dict[str, str | tuple[str, ...]] = {
     "model_preset": here("test_model_preset_and_model_path_pick_the_model"),
     "model_path": here("test_model_preset_and_model_path_pick_the_model"),
     "device": here("test_device_is_where_the_model_runs"),
     "backend": f"{BACKENDS}::test_diagnostics_say_which_backend_and_provider_run",
-    "export_dir": f"{BACKENDS}::test_empty_export_fails_configure_naming_the_command_then_the_export_runs",
+    "export_dir": (f"{BACKENDS}::test_empty_export_fails_configure_naming_the_command_then_the_export_runs",
+                   here("test_export_dir_with_the_torch_backend_says_it_is_unused")),
     # TensorRT only (a GPU): without it no engine is built and configure fails naming the command
     "build_engines": "tests/test_export_runtime.py::test_tensorrt_runtime_builds_the_node_engines_on_configure_and_matches_torch",
     "standing_prompt": here("test_standing_prompt_rate_and_depth_pairing_over_dds"),
@@ -82,12 +83,12 @@ def test_the_registry_covers_every_parameter():
     missing, stale = sorted(declared - set(PARAM_REGISTRY)), sorted(set(PARAM_REGISTRY) - declared)
     assert not missing, f"node parameters with no effect test: {missing}; add one and list it in {HERE}"
     assert not stale, f"{HERE} lists parameters the node no longer declares: {stale}"
-    absent = [t for t in sorted(set(PARAM_REGISTRY.values()))
-              if t.split("::")[1] not in _test_functions(ROOT / t.split("::")[0])]
+    named = {t for entry in PARAM_REGISTRY.values() for t in ((entry,) if isinstance(entry, str) else entry)}
+    absent = [t for t in sorted(named) if t.split("::")[1] not in _test_functions(ROOT / t.split("::")[0])]
     assert not absent, f"effect tests that do not exist: {absent}"
     own = {n for n in _test_functions(Path(__file__)) if n.startswith("test_")} - {
         "test_the_registry_covers_every_parameter"}
-    unused = sorted(own - {t.split("::")[1] for t in PARAM_REGISTRY.values() if t.startswith(HERE)})
+    unused = sorted(own - {t.split("::")[1] for t in named if t.startswith(HERE)})
     assert not unused, f"tests of {HERE} no parameter names: {unused}"
 
 
@@ -197,6 +198,16 @@ def test_model_preset_and_model_path_pick_the_model(predictor, tmp_path):
     loaded = load_predictor(NodeParams(model_path=str(tmp_path / "model"), model_preset="pico").validate())
     state = loaded.model.projector.state_dict()
     assert all(torch.equal(state[k], v) for k, v in expected.items())
+
+
+def test_export_dir_with_the_torch_backend_says_it_is_unused(nodes, tmp_path, capfd):
+    """export_dir is for the exported backends (their effect: tests/ros/test_node_backends.py);
+    with backend:=torch configure says it is not read."""
+    capfd.readouterr()
+    nodes.configured("refvlm_export_default")
+    assert "export_dir" not in capfd.readouterr().err
+    nodes.configured("refvlm_export_unused", export_dir=str(tmp_path))
+    assert f"export_dir={str(tmp_path)!r} is not read with backend:=torch" in capfd.readouterr().err
 
 
 def test_device_is_where_the_model_runs():

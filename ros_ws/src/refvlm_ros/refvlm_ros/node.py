@@ -182,6 +182,9 @@ class RefVLMNode(LifecycleNode):
             if limit is not None and self.p.max_prompt_chars > limit:  # the model refuses past its own limit
                 self.get_logger().warning(f"max_prompt_chars={self.p.max_prompt_chars} is above the model's limit "
                                           f"({limit}, ModelConfig.max_prompt_chars): longer prompts are refused")
+            if self.p.export_dir and self.p.backend == "torch":
+                self.get_logger().warning(f"export_dir={self.p.export_dir!r} is not read with backend:=torch (the "
+                                          "exported backends onnxruntime, tensorrt and auto read it)")
         except Exception as error:  # noqa: BLE001 (a failed configure must not kill the node)
             self.get_logger().error(f"configure failed: {error}")
             self._predictor = None
