@@ -67,8 +67,8 @@ def load_predictors(name: str):
     from refvlm_core.quantize import quantize_llm
 
     if name not in PRESET_NAMES:
-        return (Predictor.from_pretrained(name, merge_lora=False), Predictor.from_pretrained(name),
-                Predictor.from_pretrained(name, quantize="int8"))
+        return (Predictor.from_pretrained(name, merge_lora=False, quantize="none"),
+                Predictor.from_pretrained(name, quantize="none"), Predictor.from_pretrained(name, quantize="int8"))
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)

@@ -33,6 +33,7 @@ from refvlm_core.atomic import atomic_write
 from refvlm_core.base_llm import base_fingerprint, cached_base_fingerprint
 from refvlm_core.config import ModelConfig
 from refvlm_core.errors import CheckpointError, ConfigError
+from refvlm_core.load_timing import phase
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -180,7 +181,8 @@ def load_model(folder: str | os.PathLike, merge_lora: bool = False):
 
     config = load_config(folder)
     path = Path(folder) / WEIGHTS_FILE
-    metadata, tensors = _read_weights(path)
+    with phase("read_weights"):
+        metadata, tensors = _read_weights(path)
     _check_finite(tensors, path)
     model = RefVLM.from_config(config)
     _check_shapes(model, tensors, path)
@@ -237,8 +239,9 @@ def load_over_base(model, tensors: dict[str, torch.Tensor], metadata: dict[str, 
     lora = {k.removeprefix(LORA_PREFIX): v for k, v in tensors.items() if k.startswith(LORA_PREFIX)}
     if "lora_config" in metadata:
         config = json.loads(metadata["lora_config"])
-        if not (merge_lora and fold_lora(model, config, lora, path)):
-            _apply_lora(model, config, lora, path)
+        with phase("lora_merge" if merge_lora else "lora_apply"):
+            if not (merge_lora and fold_lora(model, config, lora, path)):
+                _apply_lora(model, config, lora, path)
     elif lora:
         raise CheckpointError(f"{path} holds LoRA tensors but no lora_config metadata: re-save it")
     _load_token_rows(model, tensors, path)
@@ -254,7 +257,8 @@ def load_over_base(model, tensors: dict[str, torch.Tensor], metadata: dict[str, 
 def _check_base(model, metadata: dict[str, str], path: Path) -> None:
     if "base_fingerprint" not in metadata:
         raise CheckpointError(f"{path} has no base_fingerprint metadata: it is not a complete over_base file")
-    rebuilt = cached_base_fingerprint(model.config, model.llm.causal_lm, token_row_ids(model))
+    with phase("base_fingerprint"):
+        rebuilt = cached_base_fingerprint(model.config, model.llm.causal_lm, token_row_ids(model))
     saved = json.loads(metadata["base_fingerprint"])
     if not all(math.isclose(a, b, rel_tol=FINGERPRINT_RTOL, abs_tol=1e-6) for a, b in zip(saved, rebuilt)):
         raise CheckpointError(f"{path} was saved over another base LLM (fingerprint {saved} vs rebuilt {rebuilt}): "

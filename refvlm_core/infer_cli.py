@@ -31,8 +31,9 @@ def register(subparsers) -> None:
                         help="build a preset model (random vision parts; for trying the pipeline)")
     source.add_argument("--model", metavar="DIR", help="checkpoint folder (config.json + model.safetensors)")
     parser.add_argument("--max-new-tokens", type=int, default=None)
-    parser.add_argument("--quantize", choices=("none", "int8"), default="none",
-                        help="int8 LLM weights for CPU inference (with --model; faster, not bit-identical)")
+    parser.add_argument("--quantize", choices=("auto", "none", "int8"), default="auto",
+                        help="LLM weights with --model: auto (default: int8 on a CPU, float on a GPU), "
+                        "none (float), int8 (faster on CPU, not bit-identical; see the README for parity)")
     parser.add_argument("--unconstrained", action="store_true",
                         help="decode without the TRP grammar (the raw model's text)")
     parser.add_argument("--json", action="store_true", help="print the full result as JSON")
@@ -97,7 +98,8 @@ def run_infer(args) -> int:
             print(f"  note: {error}")
         print("  timings: " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in result.timings.items()))
         if predictor.load_s is not None:
-            print(f"  model loaded in {predictor.load_s:.1f} s")
+            phases = ", ".join(f"{k} {v:.1f}" for k, v in predictor.load_phases.items())
+            print(f"  model loaded in {predictor.load_s:.1f} s ({phases}); LLM weights: {predictor.quantize}")
     if args.out:
         cv2.imwrite(args.out, draw_result(image, result)[..., ::-1])
     return 0

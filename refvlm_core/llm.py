@@ -50,16 +50,29 @@ def init_new_rows(weight: torch.Tensor, num_new: int, generator: torch.Generator
 
 def add_token_rows(causal_lm: nn.Module, vocab_size: int) -> None:
     """Grow the embedding (and an untied lm_head) to ``vocab_size`` rows, the new rows
-    initialised from the old ones (seeded: the same rows on every load)."""
-    old = causal_lm.get_input_embeddings().weight.shape[0]
-    causal_lm.resize_token_embeddings(vocab_size, mean_resizing=False)
+    initialised from the old ones (seeded: the same rows on every load). Done here rather
+    than by transformers' resize_token_embeddings, which first draws a random table of the
+    new size (a second of a load) that the new rows then overwrite."""
+    embed, output = causal_lm.get_input_embeddings(), causal_lm.get_output_embeddings()
+    tied = output is not None and output.weight is embed.weight
     generator = torch.Generator().manual_seed(0)
-    embed = causal_lm.get_input_embeddings().weight
-    output = causal_lm.get_output_embeddings()
+    embed.weight = _grown(embed.weight, vocab_size, generator)
+    embed.num_embeddings = vocab_size
+    if output is not None:
+        output.weight = embed.weight if tied else _grown(output.weight, vocab_size, generator)
+        output.out_features = vocab_size
+    causal_lm.config.get_text_config().vocab_size = vocab_size
+    if hasattr(causal_lm, "vocab_size"):
+        causal_lm.vocab_size = vocab_size
+
+
+def _grown(weight: nn.Parameter, rows: int, generator: torch.Generator) -> nn.Parameter:
+    """weight [V, D] -> a new [rows, D] parameter: the old rows, then init_new_rows."""
+    grown = torch.empty(rows, weight.shape[1], dtype=weight.dtype, device=weight.device)
     with torch.no_grad():
-        init_new_rows(embed, vocab_size - old, generator)
-        if output is not None and output.weight is not embed:
-            init_new_rows(output.weight, vocab_size - old, generator)
+        grown[: weight.shape[0]] = weight
+        init_new_rows(grown, rows - weight.shape[0], generator)
+    return nn.Parameter(grown, requires_grad=weight.requires_grad)
 
 
 @dataclass

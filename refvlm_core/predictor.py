@@ -20,6 +20,7 @@ from refvlm_core.constrained import TrpGrammar
 from refvlm_core.errors import InputError
 from refvlm_core.geometry import validate_image
 from refvlm_core.geometry import Letterbox
+from refvlm_core.load_timing import phase, recording
 from refvlm_core.prefix_cache import PromptPrefixCache
 from refvlm_core.model import RefVLM
 from refvlm_core.results import ReferredObject, Result
@@ -39,6 +40,8 @@ class Predictor:
         self.runtime_reason = "default"  # why this runtime (diagnostics)
         self._grammar: TrpGrammar | None = None
         self.load_s: float | None = None  # seconds from_pretrained took (diagnostics)
+        self.load_phases: dict[str, float] = {}  # where they went (load_timing)
+        self.quantize = "none"  # the LLM's weights: none (float) or int8
         llm = model.llm
         # KV of the prompt's constant start, reused by every query; None turns it off
         self.prefix_cache: PromptPrefixCache | None = (
@@ -63,16 +66,21 @@ class Predictor:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str = "cpu", merge_lora: bool = True,
-                        quantize: str = "none") -> "Predictor":
+                        quantize: str = "auto") -> "Predictor":
         """``merge_lora``: LoRA folded into the base weights at load (same answers, faster).
-        ``quantize``: "int8" for int8 LLM weights on CPU (refvlm_core.quantize)."""
+        ``quantize``: LLM weights (refvlm_core.quantize): "auto" (int8 on a CPU, float on a
+        GPU), "int8" or "none". ``load_s`` and ``load_phases`` say where the load went."""
         from refvlm_core.checkpoint import load_model
-        from refvlm_core.quantize import quantize_llm
+        from refvlm_core.quantize import quantize_llm, resolve
 
+        kind = resolve(quantize, device)
         start = time.perf_counter()
-        predictor = cls(load_model(path, merge_lora=merge_lora or quantize != "none"), device)
-        quantize_llm(predictor.model.llm, quantize)
-        predictor.load_s = time.perf_counter() - start
+        with recording() as phases:
+            predictor = cls(load_model(path, merge_lora=merge_lora or kind != "none"), device)
+            with phase("quantize"):
+                quantize_llm(predictor.model.llm, kind)
+        predictor.load_s, predictor.load_phases = time.perf_counter() - start, phases
+        predictor.quantize = kind
         return predictor
 
     def grammar(self) -> TrpGrammar:
@@ -133,6 +141,7 @@ class Predictor:
                                      "forward_passes": generation.forward_passes,
                                      "prefix_reused": generation.prefix_reused,
                                      "constrained": constrained, "load_s": self.load_s,
+                                     "quantize": self.quantize,
                                      "backend": self.runtime.name})
         if not generation.stopped:
             result.errors.append(f"the answer was cut at max_new_tokens={max_new_tokens or self.config.llm.max_new_tokens}")

@@ -1,9 +1,12 @@
 """Int8 LLM weights (refvlm_core.quantize) on the tiny preset: the LLM's linear layers
-become int8, the <REF> states stay close to float ones, forced answers decode alike,
-constrained answers still parse; LoRA must be merged first."""
+become int8 (exactly torch's quantize_dynamic layers), the <REF> states stay close to
+float ones, forced answers decode alike, constrained answers still parse; LoRA must be
+merged first; ``auto`` (the default) is int8 on a CPU. On the shipped nano model int8
+keeps the TRP structure of evaluation answers."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -93,3 +96,70 @@ def test_infer_cli_int8(pair, tmp_path, capsys):
     payload = json.loads(capsys.readouterr().out)
     assert trp.parse(payload["trp_text"], units=list(float_.model.decoders)).ok
     assert payload["diagnostics"]["constrained"] is True and payload["diagnostics"]["load_s"] > 0
+
+
+def test_same_layers_as_torch_quantize_dynamic(pair):
+    """Packing each weight once gives exactly torch's quantize_dynamic layers and logits."""
+    import warnings
+
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+    from torch.ao.quantization import quantize_dynamic
+
+    float_, int8 = pair
+    reference = copy.deepcopy(float_.model.llm)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantize_dynamic(reference.causal_lm, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+    ours = dict(int8.model.llm.causal_lm.named_modules())
+    for name, module in reference.causal_lm.named_modules():
+        if isinstance(module, DynamicLinear):
+            (w_ref, b_ref), (w, b) = module._weight_bias(), ours[name]._weight_bias()
+            assert torch.equal(w_ref.int_repr(), w.int_repr()) and w_ref.q_scale() == w.q_scale(), name
+            assert (b_ref is None and b is None) or torch.equal(b_ref, b), name
+            assert (module.in_features, module.out_features) == (ours[name].in_features, ours[name].out_features)
+    ids = torch.tensor([[5, 6, 7, int8.model.llm.ref_id]])
+    assert torch.equal(reference.causal_lm(ids).logits, int8.model.llm.causal_lm(ids).logits)
+
+
+def test_auto_is_int8_on_cpu_and_none_keeps_float(pair, tmp_path):
+    from refvlm_core.checkpoint import save_model
+    from refvlm_core.predictor import Predictor
+    from refvlm_core.quantize import resolve
+
+    assert resolve("auto", "cpu") == "int8" and resolve("auto", "cuda") == "none" and resolve("none", "cpu") == "none"
+    float_, _ = pair
+    save_model(float_.model, tmp_path / "model")
+    default, plain = Predictor.from_pretrained(tmp_path / "model"), Predictor.from_pretrained(tmp_path / "model", quantize="none")
+    assert default.quantize == "int8" and "quantized" in type(default.model.llm.causal_lm.lm_head).__module__
+    assert plain.quantize == "none" and type(plain.model.llm.causal_lm.lm_head) is torch.nn.Linear
+    assert "quantize" in default.load_phases and default.load_s >= sum(
+        v for k, v in default.load_phases.items() if k in ("read_weights", "quantize"))
+
+
+SHIPPED = Path(__file__).resolve().parents[1] / "models" / "nano"
+
+
+def _structure(text: str) -> tuple:
+    parse = trp.parse(text)
+    return parse.ok, tuple((block.units, len(block.refs)) for _, block in parse.blocks())
+
+
+@pytest.mark.skipif(not (SHIPPED / "model.safetensors").is_file(), reason="models/nano is not shipped here")
+def test_int8_keeps_the_shipped_models_answers():
+    """Parity on evaluation prompts of the shipped model (tools/int8_parity.py measures it
+    on 100, see the README): the same TRP structure and units, boxes and depth close."""
+    from refvlm_core.predictor import Predictor
+    from refvlm_training.evaluation.runner import eval_items, load_samples
+
+    float_, int8 = (Predictor.from_pretrained(SHIPPED, quantize=kind) for kind in ("none", "int8"))
+    samples = list(load_samples("simworld:test:12:11"))
+    for task in ("rec", "res", "keypoint", "depth"):
+        for item in eval_items(samples, task, limit=2):
+            a, b = (p.predict(item.sample.image, item.prompt, item.visual_prompts, system=item.sample.system)
+                    for p in (float_, int8))
+            assert _structure(a.trp_text) == _structure(b.trp_text), (task, a.trp_text, b.trp_text)
+            for x, y in zip(a.objects, b.objects):
+                if x.box_xyxy is not None:
+                    assert np.abs(x.box_xyxy - y.box_xyxy).max() < 0.05 * max(item.sample.image.shape)
+                if x.depth is not None:
+                    assert np.nanmean(np.abs(x.depth - y.depth) / np.maximum(x.depth, 1e-3)) < 0.1
