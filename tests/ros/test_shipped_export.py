@@ -1,0 +1,99 @@
+"""The shipped model through its export, over DDS, as a fresh clone runs it: models/nano is
+exported on first use (refvlm_export.cache; once per test session, found again when asked
+again), then one refvlm_node runs backend:=torch and one backend:=onnxruntime on that
+export. The demo's SimWorld questions (a box, a mask, a depth map) give the same TRP answers
+on both, boxes within 1 px, masks IoU >= 0.99, depth within 1e-3 relative.
+
+The export takes minutes on a CPU; with REFVLM_EXPORT_CACHE set, the test uses (and fills)
+that cache instead of a fresh one.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from backend_parity import assert_same_result
+from ros_client import NodeHandle, SpinningClient
+
+pytestmark = [pytest.mark.ros, pytest.mark.slow, pytest.mark.timeout(1800)]
+
+MODEL = Path(__file__).resolve().parents[2] / "models" / "nano"
+NODES = {"nano_torch": "torch", "nano_ort": "onnxruntime"}
+QUESTIONS = ("Locate the red cube.", "Segment the person.", "Please estimate the depth map of the image.")
+W, H = 320, 240
+
+
+@pytest.fixture(scope="module")
+def nano_export(tmp_path_factory):
+    from refvlm_export.cache import CACHE_ENV, cached_export
+
+    if not (MODEL / "config.json").is_file():
+        pytest.skip(f"no shipped model in {MODEL}")
+    cache = Path(os.environ.get(CACHE_ENV) or tmp_path_factory.mktemp("export_cache"))
+    said: list[str] = []
+    folder = cached_export(str(MODEL), cache, say=said.append)
+    again = cached_export(str(MODEL), cache, say=said.append)
+    assert again == folder and "reusing" in said[-1], said  # the second use finds the first export
+    return folder
+
+
+def start_node(name: str, backend: str, export_dir: Path, log: Path) -> subprocess.Popen:
+    command = [sys.executable, "-m", "refvlm_ros.node", "--ros-args", "-r", f"__node:={name}",
+               "-p", f"model_path:={MODEL}", "-p", f"backend:={backend}", "-p", f"export_dir:={export_dir}",
+               "-p", "publish_overlay:=false", "-p", "autostart:=true"]
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
+                                   env=dict(os.environ, OMP_NUM_THREADS="1"))
+    process.log = log
+    return process
+
+
+@pytest.fixture(scope="module")
+def nodes(nano_export, tmp_path_factory):
+    logs = tmp_path_factory.mktemp("nano_nodes")
+    processes = {name: start_node(name, backend, nano_export, logs / f"{name}.log")
+                 for name, backend in NODES.items()}
+    client = SpinningClient("shipped_export_client")
+    handles = {name: NodeHandle(client, name) for name in NODES}
+    try:
+        for name, handle in handles.items():
+            client.wait_for(lambda: processes[name].poll() is not None or handle.diagnostics.get("state") == "active",
+                            300, f"{name} to be active", poll_s=0.5)
+            assert processes[name].poll() is None, processes[name].log.read_text()[-3000:]
+        yield handles
+    finally:
+        client.close()
+        for process in processes.values():
+            process.terminate()
+        for process in processes.values():
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def demo_image():
+    """The demo's scene: the first SimWorld test layout showing a red cube and a person."""
+    from refvlm_ros.demo import pick_layout
+    from refvlm_ros.image_conversions import array_to_image
+    from refvlm_ros.sim_scenes import SimScenes
+
+    scenes = SimScenes("test", pick_layout("test", {"red cube", "person"}, W, H), W, H)
+    return array_to_image(scenes.render(scenes.base_camera)[0], "rgb8")
+
+
+def test_the_exported_nano_node_answers_like_the_torch_node(nodes):
+    ort = nodes["nano_ort"].diagnostics
+    assert ort["backend"] == "onnxruntime" and ort["onnx_provider"] == "CPUExecutionProvider"
+    assert nodes["nano_torch"].diagnostics["backend"] == "torch"
+    image = demo_image()
+    units = set()
+    for prompt in QUESTIONS:
+        reference, candidate = (nodes[name].ask(prompt, image, timeout=180) for name in NODES)
+        assert reference.success and candidate.success, (reference.error, candidate.error)
+        assert_same_result(reference.result, candidate.result)
+        units |= {unit for obj in reference.result.objects for unit in obj.units}
+    assert {"box", "mask", "depth"} <= units, units  # each decoder's output was compared
