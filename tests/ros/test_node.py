@@ -150,6 +150,16 @@ def test_configure_and_activate(client, node_process):
     assert client.state() == "active", node_process.log.read_text()[-2000:]
 
 
+def test_diagnostics_report_the_model_load(client):
+    """Configure's load time and where it went (load_timing phases) are in /diagnostics."""
+    client.wait_for(lambda: "load_s" in client.diagnostics, 10, "the load time in /diagnostics")
+    values = client.diagnostics
+    phases = {k: float(v) for k, v in values.items() if k.startswith("load_") and k != "load_s"}
+    assert {"load_tokenizer_s", "load_vision_towers_s"} <= set(phases), values
+    assert 0 < phases["load_tokenizer_s"] + phases["load_vision_towers_s"] <= float(values["load_s"])
+    assert values["llm_weights"] == "none"  # a preset keeps float weights (quantize is for model_path)
+
+
 def test_query_on_latest_frame_has_header_objects_and_3d(client):
     reply = client.ask("where is the red cube?")
     assert not reply.success and "no camera frame received yet" in reply.error

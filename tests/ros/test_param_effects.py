@@ -39,6 +39,7 @@ PARAM_REGISTRY: dict[str, str | tuple[str, ...]] = {
     "model_path": here("test_model_preset_and_model_path_pick_the_model"),
     "device": here("test_device_is_where_the_model_runs"),
     "backend": f"{BACKENDS}::test_diagnostics_say_which_backend_and_provider_run",
+    "quantize": "tests/ros/test_node_load.py::test_quantize_picks_the_llm_weights",
     "export_dir": (f"{BACKENDS}::test_empty_export_fails_configure_naming_the_command_then_the_export_runs",
                    here("test_export_dir_with_the_torch_backend_says_it_is_unused")),
     # TensorRT only (a GPU): without it no engine is built and configure fails naming the command

@@ -38,7 +38,7 @@ from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_msgs.msg import String
 
-from refvlm_core import trp
+from refvlm_core import load_timing, trp
 from refvlm_core.errors import ConfigError, InputError, RefVLMError
 from refvlm_core.overlay import draw_result
 from refvlm_core.results import Result
@@ -76,7 +76,7 @@ def load_predictor(p: params.NodeParams) -> Any:
     chosen backend (imported here: torch loads on configure)."""
     from refvlm_core.predictor import Predictor  # noqa: PLC0415
     if p.model_path:
-        predictor = Predictor.from_pretrained(p.model_path, device=p.device)
+        predictor = Predictor.from_pretrained(p.model_path, device=p.device, quantize=p.quantize)
     else:
         predictor = Predictor.from_preset(p.model_preset, device=p.device)
     if p.backend != "torch":
@@ -116,6 +116,7 @@ class RefVLMNode(LifecycleNode):
         self.p: params.NodeParams | None = None
         self._predictor: Any = None
         self._backend: dict[str, str] = {}  # what runs the vision parts and why (/diagnostics)
+        self._load: dict[str, str] = {}  # how long configure's model load took, per phase (/diagnostics)
         self._model_lock = threading.Lock()
         self._frames = FrameSlot()
         self._depths = StampedBuffer()
@@ -172,10 +173,7 @@ class RefVLMNode(LifecycleNode):
     def on_configure(self, state: State) -> TransitionCallbackReturn:
         try:
             self.p = params.read(self)
-            t0 = time.perf_counter()
-            self._predictor = self._predictor_factory(self.p)
-            self.get_logger().info(f"model loaded in {time.perf_counter() - t0:.1f} s "
-                                   f"({self.p.model_path or self.p.model_preset}, {self.p.device})")
+            self._predictor, self._load = self._load_model()
             self._backend = backend_status(self._predictor)
             self.get_logger().info("backend: " + ", ".join(f"{k}={v}" for k, v in self._backend.items()))
             limit = getattr(getattr(self._predictor, "config", None), "max_prompt_chars", None)
@@ -193,6 +191,19 @@ class RefVLMNode(LifecycleNode):
         self._standing_prompt = self.p.standing_prompt
         self._create_outputs()
         return TransitionCallbackReturn.SUCCESS
+
+    def _load_model(self) -> tuple[Any, dict[str, str]]:
+        """(predictor, load report for /diagnostics): total seconds, each phase's, weights."""
+        start = time.perf_counter()
+        with load_timing.recording() as phases:
+            predictor = self._predictor_factory(self.p)
+        total = time.perf_counter() - start
+        slowest = sorted(phases.items(), key=lambda item: -item[1])
+        self.get_logger().info(f"model loaded in {total:.1f} s ({self.p.model_path or self.p.model_preset}, "
+                               f"{self.p.device}): " + ", ".join(f"{k} {v:.1f} s" for k, v in slowest))
+        report = {"load_s": f"{total:.2f}", **{f"load_{k}_s": f"{v:.2f}" for k, v in phases.items()},
+                  "llm_weights": str(getattr(predictor, "quantize", "none"))}
+        return predictor, report
 
     def on_activate(self, state: State) -> TransitionCallbackReturn:
         self._create_inputs()
@@ -540,6 +551,7 @@ class RefVLMNode(LifecycleNode):
             "inference_threads": str(sum(t.name == WORKER_NAME for t in threading.enumerate())),
             "rss_mb": f"{rss_mb():.1f}",
             **(self._backend if self._predictor is not None else {}),
+            **(self._load if self._predictor is not None else {}),
         }
         status = DiagnosticStatus(level=DiagnosticStatus.OK, name=f"{self.get_name()}: inference",
                                   hardware_id=self.get_name(), message=values["state"],

@@ -13,6 +13,7 @@ from typing import Any
 from refvlm_core.errors import ConfigError
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt", "auto")
+QUANTIZE = ("auto", "none", "int8")  # refvlm_core.quantize.QUANT_KINDS (not imported: it pulls torch)
 IMAGE_BACKENDS = ("auto", "numpy", "cv_bridge")
 RELIABILITIES = ("best_effort", "reliable")
 IMAGE_TRANSPORTS = ("raw", "compressed")
@@ -37,6 +38,9 @@ class NodeParams:
     export_dir: str = field(default="", metadata=_describe(
         "Folder written by `refvlm export onnx` for the exported backends; empty = "
         "<model_path>/export"))
+    quantize: str = field(default="auto", metadata=_describe(
+        "LLM weights of a model_path model: auto (int8 on a CPU, float on a GPU), none "
+        "(float), int8 (CPU only; the README gives its measured parity with float)"))
     build_engines: bool = field(default=True, metadata=_describe(
         "backend tensorrt (and auto's TensorRT attempt): a missing or stale TensorRT engine "
         "(another GPU, TensorRT version, ONNX file or profile) is built at configure into "
@@ -105,6 +109,8 @@ class NodeParams:
             raise ConfigError("set model_preset (tiny, nano, paper) or model_path")
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend={self.backend!r}: use one of {', '.join(BACKENDS)}")
+        if self.quantize not in QUANTIZE:
+            raise ConfigError(f"quantize={self.quantize!r}: use one of {', '.join(QUANTIZE)}")
         if self.image_backend not in IMAGE_BACKENDS:
             raise ConfigError(f"image_backend={self.image_backend!r}: use one of {', '.join(IMAGE_BACKENDS)}")
         if not 0.0 < self.rate_hz <= 100.0:
