@@ -10,6 +10,8 @@ CPU, float weights on a GPU; ``none``: float weights everywhere.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -55,7 +57,9 @@ def int8_linear(linear: nn.Linear) -> nn.Module:
 
     observer = default_dynamic_qconfig.weight()
     observer(linear.weight)
-    quantized = DynamicLinear(1, 1, dtype=torch.qint8)  # a 1x1 placeholder: cheap to pack
-    quantized.in_features, quantized.out_features = linear.in_features, linear.out_features
-    quantized.set_weight_bias(_quantize_weight(linear.weight.float(), observer), linear.bias)
+    with warnings.catch_warnings():  # torch points eager quantization users to torchao
+        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*are deprecated")
+        quantized = DynamicLinear(1, 1, dtype=torch.qint8)  # a 1x1 placeholder: cheap to pack
+        quantized.in_features, quantized.out_features = linear.in_features, linear.out_features
+        quantized.set_weight_bias(_quantize_weight(linear.weight.float(), observer), linear.bias)
     return quantized
