@@ -13,77 +13,13 @@ long the Predictor load took here; target for the node: <= 10 s on a warm machin
 from __future__ import annotations
 
 import argparse
-import os
-import random
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
-REPO = Path(__file__).resolve().parents[1]
-PROMPT = "where is the red cube?"
-
-
-def sim_image(width: int = 320, height: int = 240):
-    from refvlm_ros.sim_scenes import SimScenes
-
-    scenes = SimScenes("test", 0, width, height)
-    return scenes.render(scenes.base_camera)[0]
-
-
-def start_node(preset: str, model: str, threads: int, env: dict) -> subprocess.Popen:
-    """`refvlm bringup camera` with the preset (or model folder); returns once the node is active."""
-    params = Path(tempfile.mkdtemp(prefix="refvlm-bench-")) / "params.yaml"
-    params.write_text(yaml.safe_dump({"refvlm_node": {"ros__parameters": {
-        "model_preset": preset, "model_path": str(Path(model).resolve()) if model else "", "device": "cpu",
-        "publish_overlay": False}}}))
-    env = dict(env, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")  # same as here
-    process = subprocess.Popen([sys.executable, "-m", "refvlm_cli.main", "bringup", "camera",
-                                "--params", str(params)], cwd=REPO, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in process.stdout:  # the CLI prints "running" once configured and activated
-        if "bringup camera: running" in line:
-            return process
-        if "error" in line.lower():
-            print(line, end="", file=sys.stderr)
-    raise RuntimeError(f"the node process exited with {process.wait()} before it was up")
-
-
-class NodeClient:
-    """Query client of the node process."""
-
-    def __init__(self) -> None:
-        import rclpy
-        from refvlm_interfaces.srv import Query
-
-        rclpy.init()
-        self.node = rclpy.create_node("latency_bench")
-        self.client = self.node.create_client(Query, "/refvlm_node/query")
-        self.request_type = Query.Request
-        if not self.client.wait_for_service(timeout_sec=60.0):
-            raise RuntimeError("/refvlm_node/query did not appear within 60 s")
-
-    def ask(self, image_msg) -> str:
-        import rclpy
-
-        future = self.client.call_async(self.request_type(prompt=PROMPT, use_image=True,
-                                                          image=image_msg))
-        rclpy.spin_until_future_complete(self.node, future, timeout_sec=120.0)
-        response = future.result()
-        if response is None or not response.success:
-            raise RuntimeError(f"query failed: {response and response.error}")
-        self.stages = dict(zip(response.result.stage_names, response.result.stage_seconds))
-        return response.result.trp_text
-
-    def close(self) -> None:
-        import rclpy
-
-        self.node.destroy_node()
-        rclpy.shutdown()
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from node_bench import PROMPT, NodeClient, isolated_env, model_parameters, sim_image, start_node, stop_node  # noqa: E402
 
 
 def timed(call) -> tuple[float, str]:
@@ -101,12 +37,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch/OpenMP threads in both processes (default 1: stable on a "
                              "shared machine)")
     args = parser.parse_args(argv)
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-    env.setdefault("ROS_DOMAIN_ID", str(random.randint(10, 99)))
-    env.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
-    env.setdefault("ROS_LOG_DIR", tempfile.mkdtemp(prefix="refvlm-bench-log-"))
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.update(env)  # before torch and rclpy load here
+    env = isolated_env(args.threads)  # before torch and rclpy load here
 
     import torch
 
@@ -123,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     load_s = time.perf_counter() - start
     image_msg = array_to_image(rgb, "rgb8")
     start = time.perf_counter()
-    process = start_node(args.preset, args.model, threads, env)
+    process = start_node(model_parameters(args.preset, args.model), env)  # same thread count as here
     node_up_s = time.perf_counter() - start
     node_s, direct_s = [], []
     try:
@@ -137,8 +68,7 @@ def main(argv: list[str] | None = None) -> int:
                 direct_s.append(direct_time)
         client.close()
     finally:
-        process.terminate()  # SIGTERM: the bringup shuts down cleanly
-        process.wait(timeout=30)
+        stop_node(process)
 
     node_median, direct_median = statistics.median(node_s), statistics.median(direct_s)
     print(f"{args.model or 'preset ' + args.preset}, 320x240 SimWorld image, {args.runs} runs, "
