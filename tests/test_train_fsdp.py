@@ -21,7 +21,10 @@ from train_helpers import tiny_train_config, write_tiny_train_data
 
 torch.set_num_threads(1)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
-TOLERANCE = 1e-5  # fp32 CPU: sharded and replicated runs differ only in rounding
+# fp32 CPU: sharded and replicated runs differ only in rounding, which AdamW amplifies where a
+# gradient is small against it (measured 1.6e-5, 1.6% of one lr step, on a pixel-decoder conv
+# under a GroupNorm; a wrong gradient would differ by whole steps of ~lr)
+TOLERANCE = 5e-5
 LR = 1e-3
 # Parameters whose gradient is zero in exact arithmetic (conv biases under a GroupNorm, attention
 # key biases under the softmax): AdamW turns their rounding-level gradients into steps of up to
@@ -46,7 +49,7 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "model.safetensors"))
 
 
-def _worst(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+def _worst(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[float, str]:
     """Largest difference over the parameters with a real gradient; the zero-gradient ones
     are checked against the optimizer's step size here."""
     assert set(a) == set(b), sorted(set(a) ^ set(b))[:5]
@@ -54,7 +57,7 @@ def _worst(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     assert len(noise) < 0.1 * len(a), noise  # the pattern names a few biases, not the model
     for k in noise:
         assert float((a[k] - b[k]).abs().max()) < 4 * LR, k  # 4 steps of at most ~lr each
-    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a if k not in noise)
+    return max((float((a[k].float() - b[k].float()).abs().max()), k) for k in a if k not in noise)
 
 
 def _losses(out: Path) -> list[float]:
@@ -82,8 +85,8 @@ def test_two_process_fsdp_equals_one_process(tmp_path, data_dir, single):
     assert run.returncode == 0, run.stderr[-3000:]
 
     one, two = _weights(single.model_dir), _weights(tmp_path / "fsdp" / "model")
-    worst = _worst(one, two)
-    assert worst < TOLERANCE, worst
+    worst, where = _worst(one, two)
+    assert worst < TOLERANCE, (worst, where)
     assert _losses(tmp_path / "fsdp") == pytest.approx(_losses(single.out), rel=TOLERANCE)
 
     # The gathered folder loads as a plain model with exactly the saved tensors.
@@ -119,7 +122,8 @@ def test_fsdp_sigkill_then_resume_ends_on_the_same_weights(tmp_path, data_dir, s
                              text=True, timeout=150)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert _losses(tmp_path / "kill") == pytest.approx(_losses(single.out), rel=TOLERANCE)
-    assert _worst(_weights(single.model_dir), _weights(tmp_path / "kill" / "model")) < TOLERANCE
+    worst, where = _worst(_weights(single.model_dir), _weights(tmp_path / "kill" / "model"))
+    assert worst < TOLERANCE, (worst, where)
 
 
 def test_fsdp_with_lora_is_refused(tmp_path, data_dir):
