@@ -3,8 +3,8 @@
     folder = cached_export("models/nano", cache_dir)   # exports once, then finds it again
 
 The folder is ``<cache_dir>/<model name>-<key>``. The key hashes what the export is made
-from: the model config as this code reads it and, for a saved model, its weight files (a
-preset's weights are the seeded random init of its config). A changed model has another key and is
+from: the model config as this code reads it and, for a saved model, the content of its
+weight files (a preset's weights are the seeded random init of its config). A changed model has another key and is
 exported again; an unchanged one is found again without loading it. An export is written
 to a temporary folder and renamed into place when complete, so an interrupted export is
 never taken for a finished one. The node still checks the manifest against the model it
@@ -13,11 +13,14 @@ loads (refvlm_export.runtime.check_export).
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
 from pathlib import Path
 from typing import Callable
+
+import torch
 
 from refvlm_core.errors import ConfigError
 from refvlm_export.onnx_export import (FORMAT_VERSION, MANIFEST, config_hash, export_model, file_sha256,
@@ -54,8 +57,25 @@ def model_key(model_arg: str) -> tuple[str, str]:
                           "(with config.json)")
     digest.update(f"config {config_hash(load_config(folder))}\n".encode())
     for path in sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES):
-        digest.update(f"{path.name} {file_sha256(path)}\n".encode())
+        digest.update(f"{path.name} {weights_digest(path)}\n".encode())
     return folder.resolve().name, digest.hexdigest()[:16]
+
+
+def weights_digest(path: Path) -> str:
+    """sha256 of a weight file's content: for safetensors, its metadata and every tensor by name
+    (the same tensors saved twice can be laid out differently); other files byte for byte."""
+    if path.suffix != ".safetensors":
+        return file_sha256(path)
+    from safetensors import safe_open
+
+    digest = hashlib.sha256()
+    with safe_open(str(path), "pt") as weights:
+        digest.update(json.dumps(weights.metadata() or {}, sort_keys=True).encode())
+        for name in sorted(weights.keys()):
+            tensor = weights.get_tensor(name).contiguous()
+            digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
 
 
 def cached_export(model_arg: str, cache_dir: str | Path | None = None,
