@@ -3,11 +3,13 @@ the ConvNeXt pyramid, the projector and every unit decoder from one export folde
 LLM stays in torch; the ViT token pooling (``config.llm_image_pool``) stays in torch too
 (RefVLM.image_tokens), so the graphs are the same whatever the pool.
 
-``select_runtime(kind, model, export_dir, device, model_arg)`` is what the node calls:
-``torch``, ``onnxruntime``, ``tensorrt`` or ``auto`` (tensorrt, else ONNX Runtime CUDA,
-else ONNX Runtime CPU, else torch), and returns the reason for its choice. An export
-that is missing or stale (another config, other weights) is refused with the command
-that rebuilds it; ``auto`` logs that and moves on.
+``select_runtime(kind, model, export_dir, device, model_arg, build_engines)`` is what the
+node calls: ``torch``, ``onnxruntime``, ``tensorrt`` or ``auto`` (tensorrt, else ONNX
+Runtime CUDA, else ONNX Runtime CPU, else torch), and returns the reason for its choice.
+An export that is missing or stale (another config, other weights) is refused with the
+command that rebuilds it; so is a missing or stale TensorRT engine (another GPU, TensorRT,
+ONNX file or profile) unless ``build_engines``, which builds it into ``<export>/engines``
+for the node's profile (``ProfileConfig.for_node``). ``auto`` logs each refusal and moves on.
 """
 from __future__ import annotations
 
