@@ -43,14 +43,17 @@ def sim_image(width: int = 320, height: int = 240):
 
 def start_node(parameters: dict, env: dict) -> subprocess.Popen:
     """`refvlm bringup camera` with these refvlm_node parameters (cpu, no overlay unless they
-    say otherwise); returns once the node is configured and active."""
+    say otherwise); returns once the node is configured and active, with what it printed
+    until then in ``process.startup_log`` (lines)."""
     params = Path(tempfile.mkdtemp(prefix="refvlm-bench-")) / "params.yaml"
     params.write_text(yaml.safe_dump({"refvlm_node": {"ros__parameters": {
         "device": "cpu", "publish_overlay": False, **parameters}}}))
     process = subprocess.Popen([sys.executable, "-m", "refvlm_cli.main", "bringup", "camera",
                                 "--params", str(params)], cwd=REPO, env=dict(env, PYTHONUNBUFFERED="1"),
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process.startup_log = []
     for line in process.stdout:  # the CLI prints "running" once configured and activated
+        process.startup_log.append(line.rstrip("\n"))
         if "bringup camera: running" in line:
             return process
         if "error" in line.lower():

@@ -74,7 +74,8 @@ class GoalCanceled(Exception):
 def load_predictor(p: params.NodeParams) -> Any:
     """The Predictor named by the parameters, its encoders, projector and decoders on the
     chosen backend (imported here: torch loads on configure)."""
-    from refvlm_core.predictor import Predictor  # noqa: PLC0415
+    with load_timing.phase("import_torch_and_core"):  # the node imports torch only here
+        from refvlm_core.predictor import Predictor  # noqa: PLC0415
     if p.model_path:
         predictor = Predictor.from_pretrained(p.model_path, device=p.device, quantize=p.quantize)
     else:
