@@ -163,3 +163,20 @@ def test_int8_keeps_the_shipped_models_answers():
                     assert np.abs(x.box_xyxy - y.box_xyxy).max() < 0.05 * max(item.sample.image.shape)
                 if x.depth is not None:
                     assert np.nanmean(np.abs(x.depth - y.depth) / np.maximum(x.depth, 1e-3)) < 0.1
+
+
+def test_eval_quantize_flag_picks_the_llm_weights(pair, tmp_path, capsys):
+    import json
+
+    from refvlm_cli.main import main
+    from refvlm_core.checkpoint import save_model
+
+    float_, _ = pair
+    save_model(float_.model, tmp_path / "model")
+    weights = {}
+    for flag in ("auto", "none"):
+        out = tmp_path / f"{flag}.json"
+        assert main(["eval", "--task", "depth", "--model", str(tmp_path / "model"), "--data", "simworld:test:2",
+                     "--limit", "1", "--quantize", flag, "--out", str(out)]) == 0
+        weights[flag] = json.loads(out.read_text())["llm_weights"]
+    assert weights == {"auto": "int8", "none": "none"}

@@ -27,6 +27,9 @@ def register_eval(subparsers: argparse._SubParsersAction) -> None:
                         help="JSON report (default: eval-<task>.json in the current folder)")
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="evaluate at most N samples")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--quantize", choices=("auto", "none", "int8"), default="auto",
+                        help="LLM weights of a checkpoint folder: auto (int8 on a CPU, as deployed), "
+                        "none (float), int8")
     parser.set_defaults(func=_run_eval)
 
 
@@ -38,9 +41,9 @@ def _run_eval(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise InputError(f"--limit must be at least 1, got {args.limit}")
     samples = load_samples(args.data)
-    predictor = load_predictor(args.model, args.device)
+    predictor = load_predictor(args.model, args.device, args.quantize)
     report = evaluate(predictor, samples, task, limit=args.limit)
-    report.meta = {"model": args.model, "data": args.data}
+    report.meta = {"model": args.model, "data": args.data, "llm_weights": getattr(predictor, "quantize", "none")}
     print(report.table())
     path = report.write_json(args.out or f"eval-{task}.json")
     print(f"report: {path}")

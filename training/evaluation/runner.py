@@ -365,8 +365,9 @@ def evaluate(predictor, samples: Iterable[Sample], task: str, limit: int | None 
 
 # ---------------------------------------------------------------- inputs
 
-def load_predictor(model: str, device: str = "cpu"):
-    """A preset name ("tiny", "nano": built as configured) or a checkpoint folder."""
+def load_predictor(model: str, device: str = "cpu", quantize: str = "auto"):
+    """A preset name ("tiny", "nano": built as configured) or a checkpoint folder, its LLM
+    weights as ``quantize`` says (refvlm_core.quantize; auto: int8 on a CPU)."""
     from refvlm_core.config import PRESET_NAMES
     from refvlm_core.predictor import Predictor
 
@@ -375,7 +376,7 @@ def load_predictor(model: str, device: str = "cpu"):
     if not Path(model).is_dir():
         raise InputError(f"--model {model!r} is neither a preset ({', '.join(PRESET_NAMES)}) "
                          "nor a checkpoint folder (config.json + model.safetensors)")
-    return Predictor.from_pretrained(model, device)
+    return Predictor.from_pretrained(model, device, quantize=quantize)
 
 
 def load_samples(data: str) -> Iterable[Sample]:
