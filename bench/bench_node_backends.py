@@ -1,15 +1,17 @@
 """The node's query latency per backend, side by side, with its encoder and decoder stages.
 
     python bench/bench_node_backends.py [--preset tiny | --model models/nano] [--runs 5]
-        [--backends torch,onnxruntime] [--export DIR] [--prompt TEXT]
+        [--backends torch,onnxruntime] [--export DIR] [--prompt TEXT] [--quantize auto|none|int8]
 
 Takes the model's export from the export cache (refvlm_export.cache; exported on first
-use) unless --export names one, then for each backend starts the node (`refvlm bringup
-camera`, backend and export_dir set) and times ~/query round trips with the same SimWorld
-image, one backend after the other. Prints the round-trip median and the node's own stage
-medians (encode = encoders + projector + aggregation, prefill and decode = the LLM, which
-is torch on every backend, decoders = router + unit decoders), each backend's ratio to the
-first one, and whether every backend produced the same TRP text (same work).
+use) unless --export names one, then starts one node per backend (`refvlm bringup camera`
+in a namespace per backend, backend and export_dir set), all at once, and times ~/query
+round trips with the same SimWorld image, asking the backends in turn (the order reversed
+every other round) so that each sees the same machine load. Prints the round-trip median
+and the node's own stage medians (encode = encoders + projector + aggregation, prefill and
+decode = the LLM, which is torch on every backend, decoders = router + unit decoders),
+each backend's ratio to the first one, and whether every backend produced the same TRP
+text (same work).
 """
 from __future__ import annotations
 
@@ -27,23 +29,32 @@ STAGES = ("encode", "prefill", "decode", "decoders")
 COLUMNS = ("round_trip", *STAGES)
 
 
-def measure(parameters: dict, image_msg, prompt: str, runs: int, env: dict) -> dict:
-    """{"round_trip": [s], stage: [s], "text": last TRP} over ``runs`` queries after one warm-up."""
-    process = start_node(parameters, env)
-    samples: dict = {column: [] for column in COLUMNS}
+def measure(backends: list[str], parameters: dict, export_dir: str, image_msg, prompt: str, runs: int,
+            env: dict) -> dict:
+    """backend -> {"round_trip": [s], stage: [s], "text": last TRP}: one node per backend (each
+    in its own namespace), all up at once, asked in turn (the order reversed every other
+    round, so each backend sees the same machine load) ``runs`` times after a warm-up each."""
+    processes, clients = {}, {}
     try:
-        client = NodeClient()
+        for backend in backends:
+            processes[backend] = start_node({**parameters, "backend": backend, "export_dir": export_dir}, env,
+                                            namespace=backend)
+            clients[backend] = NodeClient(f"/{backend}/refvlm_node/query")
+        samples = {b: {column: [] for column in COLUMNS} for b in backends}
         for run in range(runs + 1):
-            start = time.perf_counter()
-            samples["text"] = client.ask(image_msg, prompt)
-            if run:  # the first query warms up
-                samples["round_trip"].append(time.perf_counter() - start)
-                for stage in STAGES:
-                    samples[stage].append(client.stages.get(stage, float("nan")))
-        client.close()
+            for backend in (backends if run % 2 else backends[::-1]):
+                start = time.perf_counter()
+                samples[backend]["text"] = clients[backend].ask(image_msg, prompt)
+                if run:  # the first round warms up
+                    samples[backend]["round_trip"].append(time.perf_counter() - start)
+                    for stage in STAGES:
+                        samples[backend][stage].append(clients[backend].stages.get(stage, float("nan")))
+        return samples
     finally:
-        stop_node(process)
-    return samples
+        for client in clients.values():
+            client.close()
+        for process in processes.values():
+            stop_node(process)
 
 
 def export_folder(model_arg: str, given: str) -> str:
@@ -82,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--export", default="", help="an export folder (default: the export cache's)")
     parser.add_argument("--prompt", default=PROMPT)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--quantize", default="auto", choices=("auto", "none", "int8"),
+                        help="the node's LLM weights, the same for every backend (default auto: int8 on a CPU)")
     args = parser.parse_args(argv)
     env = isolated_env(args.threads)  # before torch and rclpy load here
 
@@ -90,11 +103,11 @@ def main(argv: list[str] | None = None) -> int:
     model_arg = str(Path(args.model).resolve()) if args.model else args.preset
     export_dir = export_folder(model_arg, args.export)
     image_msg = array_to_image(sim_image(), "rgb8")
-    results = {backend: measure({**model_parameters(args.preset, args.model), "backend": backend,
-                                 "export_dir": export_dir}, image_msg, args.prompt, args.runs, env)
-               for backend in args.backends.split(",")}
+    parameters = {**model_parameters(args.preset, args.model), "quantize": args.quantize}
+    results = measure(args.backends.split(","), parameters, export_dir, image_msg, args.prompt, args.runs, env)
     report(results, f"{args.model or 'preset ' + args.preset}, 320x240 SimWorld image, {args.prompt!r}, "
-                    f"{args.runs} runs, {args.threads} thread(s), medians in ms")
+                    f"LLM weights quantize={args.quantize}, {args.runs} runs, {args.threads} thread(s), "
+                    "medians in ms")
     return 0
 
 

@@ -9,6 +9,7 @@ import random
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import yaml
@@ -41,20 +42,22 @@ def sim_image(width: int = 320, height: int = 240):
     return scenes.render(scenes.base_camera)[0]
 
 
-def start_node(parameters: dict, env: dict) -> subprocess.Popen:
+def start_node(parameters: dict, env: dict, namespace: str = "") -> subprocess.Popen:
     """`refvlm bringup camera` with these refvlm_node parameters (cpu, no overlay unless they
-    say otherwise); returns once the node is configured and active, with what it printed
-    until then in ``process.startup_log`` (lines)."""
+    say otherwise), in ``namespace`` when given; returns once the node is configured and
+    active, with what it printed until then in ``process.startup_log`` (lines)."""
     params = Path(tempfile.mkdtemp(prefix="refvlm-bench-")) / "params.yaml"
-    params.write_text(yaml.safe_dump({"refvlm_node": {"ros__parameters": {
+    params.write_text(yaml.safe_dump({"/**/refvlm_node": {"ros__parameters": {
         "device": "cpu", "publish_overlay": False, **parameters}}}))
-    process = subprocess.Popen([sys.executable, "-m", "refvlm_cli.main", "bringup", "camera",
+    arguments = [f"namespace:={namespace}"] if namespace else []
+    process = subprocess.Popen([sys.executable, "-m", "refvlm_cli.main", "bringup", "camera", *arguments,
                                 "--params", str(params)], cwd=REPO, env=dict(env, PYTHONUNBUFFERED="1"),
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     process.startup_log = []
     for line in process.stdout:  # the CLI prints "running" once configured and activated
         process.startup_log.append(line.rstrip("\n"))
         if "bringup camera: running" in line:
+            threading.Thread(target=process.stdout.read, daemon=True).start()  # a full pipe would block it
             return process
         if "error" in line.lower():
             print(line, end="", file=sys.stderr)
@@ -67,25 +70,30 @@ def stop_node(process: subprocess.Popen) -> None:
 
 
 class NodeClient:
-    """Query client of the node process; ``stages`` are the node's timings of the last answer."""
+    """Query client of a node process (its own rclpy context, so several can run side by side);
+    ``stages`` are the node's timings of the last answer."""
 
-    def __init__(self) -> None:
+    def __init__(self, service: str = "/refvlm_node/query") -> None:
         import rclpy
+        from rclpy.executors import SingleThreadedExecutor
         from refvlm_interfaces.srv import Query
 
-        rclpy.init()
-        self.node = rclpy.create_node("node_bench")
-        self.client = self.node.create_client(Query, "/refvlm_node/query")
+        self.context = rclpy.Context()
+        rclpy.init(context=self.context)
+        self.node = rclpy.create_node("node_bench", context=self.context)
+        self.executor = SingleThreadedExecutor(context=self.context)
+        self.executor.add_node(self.node)
+        self.client = self.node.create_client(Query, service)
         self.request_type = Query.Request
         self.stages: dict[str, float] = {}
         if not self.client.wait_for_service(timeout_sec=60.0):
-            raise RuntimeError("/refvlm_node/query did not appear within 60 s")
+            raise RuntimeError(f"{service} did not appear within 60 s")
 
     def ask(self, image_msg, prompt: str = PROMPT) -> str:
         import rclpy
 
         future = self.client.call_async(self.request_type(prompt=prompt, use_image=True, image=image_msg))
-        rclpy.spin_until_future_complete(self.node, future, timeout_sec=120.0)
+        rclpy.spin_until_future_complete(self.node, future, executor=self.executor, timeout_sec=120.0)
         response = future.result()
         if response is None or not response.success:
             raise RuntimeError(f"query failed: {response and response.error}")
@@ -93,7 +101,6 @@ class NodeClient:
         return response.result.trp_text
 
     def close(self) -> None:
-        import rclpy
-
+        self.executor.shutdown()
         self.node.destroy_node()
-        rclpy.shutdown()
+        self.context.try_shutdown()
