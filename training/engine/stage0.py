@@ -287,12 +287,12 @@ def save_towers(encoder, heads: nn.Module, folder: Path) -> Path:
     plus the heads, each written atomically."""
     from safetensors.torch import save_file
 
-    from refvlm_core.checkpoint import _atomic_write
+    from refvlm_core.atomic import atomic_write
 
     folder.mkdir(parents=True, exist_ok=True)
     for name, module in (("vit", encoder.vit), ("convnext", encoder.convnext), ("dense_heads", heads)):
         tensors = {k: v.detach().contiguous().clone() for k, v in module.state_dict().items()}
-        _atomic_write(folder / f"{name}.safetensors", lambda tmp, t=tensors: save_file(t, tmp))
+        atomic_write(folder / f"{name}.safetensors", lambda tmp, t=tensors: save_file(t, tmp))
     (folder / "vision.json").write_text(json.dumps({"vit_weights": "vit.safetensors",
                                                     "convnext_weights": "convnext.safetensors"}, indent=2))
     return folder
