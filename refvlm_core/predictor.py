@@ -66,10 +66,11 @@ class Predictor:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str = "cpu", merge_lora: bool = True,
-                        quantize: str = "auto") -> "Predictor":
+                        quantize: str = "none") -> "Predictor":
         """``merge_lora``: LoRA folded into the base weights at load (same answers, faster).
-        ``quantize``: LLM weights (refvlm_core.quantize): "auto" (int8 on a CPU, float on a
-        GPU), "int8" or "none". ``load_s`` and ``load_phases`` say where the load went."""
+        ``quantize``: LLM weights (refvlm_core.quantize): "none" (float), "int8" (CPU) or
+        "auto" (int8 on a CPU, float on a GPU). ``load_s`` and ``load_phases`` say where the
+        load went."""
         from refvlm_core.checkpoint import load_model
         from refvlm_core.quantize import quantize_llm, resolve
 

@@ -5,8 +5,9 @@ weights are faster tokens. ``int8``: torch's dynamic quantization of every ``nn.
 of the LLM (int8 weights per tensor, activations quantised per call, fbgemm kernels on
 x86 and qnnpack on ARM); it ships with torch itself, so nothing more is installed on the
 robot. The embedding stays float (a lookup reads one row per token). LoRA must be merged
-first (Predictor.from_pretrained does it). ``auto`` (the loaders' default): int8 on a
-CPU, float weights on a GPU; ``none``: float weights everywhere.
+first (Predictor.from_pretrained does it). ``none`` (the loaders' default): float
+weights; ``auto``: int8 on a CPU, float weights on a GPU. Not the default because on the
+node's short questions int8 answers differ too often (the README gives the parity).
 """
 from __future__ import annotations
 

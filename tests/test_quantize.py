@@ -1,8 +1,8 @@
 """Int8 LLM weights (refvlm_core.quantize) on the tiny preset: the LLM's linear layers
 become int8 (exactly torch's quantize_dynamic layers), the <REF> states stay close to
 float ones, forced answers decode alike, constrained answers still parse; LoRA must be
-merged first; ``auto`` (the default) is int8 on a CPU. On the shipped nano model int8
-keeps the TRP structure of evaluation answers."""
+merged first; the default keeps float weights, ``auto`` is int8 on a CPU. On the shipped
+nano model int8 keeps the TRP structure of evaluation answers."""
 from __future__ import annotations
 
 import copy
@@ -121,7 +121,7 @@ def test_same_layers_as_torch_quantize_dynamic(pair):
     assert torch.equal(reference.causal_lm(ids).logits, int8.model.llm.causal_lm(ids).logits)
 
 
-def test_auto_is_int8_on_cpu_and_none_keeps_float(pair, tmp_path):
+def test_default_keeps_float_and_auto_is_int8_on_cpu(pair, tmp_path):
     from refvlm_core.checkpoint import save_model
     from refvlm_core.predictor import Predictor
     from refvlm_core.quantize import resolve
@@ -129,11 +129,11 @@ def test_auto_is_int8_on_cpu_and_none_keeps_float(pair, tmp_path):
     assert resolve("auto", "cpu") == "int8" and resolve("auto", "cuda") == "none" and resolve("none", "cpu") == "none"
     float_, _ = pair
     save_model(float_.model, tmp_path / "model")
-    default, plain = Predictor.from_pretrained(tmp_path / "model"), Predictor.from_pretrained(tmp_path / "model", quantize="none")
-    assert default.quantize == "int8" and "quantized" in type(default.model.llm.causal_lm.lm_head).__module__
-    assert plain.quantize == "none" and type(plain.model.llm.causal_lm.lm_head) is torch.nn.Linear
-    assert "quantize" in default.load_phases and default.load_s >= sum(
-        v for k, v in default.load_phases.items() if k in ("read_weights", "quantize"))
+    auto, default = Predictor.from_pretrained(tmp_path / "model", quantize="auto"), Predictor.from_pretrained(tmp_path / "model")
+    assert auto.quantize == "int8" and "quantized" in type(auto.model.llm.causal_lm.lm_head).__module__
+    assert default.quantize == "none" and type(default.model.llm.causal_lm.lm_head) is torch.nn.Linear
+    assert "quantize" in auto.load_phases and auto.load_s >= sum(
+        v for k, v in auto.load_phases.items() if k in ("read_weights", "quantize"))
 
 
 SHIPPED = Path(__file__).resolve().parents[1] / "models" / "nano"

@@ -27,9 +27,9 @@ def register_eval(subparsers: argparse._SubParsersAction) -> None:
                         help="JSON report (default: eval-<task>.json in the current folder)")
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="evaluate at most N samples")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    parser.add_argument("--quantize", choices=("auto", "none", "int8"), default="auto",
-                        help="LLM weights of a checkpoint folder: auto (int8 on a CPU, as deployed), "
-                        "none (float), int8")
+    parser.add_argument("--quantize", choices=("auto", "none", "int8"), default="none",
+                        help="LLM weights of a checkpoint folder: none (default: float), int8, "
+                        "auto (int8 on a CPU)")
     parser.set_defaults(func=_run_eval)
 
 

@@ -365,9 +365,9 @@ def evaluate(predictor, samples: Iterable[Sample], task: str, limit: int | None 
 
 # ---------------------------------------------------------------- inputs
 
-def load_predictor(model: str, device: str = "cpu", quantize: str = "auto"):
+def load_predictor(model: str, device: str = "cpu", quantize: str = "none"):
     """A preset name ("tiny", "nano": built as configured) or a checkpoint folder, its LLM
-    weights as ``quantize`` says (refvlm_core.quantize; auto: int8 on a CPU)."""
+    weights as ``quantize`` says (refvlm_core.quantize)."""
     from refvlm_core.config import PRESET_NAMES
     from refvlm_core.predictor import Predictor
 
