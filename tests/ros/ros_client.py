@@ -11,9 +11,21 @@ parameters) that the test files share.
 """
 from __future__ import annotations
 
+import os
+import subprocess
 import threading
 import time
+from pathlib import Path
 from typing import Any, Callable
+
+
+def spawn_node(command: list[str], log: Path) -> subprocess.Popen:
+    """A node process on one torch thread, its output in ``log`` (kept as ``process.log``)."""
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
+                                   env=dict(os.environ, OMP_NUM_THREADS="1"))
+    process.log = log
+    return process
 
 
 class SpinningClient:

@@ -9,7 +9,6 @@ backend and ONNX Runtime provider run; without a GPU, backend:=tensorrt fails co
 so and backend:=auto runs ONNX Runtime CPU with TensorRT's refusal as its reason."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 from backend_parity import assert_same_result
-from ros_client import NodeHandle, SpinningClient
+from ros_client import NodeHandle, SpinningClient, spawn_node
 
 from tests.export_helpers import tiny_export
 
@@ -40,11 +39,7 @@ def start_node(name: str, backend: str, log: Path, extra: list[str]) -> subproce
     script = Path(__file__).with_name("_node_process.py")
     command = [sys.executable, str(script), "--answer", ANSWER, "--ros-args", "-r", f"__node:={name}",
                "-p", "model_preset:=tiny", "-p", f"backend:={backend}", *extra]
-    with open(log, "w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
-                                   env=dict(os.environ, OMP_NUM_THREADS="1"))
-    process.log = log
-    return process
+    return spawn_node(command, log)
 
 
 @pytest.fixture(scope="module")

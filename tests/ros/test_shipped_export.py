@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from backend_parity import assert_same_result
-from ros_client import NodeHandle, SpinningClient
+from ros_client import NodeHandle, SpinningClient, spawn_node
 
 pytestmark = [pytest.mark.ros, pytest.mark.slow, pytest.mark.timeout(1800)]
 
@@ -45,14 +45,10 @@ def start_node(name: str, backend: str, export_dir: Path, log: Path) -> subproce
     command = [sys.executable, "-m", "refvlm_ros.node", "--ros-args", "-r", f"__node:={name}",
                "-p", f"model_path:={MODEL}", "-p", f"backend:={backend}", "-p", f"export_dir:={export_dir}",
                "-p", "publish_overlay:=false", "-p", "autostart:=true",
-               # float LLM weights: the backends differ in the vision parts only; with the int8
-               # default some of these questions get an empty answer, on either backend
+               # float LLM weights (the default, pinned): the backends differ in the vision parts
+               # only, and int8 weights empty some of these short answers on either backend
                "-p", "quantize:=none"]
-    with open(log, "w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
-                                   env=dict(os.environ, OMP_NUM_THREADS="1"))
-    process.log = log
-    return process
+    return spawn_node(command, log)
 
 
 @pytest.fixture(scope="module")
