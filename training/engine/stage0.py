@@ -212,7 +212,7 @@ def pretrain_towers(cfg, resume: bool = False, progress: bool = True):
     from refvlm_training.engine.optim import build_optimizer, build_scheduler
     from refvlm_training.engine.stages import _with_overrides
     from refvlm_training.engine.trainer import (METRICS_FILE, TrainResult, _MetricsLogger, _progress,
-                                                _truncate_metrics)
+                                                _truncate_metrics, to_device)
 
     if cfg.model.preset is None:
         raise ConfigError("stage 0 builds the towers from model.preset (+ overrides); set model.preset")
@@ -221,7 +221,8 @@ def pretrain_towers(cfg, resume: bool = False, progress: bool = True):
     vision = _with_overrides(preset(cfg.model.preset), cfg.model.overrides).vision
     encoder = DualImageEncoder(vision).set_trainable(True)
     heads = DenseHeads(encoder.pyramid_channels, encoder.vit_width, vp.head_dim)
-    model = nn.ModuleDict({"encoder": encoder, "heads": heads}).train()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = nn.ModuleDict({"encoder": encoder, "heads": heads}).to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.steps)
@@ -231,7 +232,7 @@ def pretrain_towers(cfg, resume: bool = False, progress: bool = True):
     if resume:
         state = ckpt.load_checkpoint(path)
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        optimizer.load_state_dict(state["optimizer"])  # moments follow the parameters' device
         scheduler.load_state_dict(state["scheduler"])
         step = int(state["step"])
         _truncate_metrics(out / METRICS_FILE, step)
@@ -240,7 +241,7 @@ def pretrain_towers(cfg, resume: bool = False, progress: bool = True):
     start = time.perf_counter()
     try:
         while step < cfg.steps:
-            targets = next(loader)
+            targets = to_device(next(loader), device)
             pixel, tokens = heads(encoder(targets.image))
             losses = dense_losses(pixel, tokens, targets)
             weights = vp.loss_weights
@@ -291,7 +292,7 @@ def save_towers(encoder, heads: nn.Module, folder: Path) -> Path:
 
     folder.mkdir(parents=True, exist_ok=True)
     for name, module in (("vit", encoder.vit), ("convnext", encoder.convnext), ("dense_heads", heads)):
-        tensors = {k: v.detach().contiguous().clone() for k, v in module.state_dict().items()}
+        tensors = {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
         atomic_write(folder / f"{name}.safetensors", lambda tmp, t=tensors: save_file(t, tmp))
     (folder / "vision.json").write_text(json.dumps({"vit_weights": "vit.safetensors",
                                                     "convnext_weights": "convnext.safetensors"}, indent=2))
