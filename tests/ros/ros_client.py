@@ -28,6 +28,18 @@ def spawn_node(command: list[str], log: Path) -> subprocess.Popen:
     return process
 
 
+def stop_nodes(processes, timeout_s: float = 20.0) -> None:
+    """Terminate node processes (all first, so they shut down together), killing any that
+    has not exited within ``timeout_s``."""
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
 class SpinningClient:
     """A client node spun by a multi-threaded executor in a background thread; keeps the
     latest /diagnostics values of every node by hardware id."""

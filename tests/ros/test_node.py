@@ -5,8 +5,6 @@ run in file order on one node: lifecycle up, queries, malformed input, standing 
 the action, load at 15 Hz, lifecycle down and up again."""
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 import threading
 import time
@@ -14,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from ros_client import NodeHandle, SpinningClient
+from ros_client import NodeHandle, SpinningClient, spawn_node, stop_nodes
 
 pytestmark = [pytest.mark.ros, pytest.mark.timeout(120)]
 
@@ -113,16 +111,9 @@ def node_process(tmp_path_factory):
     command = [sys.executable, str(script), "--answer", ANSWER, "--delay", str(DELAY_S),
                "--ros-args", "-p", "model_preset:=tiny", "-p", "rate_hz:=20.0",
                "-p", "sync_tolerance_s:=0.05"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    with open(log, "w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
-    process.log = log
+    process = spawn_node(command, log)
     yield process
-    process.terminate()
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
+    stop_nodes([process])
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 from backend_parity import assert_same_result
-from ros_client import NodeHandle, SpinningClient, spawn_node
+from ros_client import NodeHandle, SpinningClient, spawn_node, stop_nodes
 
 from tests.export_helpers import tiny_export
 
@@ -52,13 +52,7 @@ def node_processes(tmp_path_factory, export_dir):
         "refvlm_ort": start_node("refvlm_ort", "onnxruntime", logs / "ort.log", ["-p", f"export_dir:={empty}"]),
     }
     yield processes
-    for process in processes.values():
-        process.terminate()
-    for process in processes.values():
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
+    stop_nodes(processes.values())
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from backend_parity import assert_same_result
-from ros_client import NodeHandle, SpinningClient, spawn_node
+from ros_client import NodeHandle, SpinningClient, spawn_node, stop_nodes
 
 pytestmark = [pytest.mark.ros, pytest.mark.slow, pytest.mark.timeout(1800)]
 
@@ -66,13 +66,7 @@ def nodes(nano_export, tmp_path_factory):
         yield handles
     finally:
         client.close()
-        for process in processes.values():
-            process.terminate()
-        for process in processes.values():
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop_nodes(processes.values(), timeout_s=30)
 
 
 def demo_image():
