@@ -70,7 +70,6 @@ class Processor:
         self.tokenizer = tokenizer
         self.num_image_tokens = int(num_image_tokens)
         self.decoders = decoders  # unit -> its decoder, which encodes that unit's targets
-        self.units = tuple(decoders)
         if tokenizer.chat_template is None:
             tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
         self.image_id = tokenizer.convert_tokens_to_ids(trp.IMAGE)
@@ -207,8 +206,8 @@ class Processor:
         frame = TargetFrame(sample, letterbox)
         ref_units: list[tuple[str, ...]] = []
         ref_groups: list[int] = []
-        group_ids: dict[str, list[int]] = {unit: [] for unit in self.units}
-        parts: dict[str, list[np.ndarray]] = {unit: [] for unit in self.units}
+        group_ids: dict[str, list[int]] = {unit: [] for unit in self.decoders}
+        parts: dict[str, list[np.ndarray]] = {unit: [] for unit in self.decoders}
         block_index = 0
         for turn in sample.turns:
             if turn.role != "assistant":
@@ -258,6 +257,6 @@ class Processor:
             "region_counts": [len(item.region_masks) for item in items],
             "ref_units": [item.ref_units for item in items],
             "ref_groups": [item.ref_groups for item in items],
-            "targets": {unit: [item.targets[unit] for item in items] for unit in self.units},
+            "targets": {unit: [item.targets[unit] for item in items] for unit in self.decoders},
         }
 

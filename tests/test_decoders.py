@@ -212,6 +212,15 @@ def test_registry_errors_and_replacement(point_unit):
         build_decoder("box", LLM_DIM, CHANNELS, loss_weights={"box_l2": 1.0}, **SMALL["box"])
 
 
+def test_kind_picks_the_implementation_of_a_unit():
+    from refvlm_core.decoders.box import BoxDecoder, DetrBoxDecoder
+
+    assert type(build_decoder("box", LLM_DIM, CHANNELS, **SMALL["box"])) is BoxDecoder
+    assert type(build_decoder("box", LLM_DIM, CHANNELS, kind="detr", **SMALL["box"])) is DetrBoxDecoder
+    with pytest.raises(ConfigError, match="no decoder of kind 'sam2'.*'default', 'detr', 'grounding_dino'"):
+        build_decoder("box", LLM_DIM, CHANNELS, kind="sam2")
+
+
 # ---- ONNX (dynamo exporter, dynamic B and L) ---------------------------------------
 
 class _Positional(torch.nn.Module):

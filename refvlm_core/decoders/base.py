@@ -159,10 +159,6 @@ def registered_units() -> tuple[str, ...]:
     return tuple(_REGISTRY)
 
 
-def decoder_kinds(unit: str) -> tuple[str, ...]:
-    return tuple(_REGISTRY.get(unit, ()))
-
-
 def decoder_class(unit: str, kind: str = DEFAULT_KIND) -> type[UnitDecoder]:
     if unit not in _REGISTRY:
         raise ConfigError(f"no decoder registered for unit '{unit}': registered units are "
