@@ -1,12 +1,14 @@
 """Dual image encoder: CLIP-ViT tokens from a chosen layer + CLIP-ConvNeXt pyramid.
 
 Both towers are built by open_clip (``pretrained=None``: never downloads) or, for the
-small presets, from tower configs given in code (the ViT then in plain torch, vit.py, and
-open_clip is not imported); weights come from local files named in
-the config. They start frozen (``requires_grad=False``, eval mode, no autograd graph), as
-in the paper where the CLIP towers never train. ``set_trainable(True)`` unfreezes them
-(stage 0 pretraining, or a run that fine-tunes them): then they follow ``train()`` /
-``eval()`` and their forward builds a graph, so an optimizer step moves their weights.
+small presets, from tower configs given in code: then both are built in plain torch (the
+ViT by vit.py, the ConvNeXt by convnext.py, with the module names and seeded weights of
+open_clip and timm), and neither open_clip nor timm is imported. Weights come from local
+files named in the config. They start frozen (``requires_grad=False``, eval mode, no
+autograd graph), as in the paper where the CLIP towers never train.
+``set_trainable(True)`` unfreezes them (stage 0 pretraining, or a run that fine-tunes
+them): then they follow ``train()`` / ``eval()`` and their forward builds a graph, so an
+optimizer step moves their weights.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from refvlm_core import torchvision_compat, vit
+from refvlm_core import convnext, torchvision_compat, vit
 from refvlm_core.config import VisionConfig
 from refvlm_core.errors import CheckpointError, ConfigError
 from refvlm_core.features import ImageFeatures
@@ -40,7 +42,11 @@ def build_vit(cfg: VisionConfig) -> nn.Module:
 
 
 def build_convnext(cfg: VisionConfig) -> nn.Module:
-    """A timm ConvNeXt trunk (stem + 4 stages), from open_clip's config or ``cfg.convnext_custom``."""
+    """A ConvNeXt trunk (stem + 4 stages) of ``cfg.convnext_custom`` (plain fields:
+    refvlm_core.convnext, no timm import; other timm kwargs: timm's ConvNeXt) or of
+    open_clip's config."""
+    if cfg.convnext_custom is not None and convnext.is_plain(cfg.convnext_custom):
+        return convnext.build(cfg.convnext_custom)
     if cfg.convnext_custom is not None:
         with phase("import_timm"):
             from timm.models.convnext import ConvNeXt
