@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--export", default="", help="an export folder (default: the export cache's)")
     parser.add_argument("--prompt", default=PROMPT)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--quantize", default="none", choices=("auto", "none", "int8"),
+    parser.add_argument("--quantize", default="auto", choices=("auto", "none", "int8"),
                         help="the node's LLM weights, the same for every backend (default none, as the node's)")
     args = parser.parse_args(argv)
     env = isolated_env(args.threads)  # before torch and rclpy load here

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--model", default="", help="a model folder (e.g. models/nano) instead of the preset")
-    parser.add_argument("--quantize", default="none", choices=("auto", "none", "int8"),
+    parser.add_argument("--quantize", default="auto", choices=("auto", "none", "int8"),
                         help="LLM weights of --model (default none: float, the node's default)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch/OpenMP threads in both processes (default 1: stable on a "

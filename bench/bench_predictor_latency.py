@@ -10,8 +10,9 @@ them alike. Variants, each adding one change to the one before:
     +grammar     TRP-constrained decoding, one forward pass per token
     +jump        jump-forward: forced tokens (and the </Unit>[0]<REF> draft) in one pass
     +prefix      the prompt's constant start (chat template, system prompt) prefilled once:
-                 the Predictor's default path (float LLM weights, quantize="none")
-    +int8        int8 LLM weights (refvlm_core.quantize, quantize="int8" or "auto" on a CPU)
+                 the Predictor's float path (quantize="none")
+    +int8        int8 LLM weights (refvlm_core.quantize): what the node and `refvlm infer`
+                 run on a CPU by default (quantize="auto")
 
 and ``generate``: plain transformers ``generate`` of the same (merged) LLM on the same
 prompt, as many tokens, greedy. ``--answers model`` (default) lets the model answer;
@@ -201,7 +202,7 @@ def print_table(summary, generate_ms: float, items, rows) -> None:
     print(f" generate | {generate_ms:12.2f} ms/token (transformers generate, merged LLM, same prompt)")
     for variant in ("+jump", "+prefix", "+int8"):
         best = summary[variant]
-        label = {"+prefix": " (the default path)", "+int8": " (opt-in int8)"}.get(variant, "")
+        label = {"+prefix": " (float: quantize none)", "+int8": " (the node's default on a CPU)"}.get(variant, "")
         print(f"{variant}{label} vs today: {base['total ms'] / best['total ms']:.2f}x faster end to end, "
               f"{best['passes/token']:.2f} forward passes per token, {best['ms/token'] / generate_ms:.2f}x "
               f"generate's time per token")

@@ -1,10 +1,13 @@
 """Int8 LLM weights against float ones on evaluation prompts: TRP structure, units and metrics.
 
     python tools/int8_parity.py [--model models/nano] [--per-task 25] [--data simworld:test:120:11]
+                                [--node-layouts 10]
 
 Runs the float and the int8 Predictor of one model folder on the same evaluation items
 (each task's fixed evaluation prompt, as ``refvlm eval`` asks), alternating item by item,
-and prints per task: the share of answers with the same TRP structure (the unit blocks in
+and on the node's kind of question (the demo's short questions and a depth request under
+the model's default system prompt, on the first ``--node-layouts`` scenes), and prints per
+task: the share of answers with the same TRP structure (the unit blocks in
 order, each with its units and its number of <REF>s, and whether the text parses), the
 share with the same text, and each metric of both. Writes the comparison as JSON
 (``--out``). Parity holds at >= 98% same structure and a drop of at most 1 point (0.01)
@@ -65,6 +68,20 @@ def compare_task(task: str, samples, predictors, per_task: int) -> dict:
     }
 
 
+NODE_QUESTIONS = ("Locate the red cube.", "Segment the person.", "Estimate the pose of the person.",
+                  "Please estimate the depth map of the image.")  # refvlm_ros.demo's, and depth
+
+
+def compare_node_questions(samples, predictors, layouts: int) -> dict:
+    images = list({sample.image.tobytes(): sample.image for sample in samples}.values())[:layouts]
+    rows = [{name: predictor.predict(image, question).trp_text for name, predictor in predictors.items()}
+            | {"prompt": question} for image in images for question in NODE_QUESTIONS]
+    same = [structure(row["float"]) == structure(row["int8"]) for row in rows]
+    return {"items": len(rows), "same_structure": sum(same) / max(len(rows), 1),
+            "same_text": sum(row["float"] == row["int8"] for row in rows) / max(len(rows), 1),
+            "different": [row for row, ok in zip(rows, same) if not ok]}
+
+
 def main() -> None:
     from refvlm_core.predictor import Predictor
     from refvlm_training.evaluation.runner import load_samples
@@ -74,6 +91,7 @@ def main() -> None:
     parser.add_argument("--per-task", type=int, default=25)
     parser.add_argument("--data", default="simworld:test:120:11", help="shard folder or simworld:SPLIT:N[:SEED]")
     parser.add_argument("--tasks", default=",".join(TASKS))
+    parser.add_argument("--node-layouts", type=int, default=10, help="scenes asked the node's questions")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="int8-parity.json")
     args = parser.parse_args()
@@ -97,8 +115,12 @@ def main() -> None:
     print(f"all: {total} prompts, same TRP structure {same:.1%} (parity needs >= 98%), worst drop of a "
           f"fraction metric {worst * 100:.2f} points (parity needs <= 1); "
           + "".join(f"{k} {d:+.1%} relative; " for k, d in relative.items()) + f"{time.perf_counter() - start:.0f} s")
+    node = compare_node_questions(samples, predictors, args.node_layouts)
+    print(f"node questions: {node['items']} ({len(NODE_QUESTIONS)} on {args.node_layouts} scenes), same TRP "
+          f"structure {node['same_structure']:.1%}, same text {node['same_text']:.1%}", flush=True)
     Path(args.out).write_text(json.dumps({"model": args.model, "data": args.data, "tasks": report,
-                                          "same_structure": same, "worst_drop": worst}, indent=1))
+                                          "same_structure": same, "worst_drop": worst, "node_questions": node},
+                                         indent=1))
 
 
 if __name__ == "__main__":
