@@ -10,7 +10,9 @@ weights (the fingerprint a checkpoint checks) is cached in the same folder
 """
 from __future__ import annotations
 
+
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -79,20 +81,26 @@ def base_cache_file(cfg: ModelConfig, name: str) -> Path | None:
 
 def load_tokenizer(cfg: ModelConfig):
     """The base tokenizer (no TRP tokens yet), from a local dir or the GGUF (cached)."""
-    from transformers import AutoTokenizer
-
     if cfg.llm.kind == "hf" or (cfg.llm.kind == "llama-random" and cfg.llm.tokenizer_path):
         source = cfg.llm.tokenizer_path or cfg.llm.path
         if source is None or not Path(source).expanduser().exists():
             raise ConfigError(f"tokenizer folder {source!r} does not exist: set llm.tokenizer_path "
                               "or llm.path to a local Hugging Face folder")
+        from transformers import AutoTokenizer
+
         return AutoTokenizer.from_pretrained(str(Path(source).expanduser()))
     cached = _gguf_cache_dir(cfg, "tokenizer")
     if not (cached / "tokenizer.json").is_file():
+        from transformers import AutoTokenizer
+
         gguf = gguf_file(cfg)
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         _atomic_save_folder(tokenizer.save_pretrained, cached)
-    return AutoTokenizer.from_pretrained(str(cached))
+    # The cache holds a tokenizers-library tokenizer: its class directly skips AutoTokenizer's
+    # class resolution, which imports transformers' model registry (~0.7 s of a start-up).
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast.from_pretrained(str(cached))
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -108,7 +116,7 @@ def load_causal_lm(cfg: ModelConfig, vocab_size: int | None = None) -> nn.Module
     On the meta device (``with torch.device('meta')``) only ``llm.arch`` is used.
     """
     with phase("import_transformers"):  # the first import of its model code: seconds
-        from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+        from transformers import LlamaConfig, LlamaForCausalLM
 
     dtype = torch_dtype(cfg.llm.dtype)
     on_meta = torch.empty(0).device.type == "meta"
@@ -120,17 +128,23 @@ def load_causal_lm(cfg: ModelConfig, vocab_size: int | None = None) -> nn.Module
             arch["vocab_size"] = vocab_size
         return LlamaForCausalLM(LlamaConfig(**arch)).to(dtype)
     if cfg.llm.kind == "gguf":
+        from transformers import AutoModelForCausalLM
+
         cached = _gguf_cache_dir(cfg, "model")
         if not (cached / "config.json").is_file():
             gguf = gguf_file(cfg)
             causal_lm = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
                                                              dtype=torch.float32)
             _atomic_save_folder(lambda folder: _save_dequantised(causal_lm, folder), cached)
+        # A Llama (SmolLM2) by its class: AutoModelForCausalLM's registry costs ~0.5 s to import.
+        llama = json.loads((cached / "config.json").read_text()).get("model_type") == "llama"
         with phase("base_llm_weights"):
-            return AutoModelForCausalLM.from_pretrained(str(cached), dtype=dtype)
+            return (LlamaForCausalLM if llama else AutoModelForCausalLM).from_pretrained(str(cached), dtype=dtype)
     if cfg.llm.path is None or not Path(cfg.llm.path).expanduser().is_dir():
         raise ConfigError(f"llm.path = {cfg.llm.path!r} is not a folder: set it to the local "
                           "Hugging Face model folder")
+    from transformers import AutoModelForCausalLM
+
     return AutoModelForCausalLM.from_pretrained(str(Path(cfg.llm.path).expanduser()), dtype=dtype)
 
 
