@@ -72,14 +72,15 @@ class Predictor:
         "auto" (int8 on a CPU, float on a GPU). ``load_s`` and ``load_phases`` say where the
         load went."""
         from refvlm_core.checkpoint import load_model
-        from refvlm_core.quantize import quantize_llm, resolve
+        from refvlm_core.quantize import cache_file, quantize_llm, resolve
 
         kind = resolve(quantize, device)
         start = time.perf_counter()
         with recording() as phases:
             predictor = cls(load_model(path, merge_lora=merge_lora or kind != "none"), device)
             with phase("quantize"):
-                quantize_llm(predictor.model.llm, kind)
+                cache = cache_file(predictor.config, path) if kind == "int8" else None
+                quantize_llm(predictor.model.llm, kind, cache)
         predictor.load_s, predictor.load_phases = time.perf_counter() - start, phases
         predictor.quantize = kind
         return predictor

@@ -18,18 +18,28 @@ levels of each row's own range are finer than 127 levels of the whole tensor's (
 largest weight sits in a few rows).
 
 ``none``: float weights; ``auto``: int8 on a CPU, float weights on a GPU.
+
+Quantising costs about a second of a load; the quantised weights are kept in a cache
+file (``cache_file``: the loaders put it beside the dequantised base LLM, keyed by the
+model's files), so later loads only pack them for the kernels.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import warnings
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from refvlm_core.atomic import atomic_write
 from refvlm_core.errors import ConfigError
 
 QUANT_KINDS = ("auto", "none", "int8")
 WEIGHT_LEVEL = 64  # |quantised weight| <= this: no int16 saturation with 8-bit activations
+CACHE_FORMAT = f"int8-per-channel-{WEIGHT_LEVEL}-v1"  # in cache keys: a new scheme misses old files
+KEPT_CACHE_FILES = 4  # quantised models kept beside a base; older ones are removed
 
 
 def resolve(kind: str, device: str | torch.device) -> str:
@@ -41,9 +51,11 @@ def resolve(kind: str, device: str | torch.device) -> str:
     return kind
 
 
-def quantize_llm(llm, kind: str) -> None:
+def quantize_llm(llm, kind: str, cache_file: str | Path | None = None) -> None:
     """Replace the linear layers of ``llm.causal_lm`` (a RefLLM's) by Int8Linear ones, in
-    place (``auto``: when the LLM is on a CPU)."""
+    place (``auto``: when the LLM is on a CPU). ``cache_file``: the quantised weights of
+    exactly this LLM (the caller keys the name by what the weights come from): read when
+    it holds every layer, else written."""
     kind = resolve(kind, next(llm.parameters()).device)
     if kind == "none":
         return
@@ -52,10 +64,67 @@ def quantize_llm(llm, kind: str) -> None:
     if any(p.device.type != "cpu" for p in llm.parameters()):
         raise ConfigError("int8 quantization runs on CPU only: keep float weights on a GPU")
     modules = dict(llm.causal_lm.named_modules())
-    for name, module in list(modules.items()):
-        if type(module) is nn.Linear:
-            parent, _, attr = name.rpartition(".")
-            setattr(modules[parent] if parent else llm.causal_lm, attr, Int8Linear(module))
+    linears = {name: module for name, module in modules.items() if type(module) is nn.Linear}
+    weights = _read_cache(cache_file, linears) if cache_file else None
+    if weights is None:
+        weights = {name: quantize_weight(linear.weight) for name, linear in linears.items()}
+        if cache_file:
+            _write_cache(Path(cache_file), weights)
+    for name, linear in linears.items():
+        parent, _, attr = name.rpartition(".")
+        setattr(modules[parent] if parent else llm.causal_lm, attr, Int8Linear(linear, weights[name]))
+
+
+def cache_file(cfg, model_folder: str | Path) -> Path | None:
+    """Where the int8 weights of the model saved in ``model_folder`` are cached: beside its
+    dequantised base LLM (GGUF bases only; None for others), named by the model's config
+    and weights files and CACHE_FORMAT, so a retrained model or a new scheme misses."""
+    from refvlm_core.base_llm import base_cache_file
+    from refvlm_core.checkpoint import CONFIG_FILE, WEIGHTS_FILE
+
+    digest = hashlib.sha256(CACHE_FORMAT.encode())
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        digest.update((Path(model_folder) / name).read_bytes())
+    return base_cache_file(cfg, f"int8-{digest.hexdigest()[:32]}.safetensors")
+
+
+def _read_cache(path: str | Path, linears: dict[str, nn.Linear]) -> dict[str, torch.Tensor] | None:
+    """The cached quantised weights, or None when the file is missing, unreadable or holds
+    other layers (then it is rewritten)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(path))
+    except (FileNotFoundError, SafetensorError, OSError, ValueError):
+        return None
+    weights = {}
+    for name, linear in linears.items():
+        values, scales = tensors.get(f"{name}.int8"), tensors.get(f"{name}.scale")
+        if values is None or scales is None or values.shape != linear.weight.shape or values.dtype != torch.int8:
+            return None
+        with _quantized_tensor_api():
+            weights[name] = torch._make_per_channel_quantized_tensor(
+                values, scales, torch.zeros(len(scales), dtype=torch.long), 0)
+    Path(path).touch()  # recently used: kept when older files are removed
+    return weights
+
+
+def _write_cache(path: Path, weights: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for name, weight in weights.items():
+        tensors[f"{name}.int8"] = weight.int_repr().contiguous()
+        tensors[f"{name}.scale"] = weight.q_per_channel_scales().contiguous()
+    try:
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": CACHE_FORMAT}))
+    except OSError as error:  # a read-only or full cache only costs the next load a second
+        warnings.warn(f"could not cache the int8 weights in {path} ({error}); the next load quantises again")
+        return
+    older = sorted(path.parent.glob("int8-*.safetensors"), key=lambda f: f.stat().st_mtime, reverse=True)
+    for stale in older[KEPT_CACHE_FILES:]:
+        stale.unlink(missing_ok=True)
 
 
 def quantize_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -63,20 +132,30 @@ def quantize_weight(weight: torch.Tensor) -> torch.Tensor:
     weight = weight.detach().float()
     scales = (weight.abs().amax(dim=1) / WEIGHT_LEVEL).clamp_min(1e-12).double()
     zero_points = torch.zeros(weight.shape[0], dtype=torch.long)
-    with warnings.catch_warnings():  # torch points eager quantization users to torchao
-        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*are deprecated")
+    with _quantized_tensor_api():
         return torch.quantize_per_channel(weight, scales, zero_points, 0, torch.qint8)
+
+
+@contextlib.contextmanager
+def _quantized_tensor_api():
+    """torch warns that eager quantized tensors are deprecated (pointing to torchao): the
+    kernels this module uses are still torch's own."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*are deprecated")
+        yield
 
 
 class Int8Linear(nn.Module):
     """An ``nn.Linear`` for inference with int8 weights (quantize_weight) and activations
     quantised to 8 bits per call (per tensor, from their min and max)."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, weight: torch.Tensor | None = None):
+        """``weight``: ``quantize_weight(linear.weight)`` when already made (a cache)."""
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         bias = None if linear.bias is None else linear.bias.detach().float()
-        self._packed = torch.ops.quantized.linear_prepack(quantize_weight(linear.weight), bias)
+        weight = quantize_weight(linear.weight) if weight is None else weight
+        self._packed = torch.ops.quantized.linear_prepack(weight, bias)
 
     def weight(self) -> torch.Tensor:
         """The quantised weight, [out, in] qint8."""

@@ -201,3 +201,55 @@ def test_eval_quantize_flag_picks_the_llm_weights(pair, tmp_path, capsys):
                      "--limit", "1", "--quantize", flag, "--out", str(out)]) == 0
         weights[flag] = json.loads(out.read_text())["llm_weights"]
     assert weights == {"auto": "int8", "none": "none"}
+
+
+def test_cache_gives_the_same_layers_and_survives_corruption(pair, tmp_path):
+    """The quantised weights are written on the first load and read on the next (the same
+    packed layers, so the same logits); a corrupt or foreign cache file is rewritten."""
+    from refvlm_core.quantize import quantize_llm
+
+    float_, int8 = pair
+    ids = torch.tensor([[5, 6, 7, int8.model.llm.ref_id]])
+    expected = int8.model.llm.causal_lm(ids).logits
+    cache = tmp_path / "int8-model.safetensors"
+    for state in ("missing", "written", "corrupt", "foreign"):
+        if state == "corrupt":
+            cache.write_bytes(b"not safetensors")
+        if state == "foreign":
+            from safetensors.torch import save_file
+
+            save_file({"model.layers.0.mlp.up_proj.int8": torch.zeros(2, 2, dtype=torch.int8)}, str(cache))
+        llm = copy.deepcopy(float_.model.llm)
+        quantize_llm(llm, "int8", cache)
+        assert torch.equal(llm.causal_lm(ids).logits, expected), state
+        assert cache.stat().st_size > 1000, state  # a complete cache again
+
+
+def test_cache_file_follows_the_model_and_is_bounded(tmp_path, monkeypatch):
+    """The cache is named by the model's config and weights: another model (one byte of
+    its weights changed) gets another file; beside one base at most KEPT_CACHE_FILES stay."""
+    import shutil
+
+    from refvlm_core.checkpoint import load_config
+    from refvlm_core.quantize import KEPT_CACHE_FILES, _write_cache, cache_file, quantize_weight
+
+    if not (SHIPPED / "model.safetensors").is_file():
+        pytest.skip("models/nano is not shipped here")
+    monkeypatch.setenv("REFVLM_CACHE_DIR", str(tmp_path / "cache"))
+    config = load_config(SHIPPED)
+    config.cache_dir = None
+    other = tmp_path / "other"
+    shutil.copytree(SHIPPED, other)
+    with open(other / "model.safetensors", "r+b") as handle:
+        handle.seek(-1, 2)
+        last = handle.read(1)
+        handle.seek(-1, 2)
+        handle.write(bytes([last[0] ^ 1]))
+    first, second = cache_file(config, SHIPPED), cache_file(config, other)
+    assert first != second and first.parent == second.parent and str(first).startswith(str(tmp_path / "cache"))
+    assert cache_file(config, SHIPPED) == first
+    weights = {"layer": quantize_weight(torch.randn(4, 8))}
+    for index in range(KEPT_CACHE_FILES + 2):
+        _write_cache(first.parent / f"int8-{index}.safetensors", weights)
+    kept = sorted(f.name for f in first.parent.glob("int8-*.safetensors"))
+    assert len(kept) == KEPT_CACHE_FILES and f"int8-{KEPT_CACHE_FILES + 1}.safetensors" in kept
