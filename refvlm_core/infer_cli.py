@@ -33,7 +33,7 @@ def register(subparsers) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=None)
     parser.add_argument("--quantize", choices=("auto", "none", "int8"), default="auto",
                         help="LLM weights with --model: auto (default: int8 on a CPU, float on a GPU), "
-                        "int8 (CPU: ~1.8x faster answers, not bit-identical; the README gives its "
+                        "int8 (CPU: ~1.9x faster answers, not bit-identical; the README gives its "
                         "parity), none (float)")
     parser.add_argument("--unconstrained", action="store_true",
                         help="decode without the TRP grammar (the raw model's text)")

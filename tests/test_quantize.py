@@ -93,11 +93,15 @@ def test_infer_cli_int8(pair, tmp_path, capsys):
     save_model(float_.model, tmp_path / "model")
     image_path = tmp_path / "in.png"
     cv2.imwrite(str(image_path), mixed_samples()[0].image[..., ::-1])
-    assert main(["infer", str(image_path), "Find the cup.", "--model", str(tmp_path / "model"),
-                 "--quantize", "int8", "--json", "--max-new-tokens", "12"]) == 0
-    payload = json.loads(capsys.readouterr().out)
-    assert trp.parse(payload["trp_text"], units=list(float_.model.decoders)).ok
-    assert payload["diagnostics"]["constrained"] is True and payload["diagnostics"]["load_s"] > 0
+    weights = {}
+    for flags in (["--quantize", "int8"], [], ["--quantize", "none"]):
+        assert main(["infer", str(image_path), "Find the cup.", "--model", str(tmp_path / "model"),
+                     *flags, "--json", "--max-new-tokens", "12"]) == 0
+        payload = json.loads(capsys.readouterr().out)
+        assert trp.parse(payload["trp_text"], units=list(float_.model.decoders)).ok
+        assert payload["diagnostics"]["constrained"] is True and payload["diagnostics"]["load_s"] > 0
+        weights[" ".join(flags)] = payload["diagnostics"]["quantize"]
+    assert weights == {"--quantize int8": "int8", "": "int8", "--quantize none": "none"}  # default auto: int8 on a CPU
 
 
 def _pack(weight: torch.Tensor, level: int):
