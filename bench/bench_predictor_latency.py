@@ -5,7 +5,8 @@ per item and variant, the variants interleaved item by item so that machine nois
 them alike. Variants, each adding one change to the one before:
 
     today        LoRA adapters unmerged, free decoding, every decoder runs
-    +merged      LoRA folded into the base weights at load
+    +merged      LoRA folded into the base weights at load, and the Predictor's own Llama
+                 (refvlm_core.llama) for a GGUF base instead of transformers'
     +named       only the decoders the answer names run
     +grammar     TRP-constrained decoding, one forward pass per token
     +jump        jump-forward: forced tokens (and the </Unit>[0]<REF> draft) in one pass
@@ -14,8 +15,8 @@ them alike. Variants, each adding one change to the one before:
     +int8        int8 LLM weights (refvlm_core.quantize): what the node and `refvlm infer`
                  run on a CPU by default (quantize="auto")
 
-and ``generate``: plain transformers ``generate`` of the same (merged) LLM on the same
-prompt, as many tokens, greedy. ``--answers model`` (default) lets the model answer;
+and ``generate``: plain transformers ``generate`` of the same merged LLM (transformers'
+Llama) on the same prompt, as many tokens, greedy. ``--answers model`` (default) lets the model answer;
 ``--answers reference`` forces each item's reference answer through the logits hook (for
 an untrained model: every variant then writes the same typical TRP answer).
 
@@ -61,15 +62,18 @@ class EveryDecoder:
 
 
 def load_predictors(name: str):
-    """(unmerged, merged, int8) Predictors: a checkpoint folder loaded each way, or a preset
-    with random LoRA adapters (r=16 on every linear layer, as the nano recipe trains)."""
+    """(unmerged, merged, int8, generate's) Predictors: a checkpoint folder loaded each way
+    (generate's: merged, with transformers' Llama), or a preset with random LoRA adapters
+    (r=16 on every linear layer, as the nano recipe trains)."""
+    from refvlm_core.checkpoint import load_model
     from refvlm_core.config import PRESET_NAMES
     from refvlm_core.predictor import Predictor
     from refvlm_core.quantize import quantize_llm
 
     if name not in PRESET_NAMES:
         return (Predictor.from_pretrained(name, merge_lora=False, quantize="none"),
-                Predictor.from_pretrained(name, quantize="none"), Predictor.from_pretrained(name, quantize="int8"))
+                Predictor.from_pretrained(name, quantize="none"), Predictor.from_pretrained(name, quantize="int8"),
+                Predictor(load_model(name, merge_lora=True)))
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
@@ -85,7 +89,7 @@ def load_predictors(name: str):
     merged.model.llm.lm = merged.model.llm.lm.merge_and_unload()
     int8 = Predictor(copy.deepcopy(merged.model))
     quantize_llm(int8.model.llm, "int8")
-    return predictor, merged, int8
+    return predictor, merged, int8, merged
 
 
 def eval_items(count: int):
@@ -109,7 +113,7 @@ def forced(tokenizer, text: str):
 
 
 def run_variant(variant: str, predictors, item, answers: str):
-    unmerged, merged, int8 = predictors
+    unmerged, merged, int8, _ = predictors
     predictor = {"today": unmerged, "+int8": int8}.get(variant, merged)
     PREFIX_CACHES.setdefault(id(predictor), predictor.prefix_cache)
     predictor.prefix_cache = PREFIX_CACHES[id(predictor)] if variant in ("+prefix", "+int8") else None
@@ -185,7 +189,7 @@ def main() -> None:
     for item in items:
         for variant in VARIANTS:
             rows[variant].append(run_variant(variant, predictors, item, args.answers))
-        generate_ms.append(plain_generate_ms(predictors[1], item, max(rows["+jump"][-1].diagnostics["tokens"], 2)))
+        generate_ms.append(plain_generate_ms(predictors[3], item, max(rows["+jump"][-1].diagnostics["tokens"], 2)))
     print_table(summarise(rows), statistics.mean(generate_ms), items, rows)
 
 

@@ -110,16 +110,25 @@ def torch_dtype(name: str) -> torch.dtype:
     return dtype
 
 
-def load_causal_lm(cfg: ModelConfig, vocab_size: int | None = None) -> nn.Module:
+def load_causal_lm(cfg: ModelConfig, vocab_size: int | None = None, inference: bool = False) -> nn.Module:
     """The base causal LM: random Llama, dequantised GGUF (cached) or a local HF folder.
 
     On the meta device (``with torch.device('meta')``) only ``llm.arch`` is used.
+    ``inference``: a GGUF base whose config refvlm_core.llama implements is built by it
+    (answering only: no training), without importing transformers' model code.
     """
+    dtype = torch_dtype(cfg.llm.dtype)
+    on_meta = torch.empty(0).device.type == "meta"
+    if inference and cfg.llm.kind == "gguf" and not on_meta:
+        from refvlm_core import llama
+
+        cached = _gguf_cache_dir(cfg, "model")
+        if (cached / "config.json").is_file() and llama.is_plain(json.loads((cached / "config.json").read_text())):
+            with phase("base_llm_weights"):
+                return llama.load(cached, dtype)
     with phase("import_transformers"):  # the first import of its model code: seconds
         from transformers import LlamaConfig, LlamaForCausalLM
 
-    dtype = torch_dtype(cfg.llm.dtype)
-    on_meta = torch.empty(0).device.type == "meta"
     if cfg.llm.kind == "llama-random" or on_meta:
         if not cfg.llm.arch:
             raise ConfigError("building the LLM from its architecture needs llm.arch")

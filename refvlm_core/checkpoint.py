@@ -171,11 +171,13 @@ def _read_weights(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
         raise CheckpointError(f"{path} is corrupt or not safetensors ({error}): re-save or re-copy it") from error
 
 
-def load_model(folder: str | os.PathLike, merge_lora: bool = False):
+def load_model(folder: str | os.PathLike, merge_lora: bool = False, inference: bool = False):
     """Rebuild the model from config.json and load model.safetensors over it (any mode).
 
     ``merge_lora``: fold LoRA adapters into the base weights once (for inference: unmerged
-    adapters cost ~1.3x per token); the file keeps them unmerged.
+    adapters cost ~1.3x per token); the file keeps them unmerged. ``inference`` (with
+    ``merge_lora``): the model only answers, so its LLM may be refvlm_core.llama's instead
+    of transformers' (seconds less to load; LoRA options only peft merges keep transformers').
     """
     from refvlm_core.model import RefVLM
 
@@ -184,7 +186,9 @@ def load_model(folder: str | os.PathLike, merge_lora: bool = False):
     with phase("read_weights"):
         metadata, tensors = _read_weights(path)
     _check_finite(tensors, path)
-    model = RefVLM.from_config(config)
+    lora_config = json.loads(metadata["lora_config"]) if "lora_config" in metadata else None
+    inference = inference and merge_lora and (lora_config is None or foldable(lora_config))
+    model = RefVLM.from_config(config, inference)
     _check_shapes(model, tensors, path)
     mode = saved_mode(metadata)
     if mode == "over_base":
@@ -269,11 +273,16 @@ def _check_base(model, metadata: dict[str, str], path: Path) -> None:
 _PEFT_ONLY = ("use_dora", "use_rslora", "rank_pattern", "alpha_pattern", "fan_in_fan_out", "modules_to_save")
 
 
+def foldable(config: dict) -> bool:
+    """Whether fold_lora merges adapters of this LoRA config (the rest is left to peft)."""
+    return not any(config.get(key) for key in _PEFT_ONLY) and config.get("bias", "none") == "none"
+
+
 def fold_lora(model, config: dict, tensors: dict[str, torch.Tensor], path: Path) -> bool:
     """W += (B @ A) * alpha / r for every adapted linear layer, as peft's merge computes it,
     without importing peft or wrapping the model (~1.5 s of a load). False, with nothing
     changed, for options left to peft (DoRA, rsLoRA, per-module ranks, ...)."""
-    if any(config.get(key) for key in _PEFT_ONLY) or config.get("bias", "none") != "none":
+    if not foldable(config):
         return False
     modules = dict(model.llm.causal_lm.named_modules())
     pairs: dict[str, dict[str, torch.Tensor]] = {}

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from refvlm_core import trp
+from refvlm_core import llama, trp
 from refvlm_core.base_llm import load_causal_lm, load_tokenizer
 from refvlm_core.config import ModelConfig
 from refvlm_core.constrained import TrpDecodingState, TrpGrammar, constrain
@@ -100,7 +100,8 @@ class RefLLM(nn.Module):
             self.token_ids = {t: tokenizer.convert_tokens_to_ids(t) for t in trp.SPECIAL_TOKENS}
 
     @classmethod
-    def from_config(cls, cfg: ModelConfig) -> "RefLLM":
+    def from_config(cls, cfg: ModelConfig, inference: bool = False) -> "RefLLM":
+        """``inference``: the base LLM may be refvlm_core.llama's (answering only)."""
         on_meta = torch.empty(0).device.type == "meta"
         if on_meta:  # architecture only: vocab grows by the TRP tokens
             vocab = int(cfg.llm.arch.get("vocab_size", 32000)) + len(trp.SPECIAL_TOKENS)
@@ -114,7 +115,7 @@ class RefLLM(nn.Module):
             causal_lm.config.bos_token_id = tokenizer.bos_token_id
             causal_lm.config.eos_token_id = tokenizer.eos_token_id
         else:
-            causal_lm = load_causal_lm(cfg)
+            causal_lm = load_causal_lm(cfg, inference=inference)
             with phase("trp_token_rows"):
                 add_token_rows(causal_lm, len(tokenizer))
         return cls(causal_lm, tokenizer)
@@ -125,6 +126,14 @@ class RefLLM(nn.Module):
         """The transformers causal LM, also when ``lm`` is a peft LoRA wrapper around it."""
         get_base = getattr(self.lm, "get_base_model", None)
         return get_base() if callable(get_base) else self.lm
+
+    def new_cache(self):
+        """An empty key/value cache of the kind the causal LM extends."""
+        if isinstance(self.causal_lm, llama.LlamaForCausalLM):
+            return llama.KVCache()
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.lm.config)
 
     @property
     def backbone(self) -> nn.Module:
@@ -225,8 +234,6 @@ class RefLLM(nn.Module):
         ``prefix`` (with the prompt's ``input_ids`` [1, T]): reuse the keys and values of the
         prompt's constant start (prefix_cache.py); ``Generation.prefix_reused`` says how many.
         """
-        from transformers import DynamicCache
-
         if inputs_embeds.shape[0] != 1:
             raise ValueError("generate decodes one sequence at a time")
         backbone, embed = self.backbone, self.causal_lm.get_input_embeddings()
@@ -234,9 +241,9 @@ class RefLLM(nn.Module):
         state = grammar.start() if grammar is not None else None
         start = time.perf_counter()
         if prefix is not None and input_ids is not None:
-            cache, reused = prefix.start(input_ids, self.lm.config)
+            cache, reused = prefix.start(input_ids, self.new_cache)
         else:
-            cache, reused = DynamicCache(config=self.lm.config), 0
+            cache, reused = self.new_cache(), 0
         hidden = backbone(inputs_embeds=inputs_embeds[:, reused:], past_key_values=cache,
                           use_cache=True).last_hidden_state
         if prefix is not None and input_ids is not None:

@@ -43,12 +43,13 @@ class RefVLM(nn.Module):
                           if llm.tokenizer is not None else None)
 
     @classmethod
-    def from_config(cls, config: ModelConfig) -> "RefVLM":
-        """Build every part; on the meta device (``with torch.device('meta')``) nothing is loaded."""
+    def from_config(cls, config: ModelConfig, inference: bool = False) -> "RefVLM":
+        """Build every part; on the meta device (``with torch.device('meta')``) nothing is loaded.
+        ``inference``: for answering only (RefLLM.from_config)."""
         config.validate()
         if torch.empty(0).device.type != "meta":
             config.check_paths()
-        return cls(config, DualImageEncoder(config.vision), RefLLM.from_config(config))
+        return cls(config, DualImageEncoder(config.vision), RefLLM.from_config(config, inference))
 
     # ---- features ---------------------------------------------------------------------
     def encode_images(self, images: torch.Tensor) -> ImageFeatures:

@@ -77,7 +77,8 @@ class Predictor:
         kind = resolve(quantize, device)
         start = time.perf_counter()
         with recording() as phases:
-            predictor = cls(load_model(path, merge_lora=merge_lora or kind != "none"), device)
+            merge = merge_lora or kind != "none"
+            predictor = cls(load_model(path, merge_lora=merge, inference=merge), device)
             with phase("quantize"):
                 cache = cache_file(predictor.config, path) if kind == "int8" else None
                 quantize_llm(predictor.model.llm, kind, cache)

@@ -9,6 +9,7 @@ one model in inference: weights that change make it stale (``clear()``).
 from __future__ import annotations
 
 import copy
+from typing import Callable
 
 import torch
 
@@ -17,7 +18,7 @@ class PromptPrefixCache:
     def __init__(self, multimodal_ids: tuple[int, ...]):
         self.multimodal_ids = multimodal_ids
         self.ids: tuple[int, ...] = ()
-        self.cache = None                  # DynamicCache holding the KV of ``ids``
+        self.cache = None                  # the key/value cache (RefLLM.new_cache) of ``ids``
 
     def clear(self) -> None:
         self.ids, self.cache = (), None
@@ -32,13 +33,12 @@ class PromptPrefixCache:
             shared += 1
         return min(shared, len(ids) - 1)   # the last prompt token always runs: its output is needed
 
-    def start(self, input_ids: torch.Tensor, config) -> tuple[object, int]:
-        """(a cache to prefill into, how many leading tokens it already holds)."""
-        from transformers import DynamicCache
-
+    def start(self, input_ids: torch.Tensor, new_cache: Callable[[], object]) -> tuple[object, int]:
+        """(a cache to prefill into, how many leading tokens it already holds);
+        ``new_cache()`` makes an empty one (RefLLM.new_cache)."""
         shared = self.reusable(input_ids) if self.cache is not None else 0
         if shared == 0:
-            return DynamicCache(config=config), 0
+            return new_cache(), 0
         cache = copy.deepcopy(self.cache)
         if len(self.ids) > shared:
             cache.crop(shared - len(self.ids))
