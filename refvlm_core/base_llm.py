@@ -10,7 +10,6 @@ weights (the fingerprint a checkpoint checks) is cached in the same folder
 """
 from __future__ import annotations
 
-
 import importlib.util
 import json
 import os
@@ -22,7 +21,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from refvlm_core import torchvision_compat
+from refvlm_core import llama, torchvision_compat
 from refvlm_core.config import ModelConfig
 from refvlm_core.errors import ConfigError
 from refvlm_core.load_timing import phase
@@ -119,15 +118,20 @@ def load_causal_lm(cfg: ModelConfig, vocab_size: int | None = None, inference: b
     """
     dtype = torch_dtype(cfg.llm.dtype)
     on_meta = torch.empty(0).device.type == "meta"
-    if inference and cfg.llm.kind == "gguf" and not on_meta:
-        from refvlm_core import llama
-
-        cached = _gguf_cache_dir(cfg, "model")
-        if (cached / "config.json").is_file() and llama.is_plain(json.loads((cached / "config.json").read_text())):
+    if cfg.llm.kind == "gguf" and not on_meta:
+        cached = _dequantised_base(cfg)
+        config = json.loads((cached / "config.json").read_text())
+        if inference and llama.is_plain(config):
             with phase("base_llm_weights"):
                 return llama.load(cached, dtype)
-    with phase("import_transformers"):  # the first import of its model code: seconds
-        from transformers import LlamaConfig, LlamaForCausalLM
+        with phase("import_transformers"):  # the first import of its model code: seconds
+            from transformers import AutoModelForCausalLM, LlamaForCausalLM
+        # A Llama (SmolLM2) by its class: AutoModelForCausalLM's registry costs ~0.5 s to import.
+        model_class = LlamaForCausalLM if config.get("model_type") == "llama" else AutoModelForCausalLM
+        with phase("base_llm_weights"):
+            return model_class.from_pretrained(str(cached), dtype=dtype)
+    with phase("import_transformers"):
+        from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     if cfg.llm.kind == "llama-random" or on_meta:
         if not cfg.llm.arch:
@@ -136,25 +140,22 @@ def load_causal_lm(cfg: ModelConfig, vocab_size: int | None = None, inference: b
         if vocab_size is not None:
             arch["vocab_size"] = vocab_size
         return LlamaForCausalLM(LlamaConfig(**arch)).to(dtype)
-    if cfg.llm.kind == "gguf":
-        from transformers import AutoModelForCausalLM
-
-        cached = _gguf_cache_dir(cfg, "model")
-        if not (cached / "config.json").is_file():
-            gguf = gguf_file(cfg)
-            causal_lm = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                             dtype=torch.float32)
-            _atomic_save_folder(lambda folder: _save_dequantised(causal_lm, folder), cached)
-        # A Llama (SmolLM2) by its class: AutoModelForCausalLM's registry costs ~0.5 s to import.
-        llama = json.loads((cached / "config.json").read_text()).get("model_type") == "llama"
-        with phase("base_llm_weights"):
-            return (LlamaForCausalLM if llama else AutoModelForCausalLM).from_pretrained(str(cached), dtype=dtype)
     if cfg.llm.path is None or not Path(cfg.llm.path).expanduser().is_dir():
         raise ConfigError(f"llm.path = {cfg.llm.path!r} is not a folder: set it to the local "
                           "Hugging Face model folder")
-    from transformers import AutoModelForCausalLM
-
     return AutoModelForCausalLM.from_pretrained(str(Path(cfg.llm.path).expanduser()), dtype=dtype)
+
+
+def _dequantised_base(cfg: ModelConfig) -> Path:
+    """The folder of the GGUF base dequantised to float32 (made on first use)."""
+    cached = _gguf_cache_dir(cfg, "model")
+    if not (cached / "config.json").is_file():
+        from transformers import AutoModelForCausalLM
+
+        gguf = gguf_file(cfg)
+        causal_lm = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        _atomic_save_folder(lambda folder: _save_dequantised(causal_lm, folder), cached)
+    return cached
 
 
 def _save_dequantised(causal_lm: nn.Module, folder: Path) -> None:
