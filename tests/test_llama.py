@@ -104,6 +104,11 @@ def test_shipped_model_answers_alike_with_either_llama():
 
 @shipped
 def test_loading_the_shipped_model_skips_heavy_imports():
+    """Once the base is converted (the first load of a fresh machine uses transformers to
+    read the GGUF) and the int8 weights are cached, as on a robot after its first start."""
+    from refvlm_core.predictor import Predictor
+
+    Predictor.from_pretrained(SHIPPED, quantize="auto")
     code = ("import sys; from refvlm_core.predictor import Predictor; Predictor.from_pretrained('models/nano'); "
             "heavy = ['transformers.models.llama.modeling_llama', 'torchvision', 'torch._dynamo', 'timm', "
             "'open_clip']; print([m for m in heavy if m in sys.modules])")
