@@ -68,14 +68,20 @@ def compare_task(task: str, samples, predictors, per_task: int) -> dict:
     }
 
 
-NODE_QUESTIONS = ("Locate the red cube.", "Segment the person.", "Estimate the pose of the person.",
-                  "Please estimate the depth map of the image.")  # refvlm_ros.demo's, and depth
+DEPTH_QUESTION = "Please estimate the depth map of the image."  # the demo asks none
+
+
+def node_questions() -> tuple[str, ...]:
+    """What the node is asked: the demo's questions (refvlm_ros.demo) and a depth request."""
+    from refvlm_ros.demo import DEFAULT_QUESTIONS
+
+    return (*(question.prompt for question in DEFAULT_QUESTIONS), DEPTH_QUESTION)
 
 
 def compare_node_questions(samples, predictors, layouts: int) -> dict:
     images = list({sample.image.tobytes(): sample.image for sample in samples}.values())[:layouts]
     rows = [{name: predictor.predict(image, question).trp_text for name, predictor in predictors.items()}
-            | {"prompt": question} for image in images for question in NODE_QUESTIONS]
+            | {"prompt": question} for image in images for question in node_questions()]
     same = [structure(row["float"]) == structure(row["int8"]) for row in rows]
     return {"items": len(rows), "same_structure": sum(same) / max(len(rows), 1),
             "same_text": sum(row["float"] == row["int8"] for row in rows) / max(len(rows), 1),
@@ -116,7 +122,7 @@ def main() -> None:
           f"fraction metric {worst * 100:.2f} points (parity needs <= 1); "
           + "".join(f"{k} {d:+.1%} relative; " for k, d in relative.items()) + f"{time.perf_counter() - start:.0f} s")
     node = compare_node_questions(samples, predictors, args.node_layouts)
-    print(f"node questions: {node['items']} ({len(NODE_QUESTIONS)} on {args.node_layouts} scenes), same TRP "
+    print(f"node questions: {node['items']} ({len(node_questions())} on {args.node_layouts} scenes), same TRP "
           f"structure {node['same_structure']:.1%}, same text {node['same_text']:.1%}", flush=True)
     Path(args.out).write_text(json.dumps({"model": args.model, "data": args.data, "tasks": report,
                                           "same_structure": same, "worst_drop": worst, "node_questions": node},

@@ -40,7 +40,7 @@ class NodeParams:
         "<model_path>/export"))
     quantize: str = field(default="auto", metadata=_describe(
         "LLM weights of a model_path model: auto (int8 on a CPU, float on a GPU), int8 "
-        "(CPU only, ~1.8x faster answers; the README gives its measured parity with float), "
+        "(CPU only, ~1.9x faster answers; the README gives its measured parity with float), "
         "none (float)"))
     build_engines: bool = field(default=True, metadata=_describe(
         "backend tensorrt (and auto's TensorRT attempt): a missing or stale TensorRT engine "
