@@ -9,7 +9,10 @@
 #   5. the launch and command-line tools (launch, launch_ros, launch_testing, ros2launch,
 #      the `ros2` command, composition_interfaces) from ../shared/ros/jazzy, when they do
 #      not import already (on a robot they come from apt);
-#   6. the ament index entries, share/ and lib/<pkg>/ executables of refvlm and
+#   6. tf2 (tf2_msgs, tf2, tf2_py, tf2_ros_py, tf2_geometry_msgs' Python part) from
+#      ../shared/ros/jazzy/geometry2, when tf2_ros does not import already (on a robot it
+#      comes from apt): the node's target_frame and the sim camera's /tf need it;
+#   7. the ament index entries, share/ and lib/<pkg>/ executables of refvlm and
 #      refvlm_ros, so `ros2 launch refvlm sim.launch.py` finds them (editable installs
 #      do not write these; share/refvlm/launch/* link to launch/ of this checkout).
 # Each step is skipped when its result is already there, so a second run takes ~1 s.
@@ -186,7 +189,53 @@ Put the 'shared' folder beside this repository (or point REFVLM_SHARED_DIR at it
 source a ROS 2 Jazzy install (apt-get install ros-jazzy-ros-base)."
 fi
 
-# --- 6. ament index, share/ and lib/ of the editable packages -------------------------
+# --- 6. tf2 ----------------------------------------------------------------------------
+SHARED_TF2="$SHARED_ROS_TOOLS/geometry2"
+TF2_CHECK="import tf2_ros, tf2_geometry_msgs; from tf2_msgs.msg import TFMessage; tf2_ros.Buffer()"
+TF2_STAMP="$VENV/share/tf2_ros_py/.refvlm-build-hash"
+build_tf2() {
+  local hash t0=$SECONDS
+  hash="$(sources_hash "$SHARED_TF2")"
+  if [[ -f "$TF2_STAMP" && "$(cat "$TF2_STAMP")" == "$hash" ]] && "$PY" -c "$TF2_CHECK" 2>/dev/null; then
+    echo "ros_ws: tf2 is up to date"
+    return
+  fi
+  # The steps of geometry2/README.md, in its order (each needs the ones before installed).
+  cmake_build tf2_msgs "$SHARED_TF2/tf2_msgs"
+  cmake_build tf2 "$SHARED_TF2/tf2"
+  cmake_build tf2_py "$SHARED_TF2/tf2_py"
+  # Pure Python, a regular install (its ament index entry lands in the prefix), from a
+  # copy: setuptools writes build/ and egg-info next to the sources.
+  rm -rf "$BUILD/tf2_ros_py_src" && cp -r "$SHARED_TF2/tf2_ros_py" "$BUILD/tf2_ros_py_src"
+  pip install -q --no-deps --no-build-isolation "$BUILD/tf2_ros_py_src" >"$BUILD/tf2_ros_py.log" 2>&1 \
+    || die "installing tf2_ros_py failed; see $BUILD/tf2_ros_py.log"
+  # tf2_geometry_msgs: its Python module only (upstream's CMakeLists needs tf2_ros C++ and
+  # orocos_kdl, which are not on PyPI).
+  local gm="$BUILD/tf2_geometry_msgs_src"
+  rm -rf "$gm" && mkdir -p "$gm" && cp -r "$SHARED_TF2/tf2_geometry_msgs/package.xml" "$SHARED_TF2/tf2_geometry_msgs/src" "$gm/"
+  printf '%s\n' 'cmake_minimum_required(VERSION 3.16)' 'project(tf2_geometry_msgs)' \
+    'find_package(ament_cmake REQUIRED)' 'find_package(ament_cmake_python REQUIRED)' \
+    'ament_python_install_package(${PROJECT_NAME} PACKAGE_DIR src/${PROJECT_NAME})' 'ament_package()' \
+    >"$gm/CMakeLists.txt"
+  cmake_build tf2_geometry_msgs "$gm"
+  "$PY" -c "$TF2_CHECK" || die "tf2 was built but does not import; see $BUILD/tf2*.log"
+  echo "$hash" >"$TF2_STAMP"
+  echo "ros_ws: built tf2 in $((SECONDS - t0)) s"
+}
+
+if "$PY" -c "$TF2_CHECK" 2>/dev/null && [[ ! -f "$TF2_STAMP" ]]; then
+  echo "ros_ws: tf2 is installed"
+elif [[ -d "$SHARED_TF2/tf2_ros_py" ]]; then
+  build_tf2
+elif [[ -f "$TF2_STAMP" ]] && "$PY" -c "$TF2_CHECK" 2>/dev/null; then
+  echo "ros_ws: tf2 is built (../shared is not here to check it against)"
+else
+  die "tf2 (tf2_ros) does not import and its sources are missing at $SHARED_TF2. Put the \
+'shared' folder beside this repository (or point REFVLM_SHARED_DIR at it), or install it \
+(ROS machines: apt-get install ros-jazzy-tf2-ros-py ros-jazzy-tf2-geometry-msgs)."
+fi
+
+# --- 7. ament index, share/ and lib/ of the editable packages -------------------------
 register_package() {  # NAME PACKAGE_XML
   mkdir -p "$VENV/share/ament_index/resource_index/packages" "$VENV/share/$1"
   : >"$VENV/share/ament_index/resource_index/packages/$1"

@@ -70,6 +70,11 @@ PARAM_REGISTRY: dict[str, str | tuple[str, ...]] = {
     "image_backend": here("test_image_backend_picks_the_conversion"),
     "autostart": f"{ROBUST}::test_compressed_reliable_camera_input",
     "diagnostics_period_s": here("test_overlay_and_diagnostics_period"),
+    "target_frame": "tests/ros/test_target_frame.py::test_positions_move_into_target_frame_as_tf2_says",
+    "transform_timeout_s": "tests/ros/test_target_frame.py::test_missing_or_too_old_transforms_answer_without_positions_and_say_so",
+    "track_max_age_s": ("tests/ros/test_target_frame.py::test_track_ids_follow_camera_frames_not_request_images",
+                        "tests/ros/test_tracking.py::test_min_iou_and_max_age_bound_the_association"),
+    "track_min_iou": "tests/ros/test_tracking.py::test_min_iou_and_max_age_bound_the_association",
 }
 
 

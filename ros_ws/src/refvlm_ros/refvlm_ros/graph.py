@@ -159,6 +159,7 @@ NODE_PARAMETER_ARGUMENTS = {
     "model_preset": "model preset (tiny, nano, paper) used when model_path is empty",
     "device": "torch device of the model: cpu, cuda, cuda:1 ...",
     "backend": "inference backend (torch)",
+    "target_frame": "frame of the perception node's 3D positions (tf2), e.g. base_link",
 }
 TOPIC_ARGUMENTS = {
     "image_topic": ("image", "camera image topic of the perception node"),
@@ -171,6 +172,23 @@ GRAPH_ARGUMENTS = {
     **NODE_PARAMETER_ARGUMENTS,
     **{name: text for name, (_, text) in TOPIC_ARGUMENTS.items()},
 }
+
+
+# Arguments of the launch files themselves (not applied to the graph's nodes): name ->
+# (default, description).
+LAUNCH_FILE_ARGUMENTS = {
+    "params_file": ("", "extra ROS parameter file, applied after the graph's own (keys: node names)"),
+    "autostart": ("true", "configure and activate lifecycle nodes at start "
+                          "(false: leave them to a lifecycle manager)"),
+}
+
+
+def launch_arguments_table() -> str:
+    """The README's launch argument table, generated from the declarations above."""
+    rows = ["| launch argument | default | description |", "|---|---|---|"]
+    rows += [f"| `{name}` | `{default!r}` | {text} |" for name, (default, text) in LAUNCH_FILE_ARGUMENTS.items()]
+    rows += [f"| `{name}` | `''` (the graph's) | {text} |" for name, text in GRAPH_ARGUMENTS.items()]
+    return "\n".join(rows)
 
 
 def bool_argument(name: str, value: str) -> bool:

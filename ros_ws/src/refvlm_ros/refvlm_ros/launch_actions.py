@@ -5,7 +5,8 @@ imported inside the functions: importing this module needs neither.
 """
 from __future__ import annotations
 
-from refvlm_ros.graph import GRAPH_ARGUMENTS, GraphSpec, NodeSpec, bool_argument, with_arguments
+from refvlm_ros.graph import (GRAPH_ARGUMENTS, LAUNCH_FILE_ARGUMENTS, GraphSpec, NodeSpec, bool_argument,
+                               with_arguments)
 
 PARAMS_FILE_ARGUMENT = "params_file"
 AUTOSTART_ARGUMENT = "autostart"
@@ -63,14 +64,10 @@ def launch_description(load_graph_spec, default_params_file: str = ""):
         graph: GraphSpec = with_arguments(load_graph_spec(params_file or None), values)
         return [action for spec in graph.nodes for action in node_actions(spec, autostart)]
 
-    arguments = [
-        DeclareLaunchArgument(PARAMS_FILE_ARGUMENT, default_value=default_params_file,
-                              description="extra ROS parameter file, applied after the "
-                                          "graph's own (keys: node names)"),
-        DeclareLaunchArgument(AUTOSTART_ARGUMENT, default_value="true",
-                              description="configure and activate lifecycle nodes at start "
-                                          "(false: leave them to a lifecycle manager)"),
-    ]
+    defaults = {name: default for name, (default, _) in LAUNCH_FILE_ARGUMENTS.items()}
+    defaults[PARAMS_FILE_ARGUMENT] = default_params_file or defaults[PARAMS_FILE_ARGUMENT]
+    arguments = [DeclareLaunchArgument(name, default_value=defaults[name], description=text)
+                 for name, (_, text) in LAUNCH_FILE_ARGUMENTS.items()]
     arguments += [DeclareLaunchArgument(name, default_value="", description=text)
                   for name, text in GRAPH_ARGUMENTS.items()]
     return LaunchDescription([*arguments, OpaqueFunction(function=build)])

@@ -150,6 +150,8 @@ def result_to_msg(result: Result, header: Any, context: DepthContext | None = No
     out.image_height, out.image_width = (int(v) for v in result.image_size)
     out.objects = [object_to_msg(obj, result.image_size, context, config, header)
                    for obj in result.objects]
+    out.position_frame = header.frame_id  # the camera's; transforms.TargetFrame moves them
+    out.camera_orientation.w = 1.0
     out.stage_names = list(result.timings)
     out.stage_seconds = [float(v) for v in result.timings.values()]
     out.errors = list(result.errors)
@@ -201,15 +203,22 @@ def _hypothesis(obj: ReferredObjectMsg) -> Any:
     return hyp
 
 
+def detection_id(obj: ReferredObjectMsg) -> str:
+    """Detection2D/3D.id, "the same id for the same object across messages" (vision_msgs):
+    the object's track ID; empty when it is not tracked."""
+    return f"{obj.track_id}" if obj.track_id else ""
+
+
 def detections_2d(result: RefResult) -> Any:
-    """RefResult -> vision_msgs/Detection2DArray (objects with a box; class_id = phrase)."""
+    """RefResult -> vision_msgs/Detection2DArray (objects with a box; class_id = phrase,
+    id = track ID)."""
     from vision_msgs.msg import Detection2D, Detection2DArray  # noqa: PLC0415
     out = Detection2DArray(header=result.header)
     for obj in result.objects:
         if not obj.has_box:
             continue
         x0, y0, x1, y1 = (float(v) for v in obj.box_xyxy)
-        det = Detection2D(header=result.header, id=f"{obj.ref_ordinal}")
+        det = Detection2D(header=result.header, id=detection_id(obj))
         det.bbox.center.position.x, det.bbox.center.position.y = (x0 + x1) / 2, (y0 + y1) / 2
         det.bbox.size_x, det.bbox.size_y = x1 - x0, y1 - y0
         det.results = [_hypothesis(obj)]
@@ -218,19 +227,24 @@ def detections_2d(result: RefResult) -> Any:
 
 
 def detections_3d(result: RefResult) -> Any:
-    """RefResult -> vision_msgs/Detection3DArray (objects with a 3D position)."""
+    """RefResult -> vision_msgs/Detection3DArray (objects with a 3D position), in the
+    result's position_frame at its image's stamp; each box is oriented as the camera
+    (its size is the extent along the camera's axes)."""
+    from std_msgs.msg import Header  # noqa: PLC0415
     from vision_msgs.msg import Detection3D, Detection3DArray  # noqa: PLC0415
-    out = Detection3DArray(header=result.header)
+    header = Header(stamp=result.header.stamp, frame_id=result.position_frame or result.header.frame_id)
+    orientation = result.camera_orientation
+    out = Detection3DArray(header=header)
     for obj in result.objects:
         if not obj.has_position:
             continue
-        det = Detection3D(header=result.header, id=f"{obj.ref_ordinal}")
+        det = Detection3D(header=header, id=detection_id(obj))
         det.bbox.center.position = obj.position
-        det.bbox.center.orientation.w = 1.0
+        det.bbox.center.orientation = orientation
         det.bbox.size = obj.extent
         hyp = _hypothesis(obj)
         hyp.pose.pose.position = obj.position
-        hyp.pose.pose.orientation.w = 1.0
+        hyp.pose.pose.orientation = orientation
         det.results = [hyp]
         out.detections.append(det)
     return out

@@ -52,6 +52,8 @@ from refvlm_ros.frames import FrameSlot, InferenceStats, StampedBuffer
 from refvlm_ros.image_conversions import array_to_image, compressed_to_rgb, depth_to_metres, image_to_rgb
 from refvlm_ros.localization import Intrinsics, LocalizationConfig
 from refvlm_ros.query_queue import QueryQueue
+from refvlm_ros.tracking import Tracker, assign_track_ids
+from refvlm_ros.transforms import TargetFrame
 
 RELIABILITY = {"best_effort": ReliabilityPolicy.BEST_EFFORT, "reliable": ReliabilityPolicy.RELIABLE}
 WORKER_NAME = "refvlm-inference"
@@ -125,6 +127,8 @@ class RefVLMNode(LifecycleNode):
         self._standing_prompt = ""
         self._standing_visual_prompts: list[VisualPromptMsg] = []
         self._stats = InferenceStats()
+        self._target: TargetFrame | None = None  # target_frame set: positions moved there (tf2)
+        self._tracker: Tracker | None = None  # track IDs of answers on camera frames
         self._stop = threading.Event()
         self._worker: threading.Thread | None = None
         self._outputs: dict[str, Any] = {}
@@ -176,6 +180,7 @@ class RefVLMNode(LifecycleNode):
             self.p = params.read(self)
             self._predictor, self._load = self._load_model()
             self._backend = backend_status(self._predictor)
+            self._configure_frames_and_tracks()
             self.get_logger().info("backend: " + ", ".join(f"{k}={v}" for k, v in self._backend.items()))
             limit = getattr(getattr(self._predictor, "config", None), "max_prompt_chars", None)
             if limit is not None and self.p.max_prompt_chars > limit:  # the model refuses past its own limit
@@ -237,8 +242,19 @@ class RefVLMNode(LifecycleNode):
             self._worker.join()
             self._worker = None
 
+    def _configure_frames_and_tracks(self) -> None:
+        """tf2 for target_frame (its subscriptions run on this node's executor) and the
+        tracker, as the parameters say."""
+        if self.p.target_frame:
+            self._target = TargetFrame(self, self.p.target_frame, self.p.transform_timeout_s)
+        if self.p.track_max_age_s > 0:
+            self._tracker = Tracker(self.p.track_max_age_s, self.p.track_min_iou)
+
     def _release(self) -> None:
         """Destroy configure's outputs and free the model (waits for a running request)."""
+        if self._target is not None:
+            self._target.close()
+        self._target, self._tracker = None, None
         for pub in self._outputs.values():
             self.destroy_publisher(pub)
         self._outputs = {}
@@ -387,10 +403,12 @@ class RefVLMNode(LifecycleNode):
         return None if self.p.image_backend == "auto" else self.p.image_backend
 
     def answer(self, image: Image, prompt: str, visual_prompts: list[VisualPromptMsg],
-               depth: Callable[[], messages.DepthContext | None], on_token: Callable | None = None
-               ) -> tuple[Result, RefResult, np.ndarray]:
+               depth: Callable[[], messages.DepthContext | None], on_token: Callable | None = None,
+               track: bool = True) -> tuple[Result, RefResult, np.ndarray]:
         """One question on one image -> (Result, RefResult message, RGB [H, W, 3] uint8).
         ``depth()`` gives the image's depth context (called once the inputs are valid).
+        Positions are moved to target_frame; objects of camera frames (``track``) get
+        track IDs.
         Raises RefVLMError for input the caller can fix."""
         t0 = time.perf_counter()
         rgb = self._to_rgb(image)
@@ -406,6 +424,11 @@ class RefVLMNode(LifecycleNode):
                                              on_token=on_token)
         config = LocalizationConfig(min_pixels=self.p.localization_min_pixels)
         msg = messages.result_to_msg(result, image.header, context, config)
+        if self._target is not None:
+            self._target.apply(msg)
+        tracker = self._tracker
+        if track and tracker is not None:
+            assign_track_ids(tracker, result, msg, stamp_seconds(image.header))
         latency = time.perf_counter() - t0
         msg.stage_names.append("node_total")
         msg.stage_seconds.append(latency)
@@ -478,7 +501,8 @@ class RefVLMNode(LifecycleNode):
                 raise InputError("the node is not configured: configure it (lifecycle) first")
             frame, depth = self._request_frame(request)
             header = frame.header
-            _, reply.result, _ = self.answer(frame, prompt, list(request.visual_prompts), depth, on_token)
+            _, reply.result, _ = self.answer(frame, prompt, list(request.visual_prompts), depth, on_token,
+                                             track=not getattr(request, "use_image", False))
             reply.success = True
         except GoalCanceled:
             raise
@@ -553,9 +577,13 @@ class RefVLMNode(LifecycleNode):
             "rss_mb": f"{rss_mb():.1f}",
             **(self._backend if self._predictor is not None else {}),
             **(self._load if self._predictor is not None else {}),
+            **(self._target.diagnostics() if self._target is not None else {}),
+            "live_tracks": str(self._tracker.live_tracks if self._tracker is not None else 0),
         }
-        status = DiagnosticStatus(level=DiagnosticStatus.OK, name=f"{self.get_name()}: inference",
-                                  hardware_id=self.get_name(), message=values["state"],
+        transform_error = values.get("last_transform_error", "")
+        status = DiagnosticStatus(level=DiagnosticStatus.WARN if transform_error else DiagnosticStatus.OK,
+                                  name=f"{self.get_name()}: inference", hardware_id=self.get_name(),
+                                  message=transform_error or values["state"],
                                   values=[KeyValue(key=k, value=v) for k, v in values.items()])
         array = DiagnosticArray(status=[status])
         array.header.stamp = self.get_clock().now().to_msg()

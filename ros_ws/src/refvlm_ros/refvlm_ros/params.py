@@ -100,6 +100,18 @@ class NodeParams:
         "Image conversion: auto (cv_bridge when a working one is installed), numpy, cv_bridge"))
     localization_min_pixels: int = field(default=20, metadata=_describe(
         "Fewer valid depth pixels on an object -> no 3D position"))
+    target_frame: str = field(default="", metadata=_describe(
+        "Frame of the 3D positions and Detection3D poses (tf2, at the image's stamp), e.g. "
+        "base_link or map; empty = the camera's frame. A missing or too old transform gives "
+        "has_position=false with both frames named, and /diagnostics counts it"))
+    transform_timeout_s: float = field(default=0.2, metadata=_describe(
+        "Longest wait for the image's transform to target_frame before answering without positions"))
+    track_max_age_s: float = field(default=2.0, metadata=_describe(
+        "Track IDs: a track ends when its object has not been referred for this long "
+        "(image time); 0 = no tracking (track_id 0, empty Detection ids)"))
+    track_min_iou: float = field(default=0.3, metadata=_describe(
+        "Track IDs: least overlap (mask IoU when both have a mask, else box IoU) for an "
+        "object with the same phrase to keep a track's ID"))
     autostart: bool = field(default=False, metadata=_describe(
         "Configure and activate at start-up (without a lifecycle manager)"))
     diagnostics_period_s: float = field(default=1.0, metadata=_describe(
@@ -124,6 +136,12 @@ class NodeParams:
             raise ConfigError("sync_tolerance_s must be >= 0 and diagnostics_period_s > 0")
         if self.localization_min_pixels < 1:
             raise ConfigError("localization_min_pixels must be >= 1")
+        if self.target_frame.startswith("/") or self.transform_timeout_s < 0.0:
+            raise ConfigError(f"target_frame={self.target_frame!r} must not start with '/' (tf2 frame "
+                              f"names do not) and transform_timeout_s={self.transform_timeout_s} must be >= 0")
+        if self.track_max_age_s < 0.0 or not 0.0 < self.track_min_iou <= 1.0:
+            raise ConfigError(f"track_max_age_s={self.track_max_age_s} must be >= 0 and "
+                              f"track_min_iou={self.track_min_iou} in (0, 1]")
         self._validate_inputs()
         for name in ("image_topic", "camera_info_topic", "prompt_topic", "visual_prompt_topic"):
             if not getattr(self, name):

@@ -5,7 +5,11 @@ Topics (all of one frame share one header: stamp and frame_id):
     ~/depth         sensor_msgs/Image 32FC1 metres (REP-118, NaN = no surface)
     ~/camera_info   sensor_msgs/CameraInfo (K, size, plumb_bob with zero distortion)
     ~/ground_truth  std_msgs/String JSON: the scene's objects, boxes, 3D centres in the
-                    camera frame (reliable, depth 1, so a late subscriber gets the last)
+                    camera frame and in the world (reliable, depth 1, so a late
+                    subscriber gets the last)
+    /tf             world_frame -> frame_id: the camera's pose at each frame's stamp
+    /tf_static      world_frame -> base_frame: a robot base on the ground below the
+                    starting camera, x along its heading, z up (REP-103)
 
 The camera looks at one layout; `motion` moves it (orbit around the point it looks at,
 or dolly along its view axis) so the node sees a changing view.
@@ -27,6 +31,7 @@ from std_msgs.msg import Header, String
 from refvlm_core.errors import ConfigError
 from refvlm_ros.image_conversions import array_to_image
 from refvlm_ros.sim_scenes import SimScenes, ros_k
+from refvlm_ros.transforms import transform_msg
 
 MOTIONS = ("static", "orbit", "dolly")
 
@@ -43,6 +48,8 @@ class SimCameraConfig:
     motion: str = "static"       # static | orbit | dolly
     motion_speed: float = 0.2    # orbit: rad/s; dolly: m/s
     frame_id: str = "sim_camera_optical_frame"
+    world_frame: str = "world"   # the scene's frame (z up, ground at z = 0)
+    base_frame: str = "base_link"  # robot base below the starting camera; empty = none
 
     def validate(self) -> None:
         if not 0.0 < self.rate_hz <= 120.0:
@@ -54,8 +61,11 @@ class SimCameraConfig:
             raise ConfigError(f"motion must be one of {MOTIONS}, got '{self.motion}'")
         if self.layout_index < 0:
             raise ConfigError(f"layout_index must be >= 0, got {self.layout_index}")
-        if not self.frame_id:
-            raise ConfigError("frame_id must not be empty")
+        if not self.frame_id or not self.world_frame:
+            raise ConfigError("frame_id and world_frame must not be empty")
+        if len({self.frame_id, self.world_frame, self.base_frame}) != 3:
+            raise ConfigError(f"frame_id, world_frame and base_frame must differ, got "
+                              f"{self.frame_id!r}, {self.world_frame!r}, {self.base_frame!r}")
 
 
 PARAMETER_DESCRIPTIONS = {
@@ -67,7 +77,20 @@ PARAMETER_DESCRIPTIONS = {
     "motion": "camera motion: static, orbit (around the looked-at point) or dolly (along the view axis)",
     "motion_speed": "orbit: radians per second; dolly: metres per second",
     "frame_id": "frame_id of every published header (a REP-103 optical frame)",
+    "world_frame": "frame of the scene (z up, ground at z = 0); /tf gives the camera's pose in it at every frame",
+    "base_frame": "static frame of a robot base on the ground below the starting camera, x along its "
+                  "heading, z up (/tf_static, child of world_frame); empty = none",
 }
+
+
+def base_pose(camera) -> np.ndarray:
+    """World-from-base [4, 4]: on the ground below the camera, x along its horizontal heading."""
+    forward = camera.rotation[:, 2]
+    yaw = math.atan2(forward[1], forward[0])
+    pose = np.eye(4)
+    pose[:3, :3] = [[math.cos(yaw), -math.sin(yaw), 0.0], [math.sin(yaw), math.cos(yaw), 0.0], [0.0, 0.0, 1.0]]
+    pose[:2, 3] = camera.position[:2]
+    return pose
 
 
 # -- camera motion (pure functions of time) ---------------------------------------------
@@ -124,6 +147,13 @@ class SimCameraNode(Node):
         latched = QoSProfile(depth=1, reliability=QoSReliabilityPolicy.RELIABLE,
                              durability=QoSDurabilityPolicy.TRANSIENT_LOCAL)
         self._truth_pub = self.create_publisher(String, "~/ground_truth", latched)
+        from tf2_ros import StaticTransformBroadcaster, TransformBroadcaster  # noqa: PLC0415
+        self._tf = TransformBroadcaster(self)
+        self._tf_static = StaticTransformBroadcaster(self)
+        if self.config.base_frame:
+            self._tf_static.sendTransform(transform_msg(
+                self.config.world_frame, self.config.base_frame, self.get_clock().now().to_msg(),
+                base_pose(self.scenes.base_camera)))
         self._start = self.get_clock().now()
         self._cached = None  # (rgb, depth, camera, truth) of a static camera: render once
         self.frames_published = 0
@@ -158,7 +188,10 @@ class SimCameraNode(Node):
         rgb, depth, camera, truth = self.render(t)
         header = Header(stamp=now.to_msg(), frame_id=self.config.frame_id)
         truth = dict(truth, stamp={"sec": header.stamp.sec, "nanosec": header.stamp.nanosec},
-                     frame_id=header.frame_id)
+                     frame_id=header.frame_id, world_frame=self.config.world_frame)
+        # The pose first: a node that sees the image can look its transform up at once.
+        self._tf.sendTransform(transform_msg(self.config.world_frame, self.config.frame_id, header.stamp,
+                                             camera.world_from_camera))
         self._truth_pub.publish(String(data=json.dumps(truth)))
         self._info_pub.publish(camera_info_message(camera, header))
         self._depth_pub.publish(array_to_image(depth.astype(np.float32), "32FC1", header))

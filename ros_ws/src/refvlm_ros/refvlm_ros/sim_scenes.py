@@ -43,8 +43,9 @@ def metric_depth(scene) -> np.ndarray:
 
 
 def ground_truth(scene, depth: np.ndarray) -> dict:
-    """The scene's objects with boxes (pixels) and 3D positions in the camera frame:
-    the centre, and the position of the visible surface (see visible_surface_position)."""
+    """The scene's objects with boxes (pixels) and 3D positions: the centre in the camera
+    frame and in the world, and the position of the visible surface in the camera frame
+    (see visible_surface_position)."""
     camera, boxes, counts = scene.camera, scene.boxes, scene.pixel_counts()
     objects = []
     for obj in scene.objects:
@@ -59,6 +60,7 @@ def ground_truth(scene, depth: np.ndarray) -> dict:
             "visible_pixels": counts[obj.instance_id],
             "box_xyxy": boxes[obj.instance_id].tolist() if obj.instance_id in boxes else None,
             "center_camera": camera.to_camera(obj.center_world[None])[0].tolist(),
+            "center_world": np.asarray(obj.center_world, dtype=np.float64).tolist(),
             "surface_median_camera": (visible_surface_position(scene.masks(obj.instance_id), depth,
                                                                camera) if visible else None),
         }
