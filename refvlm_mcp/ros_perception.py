@@ -3,8 +3,9 @@
 background thread with its own rclpy context.
 
 The client's ~/query QoS keeps 100 requests, so replies to many outstanding calls are not
-dropped (the default depth of 10 loses them). Fields the interface gains later are used
-when they are there: a ``camera`` in the Query request, an ``id`` (track id) on objects.
+dropped (the default depth of 10 loses them). Fields the interface gains are used when
+they are there: a ``camera`` in the Query request, a ``track_id`` on objects and the
+``position_frame`` of a result (else positions are in the image's frame).
 """
 from __future__ import annotations
 
@@ -28,14 +29,15 @@ def _stamp(header: Any) -> float:
 
 
 def _track_id(obj: Any) -> str | None:
-    value = getattr(obj, "id", None)
-    if value is None or value == "" or (isinstance(value, int) and value < 0):
+    """The object's track id where the interface has one (``track_id``, 0 = not tracked)."""
+    value = getattr(obj, "track_id", getattr(obj, "id", None))
+    if value is None or value == "" or (isinstance(value, int) and value <= 0):
         return None
     return str(value)
 
 
 def found_from_msg(obj: Any, frame_id: str) -> Found:
-    """refvlm_interfaces/ReferredObject -> Found."""
+    """refvlm_interfaces/ReferredObject -> Found; ``frame_id``: the frame of its position."""
     from refvlm_ros.image_conversions import image_to_array
 
     mask = image_to_array(obj.mask) > 0 if obj.mask.height and obj.mask.width else None
@@ -47,7 +49,7 @@ def found_from_msg(obj: Any, frame_id: str) -> Found:
         phrase=obj.phrase, units=tuple(obj.units), score=None if np.isnan(obj.score) else float(obj.score),
         box_xyxy=tuple(float(v) for v in obj.box_xyxy) if obj.has_box else None, mask=mask,
         keypoints=keypoints, depth_median_m=float(obj.depth_median) if obj.has_depth else None,
-        position=position, position_frame=getattr(obj, "frame_id", "") or frame_id,
+        position=position, position_frame=frame_id,
         position_status=obj.position_status, track_id=_track_id(obj))
 
 
@@ -221,7 +223,8 @@ class RosPerception:
         stamp = _stamp(msg.header)
         return Observation(
             prompt=msg.prompt, answer=msg.answer, trp_text=msg.trp_text,
-            objects=[found_from_msg(obj, msg.header.frame_id) for obj in msg.objects],
+            objects=[found_from_msg(obj, getattr(msg, "position_frame", "") or msg.header.frame_id)
+                     for obj in msg.objects],
             width=msg.image_width, height=msg.image_height, stamp_s=stamp, frame_id=msg.header.frame_id,
             camera=getattr(request, "camera", "") or DEFAULT_CAMERA,
             model_ms=round(stages["node_total"] * 1e3, 1) if "node_total" in stages else None,

@@ -59,7 +59,7 @@ READ_ONLY = ToolAnnotations(read_only_hint=True, destructive_hint=False, idempot
 def prompt_for(tool: str, description: str) -> str:
     """'  the red cube. ' -> 'Locate the red cube.'"""
     text = re.sub(r"\s+", " ", description).strip().rstrip(".?!").strip()
-    text = re.sub(r"^(the|a|an)\s+", "", text, flags=re.IGNORECASE)
+    text = re.sub(r"^(the|a|an)\b\s*", "", text, flags=re.IGNORECASE)
     if not text:
         raise ToolError("the description is empty: name the object, e.g. 'red cube'")
     return PROMPTS[tool].format(trp.neutralize(text))
