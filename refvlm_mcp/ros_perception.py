@@ -252,6 +252,10 @@ class RosPerception:
         return self._parameters
 
     def cameras(self) -> list[dict[str, Any]]:
+        try:  # start receiving frames, so the list says whether they arrive
+            self._ensure_camera()
+        except PerceptionError:
+            pass  # not up yet: listed without frames
         topics = self._camera_topics()
         with self._lock:
             latest = self._frames[-1] if self._frames else None
