@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.ros, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.ros, pytest.mark.timeout(500)]
 
 LAUNCH_TEST = Path(sys.executable).parent / "launch_test"
 TEST_FILE = Path(__file__).with_name("launch_tests") / "sim_launch.py"
@@ -22,7 +22,7 @@ def test_launch_test_of_sim_launch_passes(tmp_path):
                AMENT_PREFIX_PATH=os.pathsep.join(filter(None, [sys.prefix, os.environ.get("AMENT_PREFIX_PATH")])))
     out = subprocess.run([sys.executable, str(LAUNCH_TEST), str(TEST_FILE),
                           "--junit-xml", str(tmp_path / "launch_test.xml")],
-                         capture_output=True, text=True, timeout=280, env=env)
+                         capture_output=True, text=True, timeout=480, env=env)
     log = out.stdout + out.stderr
     assert out.returncode == 0, log[-4000:]
     assert "test_active_answers_and_reports" in log and "process has finished cleanly" in log
