@@ -191,6 +191,9 @@ def test_bad_camera_geometry_gives_no_3d_with_a_reason_not_a_failed_answer(clien
         "non-finite ": CameraInfo(height=H, width=W, k=bad_k(0, float("inf"))),
         "need >= 1.0 pixel": CameraInfo(height=H, width=W, k=bad_k(0, 1e-300)),
         "need >= 1.0 pixel ": CameraInfo(height=H, width=W, k=bad_k(4, 0.0)),
+        "more than 100 image sizes": CameraInfo(height=H, width=W, k=bad_k(0, 1e308)),
+        "principal point at cx=1e+12": CameraInfo(height=H, width=W, k=bad_k(2, 1e12)),
+        "far outside": CameraInfo(height=H, width=W, k=bad_k(5, -200.0)),
         "CameraInfo is for": CameraInfo(height=H * 2, width=W * 2, k=K),
     }
     for expected, info in cases.items():

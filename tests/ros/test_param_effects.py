@@ -62,10 +62,13 @@ PARAM_REGISTRY: dict[str, str | tuple[str, ...]] = {
     "max_prompt_chars": here("test_request_limits_refuse_what_they_bound"),
     "max_image_pixels": here("test_request_limits_refuse_what_they_bound"),
     "max_aspect_ratio": here("test_request_limits_refuse_what_they_bound"),
+    "max_prompt_tokens": here("test_prompt_tokens_and_request_time_are_bounded"),
+    "max_request_s": here("test_prompt_tokens_and_request_time_are_bounded"),
     "max_pending_queries": here("test_query_queue_params"),
     "query_queue_depth": here("test_query_queue_params"),
     "depth_scale": here("test_depth_scale_and_min_pixels_shape_the_3d_answer"),
     "localization_min_pixels": here("test_depth_scale_and_min_pixels_shape_the_3d_answer"),
+    "max_depth_m": here("test_max_depth_m_makes_far_readings_unknown"),
     "publish_overlay": here("test_overlay_and_diagnostics_period"),
     "image_backend": here("test_image_backend_picks_the_conversion"),
     "autostart": f"{ROBUST}::test_compressed_reliable_camera_input",
@@ -286,6 +289,23 @@ def test_request_limits_refuse_what_they_bound(nodes, capfd):
     assert not reply.success and "ModelConfig.max_prompt_chars" in reply.error
 
 
+def test_prompt_tokens_and_request_time_are_bounded(nodes, predictor):
+    """max_prompt_tokens counts the LLM's tokens, not characters (an emoji is several);
+    max_request_s stops an answer still generating (here: each prediction 0.5 s late)."""
+    from _node_process import ForcedAnswerPredictor
+
+    emoji = "\U0001F999" * 100   # 100 characters, 300 tokens
+    assert _ask(nodes.configured("refvlm_tokens_default"), emoji, _image()).success
+    reply = _ask(nodes.configured("refvlm_tokens_strict", max_prompt_tokens=250), emoji, _image())
+    assert not reply.success and "300 tokens" in reply.error and "max_prompt_tokens" in reply.error, reply.error
+    slow = ForcedAnswerPredictor(predictor, ANSWER, 0.5)
+    assert _ask(nodes.configured("refvlm_time_default", factory=lambda p: slow), image=_image()).success
+    reply = _ask(nodes.configured("refvlm_time_strict", factory=lambda p: slow, max_request_s=0.2), image=_image())
+    assert not reply.success and "max_request_s" in reply.error, reply.error
+    no_limit = nodes.configured("refvlm_time_none", factory=lambda p: slow, max_request_s=0.0)
+    assert _ask(no_limit, image=_image()).success
+
+
 class GatedPredictor:
     """The forced-answer Predictor, each prediction waiting until ``gate`` opens."""
 
@@ -342,6 +362,23 @@ def test_depth_scale_and_min_pixels_shape_the_3d_answer(nodes):
     assert objects["default"].position.z == pytest.approx(1.5, abs=1e-3)
     assert objects["scaled"].has_position and objects["scaled"].position.z == pytest.approx(15.0, abs=1e-2)
     assert not objects["strict"].has_position and objects["strict"].position_status
+
+
+def test_max_depth_m_makes_far_readings_unknown(nodes):
+    """A 16UC1 depth of 65535 (a sensor's 'no return') is 65.5 m: no position under the
+    default max_depth_m, with the reason; a position when the limit allows it."""
+    from sensor_msgs.msg import CameraInfo
+
+    from refvlm_ros.image_conversions import array_to_image
+
+    depth = array_to_image(np.full((40, 60), 65535, np.uint16), "16UC1")
+    info = CameraInfo(height=40, width=60, k=[50.0, 0.0, 29.5, 0.0, 50.0, 19.5, 0.0, 0.0, 1.0])
+    reply = _ask(nodes.configured("refvlm_far_default"), image=_image(40, 60), depth=depth, info=info)
+    [obj] = reply.result.objects
+    assert not obj.has_position and "beyond max_depth_m=20 m" in obj.position_status, obj.position_status
+    reply = _ask(nodes.configured("refvlm_far_wide", max_depth_m=100.0), image=_image(40, 60), depth=depth, info=info)
+    [obj] = reply.result.objects
+    assert obj.has_position and obj.position.z == pytest.approx(65.535, abs=1e-3)
 
 
 def test_image_backend_picks_the_conversion(nodes):

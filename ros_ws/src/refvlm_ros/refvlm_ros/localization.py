@@ -22,6 +22,12 @@ from refvlm_core.errors import InputError
 # A focal length under one pixel is no real camera: it turns pixel offsets into metres
 # times the inverse (fx=1e-300 put objects 1e300 m to the side).
 MIN_FOCAL_PX = 1.0
+# Nor is one of more than this many image sizes (a long telephoto lens is ~50): fx=1e308
+# puts every object on the optical axis.
+MAX_FOCAL_IMAGE_SIZES = 100.0
+# A principal point farther than this many image sizes from the image's centre is a
+# broken calibration (cx=1e12 put an object 1.4e10 m to the side).
+MAX_CENTRE_OFFSET_IMAGE_SIZES = 1.0
 
 
 @dataclass(frozen=True)
@@ -46,6 +52,21 @@ class Intrinsics:
             raise InputError(f"camera matrix K has fx={fx}, fy={fy} (need >= {MIN_FOCAL_PX} pixel); "
                              "publish a calibrated CameraInfo")
         return cls(fx, fy, cx, cy)
+
+    def check_plausible(self, width: int, height: int) -> "Intrinsics":
+        """Raises InputError unless a real camera of this image size could have these
+        intrinsics: focal length at most MAX_FOCAL_IMAGE_SIZES image sizes, principal point
+        near the image."""
+        size = max(width, height)
+        if max(self.fx, self.fy) > MAX_FOCAL_IMAGE_SIZES * size:
+            raise InputError(f"camera matrix K has fx={self.fx:g}, fy={self.fy:g} for a {width}x{height} "
+                             f"image (more than {MAX_FOCAL_IMAGE_SIZES:g} image sizes); publish a "
+                             "calibrated CameraInfo")
+        reach = MAX_CENTRE_OFFSET_IMAGE_SIZES
+        if abs(self.cx - (width - 1) / 2) > reach * width or abs(self.cy - (height - 1) / 2) > reach * height:
+            raise InputError(f"camera matrix K has its principal point at cx={self.cx:g}, cy={self.cy:g}, "
+                             f"far outside the {width}x{height} image; publish a calibrated CameraInfo")
+        return self
 
     def scaled(self, sx: float, sy: float) -> "Intrinsics":
         """Intrinsics of the same camera resampled by (sx, sy) (pixel centres kept)."""
@@ -118,8 +139,10 @@ def localize(mask: np.ndarray, depth: np.ndarray, intrinsics: Intrinsics,
     z = depth[vs, us].astype(np.float64)
     valid = np.isfinite(z) & (z >= config.min_depth_m) & (z <= config.max_depth_m)
     if int(valid.sum()) < config.min_pixels:
+        too_far = int(np.sum(z > config.max_depth_m))  # NaN compares False
+        beyond = f", {too_far} beyond max_depth_m={config.max_depth_m:g} m" if too_far else ""
         return None, (f"only {int(valid.sum())} of {vs.size} mask pixels have valid depth "
-                      f"(need {config.min_pixels})")
+                      f"(need {config.min_pixels}{beyond})")
     us, vs, z = us[valid], vs[valid], z[valid]
     kept = depth_band(z, config)
     points = back_project(us[kept].astype(np.float64), vs[kept].astype(np.float64), z[kept], intrinsics)

@@ -9,15 +9,18 @@
 
 Threads: the executor (multi-threaded) only stores incoming messages; one worker thread
 runs the standing prompt on the newest frame at most ``rate_hz`` times a second, so the
-executor stays free to answer ~/query and ~/ground while a frame is processed. The
-model is guarded by a lock. Nothing queues: one camera slot (frames replaced before the
-worker takes them are counted as dropped), a few depth images for stamp matching.
+executor stays free to answer ~/query and ~/ground while a frame is processed. Queries
+and goals wait in one bounded queue answered by its own worker (query_queue), so no
+callback waits for the model on an executor thread. The model is guarded by a lock.
+Camera input does not queue: one camera slot (frames replaced before the worker takes
+them are counted as dropped), a few depth images for stamp matching.
 
 Every output carries the source image's header. Bad input (encoding, sizes, prompts)
 gives a logged error and an error reply; the node keeps serving.
 """
 from __future__ import annotations
 
+import functools
 import gc
 import os
 import signal
@@ -47,7 +50,7 @@ from refvlm_interfaces.action import Ground
 from refvlm_interfaces.msg import RefResult
 from refvlm_interfaces.msg import VisualPrompt as VisualPromptMsg
 from refvlm_interfaces.srv import Query
-from refvlm_ros import messages, params
+from refvlm_ros import messages, params, request_limits
 from refvlm_ros.frames import FrameSlot, InferenceStats, StampedBuffer
 from refvlm_ros.image_conversions import array_to_image, compressed_to_rgb, depth_to_metres, image_to_rgb
 from refvlm_ros.localization import Intrinsics, LocalizationConfig
@@ -71,6 +74,18 @@ def stamp_seconds(header: Any) -> float:
 
 class GoalCanceled(Exception):
     """Raised inside generation to stop it when a ~/ground goal is canceled."""
+
+
+def logged_transition(callback: Callable[[Any, State], TransitionCallbackReturn]) -> Callable:
+    """rclpy turns an exception in a transition callback into ERROR without a word: log it."""
+    @functools.wraps(callback)
+    def logged(self: Any, state: State) -> TransitionCallbackReturn:
+        try:
+            return callback(self, state)
+        except Exception:  # noqa: BLE001 (logged, then rclpy's error transition: on_error)
+            self.get_logger().error(f"{callback.__name__} failed:\n{traceback.format_exc()}")
+            return TransitionCallbackReturn.ERROR
+    return logged
 
 
 def load_predictor(p: params.NodeParams) -> Any:
@@ -144,8 +159,11 @@ class RefVLMNode(LifecycleNode):
             Query, "~/query", self._queries.submit, qos_profile=query_qos,
             callback_group=self._request_group))
         self._guard_change_state()
+        # A goal waits in the request queue, not on an executor thread (_queue_goal); the
+        # executor only hands its finished result over (execute_callback, per goal).
         self._action = ActionServer(
-            self, Ground, "~/ground", execute_callback=self._on_ground,
+            self, Ground, "~/ground", execute_callback=lambda goal_handle: Ground.Result(),
+            handle_accepted_callback=self._queue_goal,
             goal_callback=lambda goal: GoalResponse.ACCEPT,
             cancel_callback=lambda goal_handle: CancelResponse.ACCEPT,
             goal_service_qos_profile=query_qos, result_service_qos_profile=query_qos,
@@ -211,26 +229,51 @@ class RefVLMNode(LifecycleNode):
                   "llm_weights": str(getattr(predictor, "quantize", "none"))}
         return predictor, report
 
+    @logged_transition
     def on_activate(self, state: State) -> TransitionCallbackReturn:
-        self._create_inputs()
+        before = set(self.subscriptions)
+        try:
+            self._create_inputs()
+        except Exception as error:  # noqa: BLE001 (e.g. an invalid topic name: stay inactive)
+            for sub in set(self.subscriptions) - before:  # the inputs made before the failure
+                self.destroy_subscription(sub)
+            self._inputs = []
+            self.get_logger().error(f"activate failed, the node stays inactive (model loaded): {error}")
+            return TransitionCallbackReturn.FAILURE
         self._stop.clear()
         self._worker = threading.Thread(target=self._worker_loop, name=WORKER_NAME, daemon=True)
         self._worker.start()
         return super().on_activate(state)
 
+    @logged_transition
     def on_deactivate(self, state: State) -> TransitionCallbackReturn:
+        self._stop_inputs()
+        return super().on_deactivate(state)
+
+    def _stop_inputs(self) -> None:
         self._stop_worker()
         for sub in self._inputs:
             self.destroy_subscription(sub)
         self._inputs = []
         self._frames.clear()
         self._depths.clear()
-        return super().on_deactivate(state)
 
+    @logged_transition
     def on_cleanup(self, state: State) -> TransitionCallbackReturn:
         self._release()
         return TransitionCallbackReturn.SUCCESS
 
+    def on_error(self, state: State) -> TransitionCallbackReturn:
+        """A transition raised (logged by logged_transition): free everything and go to
+        unconfigured, so the state says what the node holds (a second configure loads one
+        model, not two)."""
+        self.get_logger().error(f"lifecycle error from state {state.label!r}: releasing the model, "
+                                "the node is unconfigured")
+        self._stop_inputs()
+        self._release()
+        return TransitionCallbackReturn.SUCCESS
+
+    @logged_transition
     def on_shutdown(self, state: State) -> TransitionCallbackReturn:
         self._stop_worker()
         self._release()
@@ -379,7 +422,7 @@ class RefVLMNode(LifecycleNode):
                              f"is {depth.width}x{depth.height}: publish depth aligned to the camera")
 
     def _make_depth_context(self, depth: Image, info: CameraInfo) -> messages.DepthContext:
-        intrinsics = Intrinsics.from_k(info.k)
+        intrinsics = Intrinsics.from_k(info.k).check_plausible(depth.width, depth.height)
         metres = depth_to_metres(depth, self.p.depth_scale, self._image_backend())
         return messages.DepthContext(metres, intrinsics)
 
@@ -417,12 +460,13 @@ class RefVLMNode(LifecycleNode):
         for vp in core_prompts:
             validate_visual_prompt(vp, rgb.shape[0], rgb.shape[1])
         context = depth()
-        with self._model_lock:
+        with self._model_lock, request_limits.returned_memory():
             if self._predictor is None:
                 raise InputError("no model loaded: configure the node first")
+            request_limits.check_prompt_tokens(self._predictor, prompt, self.p.max_prompt_tokens)
             result = self._predictor.predict(rgb, prompt, visual_prompts=core_prompts,
-                                             on_token=on_token)
-        config = LocalizationConfig(min_pixels=self.p.localization_min_pixels)
+                                             on_token=request_limits.with_deadline(on_token, self.p.max_request_s))
+        config = LocalizationConfig(min_pixels=self.p.localization_min_pixels, max_depth_m=self.p.max_depth_m)
         msg = messages.result_to_msg(result, image.header, context, config)
         if self._target is not None:
             self._target.apply(msg)
@@ -540,26 +584,42 @@ class RefVLMNode(LifecycleNode):
 
         return on_token
 
-    def _on_ground(self, goal_handle: Any) -> Ground.Result:
-        goal = goal_handle.request
+    def _queue_goal(self, goal_handle: Any) -> None:
+        """A ~/ground goal joins the ~/query queue (same order, same limit); the queue's
+        worker answers it, streaming feedback, then ``execute`` hands the finished result
+        to the action server. A cancel stops it while queued or generating."""
         goal_handle.publish_feedback(Ground.Feedback(stage="waiting for the model"))
-        try:
-            result = self._run_request(goal, Ground.Result(), self._streamer(goal_handle))
-        except GoalCanceled:
-            goal_handle.canceled()
-            return Ground.Result(success=False, error="canceled")
-        goal_handle.publish_feedback(Ground.Feedback(stage="done", partial_answer=result.result.answer))
-        if result.success:
-            goal_handle.succeed()
-        else:
-            goal_handle.abort()
-        return result
+        reply, outcome = Ground.Result(), {"canceled": False}
+
+        def finish(handle: Any) -> Ground.Result:  # on an executor thread: no waiting here
+            if outcome["canceled"]:
+                handle.canceled()
+                return Ground.Result(success=False, error="canceled")
+            handle.publish_feedback(Ground.Feedback(stage="done", partial_answer=reply.result.answer))
+            handle.succeed() if reply.success else handle.abort()
+            return reply
+
+        def run() -> None:
+            try:
+                if goal_handle.is_cancel_requested:
+                    raise GoalCanceled()
+                self._run_request(goal_handle.request, reply, self._streamer(goal_handle))
+            except GoalCanceled:
+                outcome["canceled"] = True
+            goal_handle.execute(finish)
+
+        def refuse(reason: str) -> None:
+            self._refuse_request(goal_handle.request, reply, reason)
+            goal_handle.execute(finish)
+
+        self._queries.submit_call(run, refuse)
 
     # ---- diagnostics -------------------------------------------------------------------
     def _publish_diagnostics(self) -> None:
         stats, frames = self._stats, self._frames
         values = {
-            "state": "active" if self.active else ("configured" if self._predictor else "unconfigured"),
+            # The lifecycle's own state ("inactive" is called "configured" here).
+            "state": {"inactive": "configured"}.get(self.lifecycle_state(), self.lifecycle_state()),
             "rate_hz": f"{stats.rate_hz():.2f}",
             "latency_ms": f"{stats.mean_latency_s() * 1e3:.1f}",
             "frames_received": str(frames.received),

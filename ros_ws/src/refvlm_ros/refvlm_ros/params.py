@@ -80,6 +80,13 @@ class NodeParams:
         "Standing visual prompt (refvlm_interfaces/VisualPrompt); an empty kind clears it"))
     max_prompt_chars: int = field(default=2000, metadata=_describe(
         "Longer prompts are refused with an error reply"))
+    max_prompt_tokens: int = field(default=1000, metadata=_describe(
+        "Prompts of more LLM tokens are refused with an error reply before they reach the "
+        "model (an emoji or a rare character costs several tokens, so max_prompt_chars alone "
+        "does not bound the work)"))
+    max_request_s: float = field(default=30.0, metadata=_describe(
+        "A query, goal or standing-prompt answer still generating after this many seconds "
+        "is stopped with an error reply, so one request cannot hold the model; 0 = no limit"))
     max_image_pixels: int = field(default=16_000_000, metadata=_describe(
         "Images with more pixels (width x height) are refused with an error reply"))
     max_aspect_ratio: float = field(default=20.0, metadata=_describe(
@@ -100,6 +107,9 @@ class NodeParams:
         "Image conversion: auto (cv_bridge when a working one is installed), numpy, cv_bridge"))
     localization_min_pixels: int = field(default=20, metadata=_describe(
         "Fewer valid depth pixels on an object -> no 3D position"))
+    max_depth_m: float = field(default=20.0, metadata=_describe(
+        "Depth readings farther than this (metres) are unknown, not positions (a 16UC1 "
+        "reading of 65535 is a sensor's 'no return', not 65.5 m); position_status counts them"))
     target_frame: str = field(default="", metadata=_describe(
         "Frame of the 3D positions and Detection3D poses (tf2, at the image's stamp), e.g. "
         "base_link or map; empty = the camera's frame. A missing or too old transform gives "
@@ -136,6 +146,9 @@ class NodeParams:
             raise ConfigError("sync_tolerance_s must be >= 0 and diagnostics_period_s > 0")
         if self.localization_min_pixels < 1:
             raise ConfigError("localization_min_pixels must be >= 1")
+        if self.max_prompt_tokens < 1 or self.max_request_s < 0.0 or not self.max_depth_m > 0.0:
+            raise ConfigError(f"max_prompt_tokens={self.max_prompt_tokens} must be >= 1, max_request_s="
+                              f"{self.max_request_s} >= 0 (0: no limit), max_depth_m={self.max_depth_m} > 0")
         if self.target_frame.startswith("/") or self.transform_timeout_s < 0.0:
             raise ConfigError(f"target_frame={self.target_frame!r} must not start with '/' (tf2 frame "
                               f"names do not) and transform_timeout_s={self.transform_timeout_s} must be >= 0")

@@ -1,20 +1,34 @@
-"""~/query requests answered off the executor, so a burst of callers never waits unseen.
+"""~/query requests and ~/ground goals answered off the executor, so a burst of callers
+never waits unseen and never holds the executor.
 
 rclpy service callbacks are synchronous: a callback blocked on the model holds an
 executor thread, and requests beyond the executor's threads sit in the DDS history,
 where the default depth (10) drops the oldest. Here the callback only enqueues the
 request and returns at once; one worker thread answers the queue in order, and the
 reply goes out when both the answer and the request header (which the executor hands
-to ``send_response`` after the callback returns) are there. Past ``max_pending``
-waiting requests, a request gets a quick "busy, retry" reply instead. No ROS imports.
+to ``send_response`` after the callback returns) are there. Goals queue the same way
+(``submit_call``), counted against the same limit. Past ``max_pending`` waiting
+requests, a request gets a quick "busy, retry" reply instead. No ROS imports.
 """
 from __future__ import annotations
 
 import queue
 import threading
+from dataclasses import dataclass
 from typing import Any, Callable
 
 WORKER_NAME = "refvlm-queries"
+SHUTTING_DOWN = "the node is shutting down"
+
+
+@dataclass
+class _Job:
+    """What the worker does with one queued request: ``run`` it, or ``refuse`` it (closed);
+    then ``finished`` (once it no longer counts as pending)."""
+
+    run: Callable[[], None]
+    refuse: Callable[[str], None]
+    finished: Callable[[], None] = lambda: None
 
 
 class PendingReply:
@@ -42,7 +56,7 @@ class PendingReply:
 
 
 class QueryQueue:
-    """Bounded queue of ~/query requests answered by one worker thread.
+    """Bounded queue of ~/query requests (and ~/ground goals) answered by one worker thread.
 
     ``answer(request, response)`` fills the response (it must not raise);
     ``refuse(response, reason)`` fills a refusal."""
@@ -51,7 +65,7 @@ class QueryQueue:
                  max_pending: int) -> None:
         self._answer, self._refuse = answer, refuse
         self.max_pending = max_pending
-        self._jobs: queue.Queue[PendingReply | None] = queue.Queue()
+        self._jobs: queue.Queue[_Job | None] = queue.Queue()
         self._deferred: dict[int, PendingReply] = {}
         self._lock = threading.Lock()
         self._pending = 0
@@ -80,30 +94,50 @@ class QueryQueue:
 
     def submit(self, request: Any, response: Any) -> Any:
         """The service callback: queue the request, or fill a busy reply at once."""
+        pending = PendingReply(request, response)
         with self._lock:
-            if self._closed:
-                self._refuse(request, response, "the node is shutting down")
-                return response
-            if self._pending >= self.max_pending:
-                self.busy_replies += 1
-                self._refuse(request, response, f"busy: {self._pending} queries are waiting "
-                             f"(parameter max_pending_queries={self.max_pending}); retry shortly")
-                return response
-            self._pending += 1
-            job = PendingReply(request, response)
-            self._deferred[id(response)] = job
-        self._jobs.put(job)
+            refusal = self._admit()
+            if refusal is None:
+                self._deferred[id(response)] = pending
+        if refusal is not None:
+            self._refuse(request, response, refusal)
+            return response
+        self._jobs.put(_Job(run=lambda: self._answer(request, response),
+                            refuse=lambda reason: self._refuse(request, response, reason),
+                            finished=pending.answered))
         return response
+
+    def submit_call(self, run: Callable[[], None], refuse: Callable[[str], None]) -> None:
+        """Queues ``run`` (a ~/ground goal) behind the waiting requests, counted like them.
+        ``refuse(reason)`` is called instead, at once when the queue is full or closed, or
+        by the worker when the queue closes before ``run``'s turn."""
+        with self._lock:
+            refusal = self._admit()
+        if refusal is not None:
+            refuse(refusal)
+        else:
+            self._jobs.put(_Job(run, refuse))
+
+    def _admit(self) -> str | None:
+        """Under the lock: counts one more pending request, or says why it is refused."""
+        if self._closed:
+            return SHUTTING_DOWN
+        if self._pending >= self.max_pending:
+            self.busy_replies += 1
+            return (f"busy: {self._pending} queries are waiting "
+                    f"(parameter max_pending_queries={self.max_pending}); retry shortly")
+        self._pending += 1
+        return None
 
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:
             if self._closed:
-                self._refuse(job.request, job.response, "the node is shutting down")
+                job.refuse(SHUTTING_DOWN)
             else:
-                self._answer(job.request, job.response)
+                job.run()
             with self._lock:
                 self._pending -= 1
-            job.answered()
+            job.finished()
 
     def close(self, timeout: float = 10.0) -> None:
         """Refuses what is still queued, stops the worker (after its current answer)."""
