@@ -185,8 +185,8 @@ class RosPerception:
         if not self._query.wait_for_service(timeout_sec=self.connect_timeout_s):
             raise PerceptionError(
                 f"the perception node is not up: its service {self.node_name}/query did not appear within "
-                f"{self.connect_timeout_s:g} s. Start it (`refvlm bringup sim`, `ros2 launch refvlm "
-                "sim.launch.py`), or check that this server uses its --node name and ROS_DOMAIN_ID.",
+                f"{self.connect_timeout_s:g} s. Start it (e.g. `refvlm bringup sim`), or "
+                "check that this server uses its --node name and ROS_DOMAIN_ID.",
                 retry_after_s=10.0)
         future = self._query.call_async(request)
         done = threading.Event()
@@ -204,6 +204,8 @@ class RosPerception:
             return max(1.0, latency_ms * max(waiting, 1) / 1e3) if np.isfinite(latency_ms) else 2.0
         if "no camera frame" in error:
             return 1.0
+        if "not active" in error or "not configured" in error:
+            return 5.0  # a node starting up (loading its model) becomes active by itself
         return None
 
     def ask(self, prompt: str, camera: str | None) -> Observation:
