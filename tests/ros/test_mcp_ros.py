@@ -188,3 +188,22 @@ def test_a_node_that_is_not_up(graph):
         assert status["node_up"] is False and status["state"] == "not running"
     finally:
         session.close()
+
+
+def test_the_readme_example_runs_as_written(graph, session, tmp_path):
+    """The README's pick-up example, as a user would save and run it (here against the tiny
+    node, whose answer is forced): it waits for the node, locates the cube, prints its position."""
+    import json
+    import re
+
+    readme = (REPO / "README.md").read_text()
+    [code] = [block for block in re.findall(r"```python\n(.*?)```", readme, re.S) if 'call_tool("locate"' in block]
+    (tmp_path / "pick_up.py").write_text(code)
+    done = subprocess.run([sys.executable, str(tmp_path / "pick_up.py")], cwd=REPO, capture_output=True,
+                          text=True, timeout=UP_TIMEOUT_S, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert lines[0] == "tools: locate, segment, pose, depth, ask, look"
+    assert '"state": "active"' in lines[1] and lines[2] == 'planner -> locate {"description": "red cube"}'
+    found = json.loads(lines[-1].removeprefix("refvlm  -> "))
+    assert found["phrase"] == "red cube" and found["position"]["frame"] == FRAME_ID
