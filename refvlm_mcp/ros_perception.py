@@ -161,6 +161,9 @@ class RosPerception:
 
     def latest_frame(self, camera: str | None) -> Frame:
         self._check_camera(camera)
+        if camera and camera != DEFAULT_CAMERA:  # a node with several cameras: look reads one topic
+            raise PerceptionError(f"look shows the camera on {self._image_topic or 'the node image topic'}; "
+                                  f"start another server with --image-topic for camera {camera!r}")
         self._ensure_camera()
         deadline = time.monotonic() + self.connect_timeout_s
         while True:

@@ -50,22 +50,60 @@ def camera_files(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def session(camera_files):
+def tiny():
     import torch
 
     from refvlm_core.predictor import Predictor
+
+    torch.set_num_threads(1)
+    return Predictor.from_preset("tiny")
+
+
+def server_for(predictor, answer: str, image: Path, **kwargs):
+    """An in-process server whose Predictor gives ``answer``, and the SDK client's session on it."""
     from refvlm_mcp.local_perception import LocalPerception
     from refvlm_mcp.server import build_server
     from tests.ros._node_process import ForcedAnswerPredictor
 
-    torch.set_num_threads(1)
+    perception = LocalPerception(ForcedAnswerPredictor(predictor, answer, 0.0), image, "preset tiny", **kwargs)
+    return McpSession(Client(build_server(perception)))
+
+
+@pytest.fixture(scope="module")
+def session(camera_files, tiny):
     folder, intrinsics = camera_files
-    predictor = ForcedAnswerPredictor(Predictor.from_preset("tiny"), ANSWER, 0.0)
-    perception = LocalPerception(predictor, folder / "image.png", "preset tiny", folder / "depth.npy",
-                                 intrinsics, frame_id="sim_camera_optical_frame")
-    session = McpSession(Client(build_server(perception)))
+    session = server_for(tiny, ANSWER, folder / "image.png", depth=folder / "depth.npy",
+                         intrinsics=intrinsics, frame_id="sim_camera_optical_frame")
     yield session
     session.close()
+
+
+def test_nothing_matched_and_no_image_are_tool_errors(camera_files, tiny, tmp_path):
+    folder, _ = camera_files
+    session = server_for(tiny, "There is none.", folder / "image.png")
+    try:
+        result = session.call_tool("locate", {"description": "golden teapot"})
+        assert result.is_error and "nothing matched 'golden teapot'" in result.content[0].text
+        assert "call look" in result.content[0].text
+        result = session.call_tool("depth", {"description": "golden teapot"})
+        assert result.is_error and "nothing matched" in result.content[0].text
+    finally:
+        session.close()
+    session = server_for(tiny, ANSWER, folder / "image.png")  # no depth file
+    try:
+        result = session.call_tool("depth", {"description": "red cube"})
+        assert result.is_error and "no distance: no depth image for this camera" in result.content[0].text
+        assert not session.call_tool("locate", {"description": "red cube"}).is_error
+    finally:
+        session.close()
+    session = server_for(tiny, ANSWER, tmp_path / "not_written_yet.png")
+    try:
+        for tool, arguments in (("locate", {"description": "red cube"}), ("look", {})):
+            result = session.call_tool(tool, arguments)
+            assert result.is_error and "does not exist" in result.content[0].text
+            assert "Retry in about 1 s" in result.content[0].text
+    finally:
+        session.close()
 
 
 def decode_image(block) -> np.ndarray:
