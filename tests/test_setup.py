@@ -51,7 +51,7 @@ def test_refvlm_help_lists_every_command_group():
     done = subprocess.run([sys.executable, "-m", "refvlm_cli.main", "--help"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    for command in ("trp", "infer", "data", "train", "eval", "export", "bringup", "demo"):
+    for command in ("trp", "infer", "data", "train", "eval", "export", "bringup", "demo", "mcp"):
         assert command in done.stdout, f"`refvlm {command}` missing from --help"
 
 
