@@ -3,8 +3,6 @@
 The folders keep the names of the design card (training/, export/), but they import
 under unambiguous names: ``import export`` would collide with everything.
 """
-from glob import glob
-
 from setuptools import find_packages, setup
 
 IMPORT_NAME_TO_FOLDER = {
@@ -27,7 +25,6 @@ setup(
     data_files=[
         ("share/ament_index/resource_index/packages", ["resource/refvlm"]),
         ("share/refvlm", ["package.xml"]),
-        ("share/refvlm/launch", glob("launch/*.py") + glob("launch/*.yaml")),
-        ("share/refvlm/launch/params", glob("launch/params/*.yaml")),
+        # launch/ is installed by the refvlm_bringup package (ros_ws/src/refvlm_bringup)
     ],
 )

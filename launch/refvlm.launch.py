@@ -1,6 +1,6 @@
 """The perception node on a real RGB-D camera.
 
-    ros2 launch refvlm refvlm.launch.py params_file:=my_params.yaml
+    ros2 launch refvlm_bringup refvlm.launch.py params_file:=my_params.yaml
 
 Nodes, remappings (RealSense-style topic names) and parameter files come from the
 `camera` graph of graph.yaml beside this file; `refvlm bringup camera` runs the same

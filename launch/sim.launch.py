@@ -1,6 +1,6 @@
 """The simulated camera (SimWorld scenes) and the perception node.
 
-    ros2 launch refvlm sim.launch.py [params_file:=my_params.yaml]
+    ros2 launch refvlm_bringup sim.launch.py [params_file:=my_params.yaml]
 
 Nodes, remappings and parameter files come from the `sim` graph of graph.yaml beside
 this file; `refvlm bringup sim` runs the same graph without ROS launch.

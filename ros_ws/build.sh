@@ -12,9 +12,11 @@
 #   6. tf2 (tf2_msgs, tf2, tf2_py, tf2_ros_py, tf2_geometry_msgs' Python part) from
 #      ../shared/ros/jazzy/geometry2, when tf2_ros does not import already (on a robot it
 #      comes from apt): the node's target_frame and the sim camera's /tf need it;
-#   7. the ament index entries, share/ and lib/<pkg>/ executables of refvlm and
-#      refvlm_ros, so `ros2 launch refvlm sim.launch.py` finds them (editable installs
-#      do not write these; share/refvlm/launch/* link to launch/ of this checkout).
+#   7. the ament index entries, share/ and lib/<pkg>/ executables of refvlm, refvlm_ros
+#      and refvlm_bringup, so `ros2 launch refvlm_bringup sim.launch.py` finds them
+#      (editable installs do not write these; share/refvlm_bringup/launch/* link to
+#      launch/ of this checkout), and the venv's activate script puts the venv on
+#      AMENT_PREFIX_PATH, so `source .venv/bin/activate` is all a shell needs.
 # Each step is skipped when its result is already there, so a second run takes ~1 s.
 # Called by tools/setup_venv.sh; run it by hand after editing a .msg/.srv/.action.
 set -euo pipefail
@@ -243,16 +245,31 @@ register_package() {  # NAME PACKAGE_XML
 }
 register_package refvlm "$REPO/package.xml"
 register_package refvlm_ros "$REPO/ros_ws/src/refvlm_ros/package.xml"
+register_package refvlm_bringup "$REPO/ros_ws/src/refvlm_bringup/package.xml"
 # Links to the launch files of this checkout (edits need no reinstall), one per file:
-# `ros2 launch` does not look into linked folders.
-rm -rf "$VENV/share/refvlm/launch"
+# `ros2 launch` does not look into linked folders. (share/refvlm/launch: where they were
+# before refvlm_bringup.)
+rm -rf "$VENV/share/refvlm/launch" "$VENV/share/refvlm_bringup/launch"
 (cd "$REPO" && find launch -type f ! -name '*.pyc' ! -path '*/__pycache__/*') | while read -r file; do
-  mkdir -p "$VENV/share/refvlm/$(dirname "$file")"
-  ln -s "$REPO/$file" "$VENV/share/refvlm/$file"
+  mkdir -p "$VENV/share/refvlm_bringup/$(dirname "$file")"
+  ln -s "$REPO/$file" "$VENV/share/refvlm_bringup/$file"
 done
 mkdir -p "$VENV/lib/refvlm_ros"
 for executable in refvlm_node refvlm_sim; do
   [[ -x "$VENV/bin/$executable" ]] || die "$VENV/bin/$executable is missing; reinstall refvlm_ros"
   ln -sf "$VENV/bin/$executable" "$VENV/lib/refvlm_ros/$executable"
 done
+# `source .venv/bin/activate`, then `ros2 launch refvlm_bringup ...`: the venv is a ROS
+# prefix (ament index, share/, lib/). Added once; deactivate leaves the variable as it is.
+ACTIVATE_MARK="# refvlm: the virtualenv is a ROS 2 prefix"
+if ! grep -qF "$ACTIVATE_MARK" "$VENV/bin/activate"; then
+  cat >>"$VENV/bin/activate" <<EOF_ACTIVATE
+
+$ACTIVATE_MARK (ament index, share/, lib/): ros2 finds its packages.
+case ":\${AMENT_PREFIX_PATH:-}:" in
+  *":\$VIRTUAL_ENV:"*) ;;
+  *) export AMENT_PREFIX_PATH="\$VIRTUAL_ENV\${AMENT_PREFIX_PATH:+:\$AMENT_PREFIX_PATH}" ;;
+esac
+EOF_ACTIVATE
+fi
 echo "ros_ws: done"

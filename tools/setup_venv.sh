@@ -16,7 +16,7 @@ inputs_hash() {
     find ros_ws -type f \( -name package.xml -o -name CMakeLists.txt -o -name '*.msg' \
       -o -name '*.srv' -o -name '*.action' -o -name setup.py -o -name setup.cfg \
       -o -name '*.sh' \) 2>/dev/null | sort | xargs -r cat
-    # share/refvlm/launch links each launch file; the ROS tools build from ../shared.
+    # share/refvlm_bringup/launch links each launch file; the ROS tools build from ../shared.
     find launch -type f ! -name '*.pyc' | sort
     find "${REFVLM_SHARED_DIR:-../shared}/ros" -type f -print0 2>/dev/null | sort -z | xargs -0 -r cat
   } | sha256sum | cut -d' ' -f1

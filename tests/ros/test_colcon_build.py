@@ -32,10 +32,17 @@ def test_colcon_build_installs_the_ros_layout(tmp_path):
         cwd=source, capture_output=True, text=True, timeout=280, env=env)
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     install = tmp_path / "install"
-    for package in ("refvlm", "refvlm_ros"):
+    for package in ("refvlm", "refvlm_ros", "refvlm_bringup"):
         assert (install / package / "share/ament_index/resource_index/packages" / package).is_file()
         assert (install / package / "share" / package / "package.xml").is_file()
-    launch = install / "refvlm/share/refvlm/launch"
+    # package.xml dependencies order the build: refvlm, then refvlm_ros, then refvlm_bringup
+    listed = subprocess.run([str(COLCON), "--log-base", str(tmp_path / "log"), "list", "--topological-order",
+                             "--names-only", "--base-paths", ".", "ros_ws/src"],
+                            cwd=source, capture_output=True, text=True, timeout=60, env=env)
+    order = listed.stdout.split()
+    assert order.index("refvlm") < order.index("refvlm_ros") < order.index("refvlm_bringup"), order
+    assert order.index("refvlm_interfaces") < order.index("refvlm_ros"), order
+    launch = install / "refvlm_bringup/share/refvlm_bringup/launch"
     assert {"sim.launch.py", "refvlm.launch.py", "graph.yaml"} <= {p.name for p in launch.iterdir()}
     assert {"sim.yaml", "camera.yaml"} <= {p.name for p in (launch / "params").iterdir()}
     for executable in ("refvlm_node", "refvlm_sim"):

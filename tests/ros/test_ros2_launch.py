@@ -1,4 +1,4 @@
-"""`ros2 launch refvlm ...` as a user runs it: the real `ros2` command of the venv (make
+"""`ros2 launch refvlm_bringup ...` as a user runs it: the real `ros2` command of the venv (make
 setup installs launch, launch_ros and ros2cli, and registers the packages in the ament
 index), the launch files' arguments, the graph over DDS, and Ctrl-C shutting it down.
 This process is the client (real rclpy node)."""
@@ -29,7 +29,7 @@ def ros2_launch(log: Path, *arguments: str):
     env = dict(os.environ, OMP_NUM_THREADS="1", PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}",
                AMENT_PREFIX_PATH=os.pathsep.join(filter(None, [sys.prefix, os.environ.get("AMENT_PREFIX_PATH")])))
     with open(log, "w") as out:
-        process = subprocess.Popen([sys.executable, str(ROS2), "launch", "refvlm", *arguments],
+        process = subprocess.Popen([sys.executable, str(ROS2), "launch", "refvlm_bringup", *arguments],
                                    stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=_default_signals)
     process.log = log
     return process

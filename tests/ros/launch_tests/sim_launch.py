@@ -3,7 +3,7 @@ runs it in CI):
 
     launch_test tests/ros/launch_tests/sim_launch.py
 
-Starts the installed `refvlm` package's sim.launch.py with the shipped model (models/nano),
+Starts the installed `refvlm_bringup` package's sim.launch.py with the shipped model (models/nano),
 `target_frame:=base_link` and the sim camera orbiting (orbit.yaml), waits for the node to
 be active, asks ~/query about the sim camera's frame, checks the answer's 3D position in
 base_link against tf2 and the simulator's truth, reads /diagnostics, and after shutdown
@@ -43,7 +43,7 @@ FRAMES_KEPT = 100  # depth frames and truths by stamp: 20 s of the 5 Hz camera
 
 
 def generate_test_description():
-    sim = os.path.join(get_package_share_directory("refvlm"), "launch", "sim.launch.py")
+    sim = os.path.join(get_package_share_directory("refvlm_bringup"), "launch", "sim.launch.py")
     arguments = {"model_path": str(MODEL), "target_frame": TARGET, "params_file": str(HERE / "orbit.yaml")}
     return launch.LaunchDescription([
         IncludeLaunchDescription(PythonLaunchDescriptionSource(sim), launch_arguments=arguments.items()),

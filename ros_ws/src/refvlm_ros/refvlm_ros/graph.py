@@ -19,7 +19,7 @@ import yaml
 from refvlm_core.errors import ConfigError
 
 GRAPH_FILE_NAME = "graph.yaml"
-SHARE_LAUNCH_DIR = Path("share") / "refvlm" / "launch"  # where setup.py installs launch/
+SHARE_LAUNCH_DIR = Path("share") / "refvlm_bringup" / "launch"  # where refvlm_bringup installs launch/
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ def checkout_root() -> Path | None:
 
 
 def default_graph_file() -> Path:
-    """launch/graph.yaml of a source checkout, else of an installed share/refvlm/launch."""
+    """launch/graph.yaml of a source checkout, else of an installed share/refvlm_bringup/launch."""
     root = checkout_root()
     candidates = [root / "launch" / GRAPH_FILE_NAME] if root else []
     prefixes = [sys.prefix] + os.environ.get("AMENT_PREFIX_PATH", "").split(os.pathsep)
@@ -151,7 +151,7 @@ def load_graph(name: str, graph_file: Path | str | None = None,
     return GraphSpec(name=name, description=str(entry.get("description", "")), nodes=nodes)
 
 
-# Launch arguments (`ros2 launch refvlm sim.launch.py name:=value`), as peers name them.
+# Launch arguments (`ros2 launch refvlm_bringup sim.launch.py name:=value`), as peers name them.
 # An empty value keeps what the graph and its params files say.
 PERCEPTION_EXECUTABLE = "refvlm_node"
 NODE_PARAMETER_ARGUMENTS = {
