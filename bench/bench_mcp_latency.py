@@ -15,7 +15,6 @@ often answers nothing, and then locate does less work than the Query.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import subprocess
 import sys

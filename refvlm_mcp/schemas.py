@@ -138,7 +138,7 @@ class LookResult(BaseModel):
 
 
 # ---- conversions --------------------------------------------------------------------
-def _number(value: float | None) -> float | None:
+def number(value: float | None) -> float | None:
     return None if value is None or not math.isfinite(value) else float(value)
 
 
@@ -173,7 +173,7 @@ def frame_info(obs: Observation) -> FrameInfo:
 
 
 def located(found: Found) -> LocatedObject:
-    return LocatedObject(phrase=found.phrase, box=box_of(found), score=_number(found.score),
+    return LocatedObject(phrase=found.phrase, box=box_of(found), score=number(found.score),
                          position=position_of(found),
                          position_status=None if found.position is not None else (found.position_status or None),
                          track_id=found.track_id)
@@ -181,6 +181,6 @@ def located(found: Found) -> LocatedObject:
 
 def asked(found: Found) -> AskObject:
     return AskObject(phrase=found.phrase, units=list(found.units), box=box_of(found),
-                     score=_number(found.score),
+                     score=number(found.score),
                      mask_area_px=None if found.mask is None else int(np.count_nonzero(found.mask)),
                      keypoints=keypoints_of(found), position=position_of(found), track_id=found.track_id)

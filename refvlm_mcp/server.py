@@ -149,7 +149,7 @@ def build_server(perception: Perception, name: str = "refvlm") -> MCPServer:
         obs = observe("segment", prompt_for("segment", description), camera)
         found = with_(obs, description, "a mask", lambda f: f.mask is not None and f.mask.any())
         objects = [schemas.SegmentedObject(
-            phrase=f.phrase, area_px=int(f.mask.sum()), box=schemas.mask_box(f.mask), score=schemas._number(f.score),
+            phrase=f.phrase, area_px=int(f.mask.sum()), box=schemas.mask_box(f.mask), score=schemas.number(f.score),
             position=schemas.position_of(f), mask_image=k, track_id=f.track_id) for k, f in enumerate(found)]
         result = schemas.SegmentResult(objects=objects, answer=obs.answer, image=schemas.frame_info(obs),
                                        model_ms=obs.model_ms)
@@ -214,7 +214,8 @@ def build_server(perception: Perception, name: str = "refvlm") -> MCPServer:
         "check what they found. Costs image tokens: use the other tools for positions."))
     def look(camera: Camera = None,
              annotate: Annotated[bool, Field(description="draw the last answer on its image")] = False,
-             max_side: Annotated[int, Field(ge=64, le=4096, description="longest side of the returned image, pixels")] = 640,
+             max_side: Annotated[int, Field(ge=64, le=4096,
+                                            description="longest side of the returned image, pixels")] = 640,
              ) -> Annotated[CallToolResult, schemas.LookResult]:
         start = time.perf_counter()
         try:

@@ -177,7 +177,7 @@ def test_an_inactive_node_is_a_tool_error(session):
                             60.0, "answers again after activate", 0.5)
 
 
-def test_a_node_that_is_not_up(graph):
+def test_a_node_that_is_not_up():
     session = mcp_server("--node", "/absent_node", "--connect-timeout", "1")
     try:
         result = session.call_tool("locate", {"description": "red cube"})
