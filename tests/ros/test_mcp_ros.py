@@ -40,13 +40,15 @@ def mcp_server(*arguments: str) -> McpSession:
 
 @pytest.fixture(scope="module")
 def graph(tmp_path_factory):
-    """SimWorld camera (160x120, 5 Hz) + refvlm_node on its topics, autostarted."""
+    """SimWorld camera (160x120, 5 Hz) + refvlm_node on its topics, autostarted; each answer
+    takes at least 0.3 s and at most 2 queries wait, so a burst of calls meets 'busy'."""
     logs = tmp_path_factory.mktemp("graph")
     camera = spawn_node([sys.executable, "-c", "from refvlm_ros.sim_node import main; main()",
                          "--ros-args", "-r", "__node:=sim_camera", "-p", "width:=160", "-p", "height:=120",
                          "-p", "rate_hz:=5.0"], logs / "camera.log")
     node = spawn_node([sys.executable, str(Path(__file__).with_name("_node_process.py")), "--answer", ANSWER,
-                       "--ros-args", "-p", "model_preset:=tiny", "-p", "autostart:=true",
+                       "--delay", "0.3", "--ros-args", "-p", "model_preset:=tiny", "-p", "autostart:=true",
+                       "-p", "max_pending_queries:=2",
                        "-r", "image:=/sim_camera/image", "-r", "depth:=/sim_camera/depth",
                        "-r", "camera_info:=/sim_camera/camera_info"], logs / "node.log")
     yield camera, node
@@ -136,7 +138,8 @@ def test_bad_input_is_a_tool_error(session, tool, arguments, message):
 
 
 def test_many_outstanding_calls_are_all_answered(session):
-    """More calls than the node queues: each gets its answer or a 'busy, retry' tool error."""
+    """More calls than the node queues: each gets its answer or a 'busy, retry' tool error
+    (none lost: the server's ~/query client keeps 100 requests)."""
     results: list = [None] * 12
 
     def call(k: int) -> None:
@@ -151,7 +154,8 @@ def test_many_outstanding_calls_are_all_answered(session):
     for r in results:
         assert not r.is_error or ("busy" in r.content[0].text and "Retry in about" in r.content[0].text), \
             r.content[0].text
-    assert sum(not r.is_error for r in results) >= 8  # max_pending_queries, the node's default
+    answered = sum(not r.is_error for r in results)
+    assert 1 <= answered < len(results)  # the node took what it queues and refused the rest
 
 
 def test_resources_describe_camera_and_node(session):
