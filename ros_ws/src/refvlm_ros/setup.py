@@ -7,6 +7,7 @@ setup(
     name=PACKAGE,
     version="0.1.0",
     packages=[PACKAGE],
+    package_data={PACKAGE: ["*.xml"]},  # the Fast DDS profile (transport.py)
     data_files=[
         ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE}"]),
         (f"share/{PACKAGE}", ["package.xml"]),

@@ -55,6 +55,7 @@ from refvlm_ros.frames import FrameSlot, InferenceStats, StampedBuffer
 from refvlm_ros.image_conversions import array_to_image, compressed_to_rgb, depth_to_metres, image_to_rgb
 from refvlm_ros.localization import Intrinsics, LocalizationConfig
 from refvlm_ros.query_queue import QueryQueue
+from refvlm_ros.transport import use_camera_profile
 from refvlm_ros.tracking import Tracker, assign_track_ids
 from refvlm_ros.transforms import TargetFrame
 
@@ -651,6 +652,7 @@ class RefVLMNode(LifecycleNode):
 
 
 def main(args: list[str] | None = None) -> None:
+    use_camera_profile()  # whole frames through Fast DDS's shared memory
     rclpy.init(args=args)
     run(RefVLMNode())
 

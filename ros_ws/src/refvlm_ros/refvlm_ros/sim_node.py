@@ -31,6 +31,7 @@ from std_msgs.msg import Header, String
 from refvlm_core.errors import ConfigError
 from refvlm_ros.image_conversions import array_to_image
 from refvlm_ros.sim_scenes import SimScenes, ros_k
+from refvlm_ros.transport import use_camera_profile
 from refvlm_ros.transforms import transform_msg
 
 MOTIONS = ("static", "orbit", "dolly")
@@ -201,6 +202,7 @@ class SimCameraNode(Node):
 
 def main(args: list[str] | None = None) -> None:
     """Entry point `refvlm_sim` (ros2 run refvlm_ros refvlm_sim)."""
+    use_camera_profile()  # whole frames through Fast DDS's shared memory
     rclpy.init(args=args)
     node = None
     try:
