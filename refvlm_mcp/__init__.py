@@ -5,6 +5,7 @@
     pictures.py          frames, masks and drawn answers as PNG / JPEG bytes
     server.py            the tools and resources, their descriptions, validation, errors
     ros_perception.py    ROS mode: the running node's ~/query, camera and /diagnostics
+    ros_cameras.py       ROS mode: which topics are the node's cameras, their recent frames
     local_perception.py  library mode: a Predictor in this process, an image file as camera
     cli.py               `refvlm mcp`
 

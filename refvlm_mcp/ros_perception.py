@@ -1,31 +1,26 @@
-"""ROS mode: the running perception node's ~/query, its camera topic (for look) and its
-/diagnostics and parameters (for the status resource), from a client node spun in a
+"""ROS mode: the running perception node's ~/query, its cameras' image topics (for look)
+and its /diagnostics and parameters (for the resources), from a client node spun in a
 background thread with its own rclpy context.
 
 The client's ~/query QoS keeps 100 requests, so replies to many outstanding calls are not
 dropped (the default depth of 10 loses them). Fields the interface gains are used when
-they are there: a ``camera`` in the Query request, a ``track_id`` on objects and the
-``position_frame`` of a result (else positions are in the image's frame).
+they are there: a ``camera`` in the Query request (the node's cameras are the labels in
+its /diagnostics), a ``track_id`` on objects and the ``position_frame`` of a result (else
+positions are in the image's frame).
 """
 from __future__ import annotations
 
 import os
 import threading
 import time
-from collections import deque
 from typing import Any
 
 import numpy as np
 
 from refvlm_mcp.observation import Found, Frame, Observation, PerceptionError
+from refvlm_mcp.ros_cameras import DEFAULT_CAMERA, CameraFeed, camera_topics, stamp_s
 
 QUERY_QOS_DEPTH = 100
-DEFAULT_CAMERA = "default"  # the one camera of a node without a camera field in Query
-KEEP_FRAMES = 8             # recent frames kept so look can draw an answer on its own frame
-
-
-def _stamp(header: Any) -> float:
-    return header.stamp.sec + header.stamp.nanosec * 1e-9
 
 
 def _track_id(obj: Any) -> str | None:
@@ -74,10 +69,8 @@ class RosPerception:
                                               qos_profile=QoSProfile(depth=QUERY_QOS_DEPTH))
         self._request_type = Query.Request
         self._camera_field = "camera" in Query.Request.get_fields_and_field_types()
-        self._lock = threading.Lock()
-        self._frames: deque = deque(maxlen=KEEP_FRAMES)
-        self._image_topic = image_topic
-        self._image_sub = None
+        self._image_topic = image_topic  # the first camera's, when given
+        self._feeds: dict[str, CameraFeed] = {}
         self._diagnostics: dict[str, str] = {}
         self._parameters: dict[str, Any] = {}
         self.node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diagnostics, 10)
@@ -85,8 +78,6 @@ class RosPerception:
         self._executor.add_node(self.node)
         self._thread = threading.Thread(target=self._executor.spin, name="refvlm-mcp-ros", daemon=True)
         self._thread.start()
-        if image_topic:
-            self._subscribe_camera(image_topic)
 
     # ---- inputs ------------------------------------------------------------------------
     def _on_diagnostics(self, msg: Any) -> None:
@@ -94,94 +85,81 @@ class RosPerception:
             if status.hardware_id == self.node_name.rsplit("/", 1)[-1]:
                 self._diagnostics = {kv.key: kv.value for kv in status.values}
 
-    def _on_image(self, msg: Any) -> None:
-        with self._lock:
-            self._frames.append(msg)
-
-    def _node_topics(self) -> list[tuple[str, list[str]]]:
+    def _node_subscriptions(self) -> list[tuple[str, list[str]]]:
         namespace, _, name = self.node_name.rpartition("/")
         try:
             return self.node.get_subscriber_names_and_types_by_node(name, namespace or "/")
         except Exception:  # noqa: BLE001 (rclpy raises a bare error for an unknown node)
             return []
 
-    def _camera_topics(self) -> dict[str, str | None]:
-        """The node's camera inputs as it subscribes to them (after remapping): the colour
-        image (an Image topic without 'depth' in its name, or a CompressedImage), depth, CameraInfo."""
-        found: dict[str, str | None] = {"image": None, "depth": None, "camera_info": None}
-        for topic, types in self._node_topics():
-            if "sensor_msgs/msg/CameraInfo" in types:
-                found["camera_info"] = topic
-            elif "sensor_msgs/msg/Image" in types:
-                found["depth" if "depth" in topic.lower() else "image"] = topic
-            elif "sensor_msgs/msg/CompressedImage" in types and found["image"] is None:
-                found["image"] = topic
-        if self._image_topic:
-            found["image"] = self._image_topic
-        return found
+    def camera_names(self) -> list[str]:
+        """The node's cameras as it labels them (its /diagnostics 'cameras'), the first one
+        answering when a call names none; one 'default' camera for a node without several."""
+        names = [n for n in self._diagnostics.get("cameras", "").split(",") if n]
+        return names if self._camera_field and names else [DEFAULT_CAMERA]
 
-    def _subscribe_camera(self, topic: str) -> None:
-        from rclpy.qos import qos_profile_sensor_data
-        from sensor_msgs.msg import CompressedImage, Image
+    def _topics(self, name: str) -> dict[str, str | None]:
+        names = self.camera_names()
+        several = len(names) > 1 or names[0] != DEFAULT_CAMERA
+        topics = camera_topics(self._node_subscriptions(), name if several else "")
+        if self._image_topic and name == names[0]:
+            topics["image"] = self._image_topic
+        return topics
 
-        kind = CompressedImage if topic.endswith("/compressed") else Image
-        self._image_sub = self.node.create_subscription(kind, topic, self._on_image, qos_profile_sensor_data)
-        self._image_topic = topic
+    def _feed(self, name: str) -> CameraFeed:
+        """The camera's frames, subscribed to on first use."""
+        if name not in self._feeds:
+            from rclpy.qos import qos_profile_sensor_data
+            from sensor_msgs.msg import CompressedImage, Image
 
-    def _ensure_camera(self) -> None:
-        if self._image_sub is None:
-            topic = self._camera_topics()["image"]
+            topic = self._topics(name)["image"]
             if topic is None:
                 raise PerceptionError(
-                    f"cannot find the camera of {self.node_name}: the node subscribes to no image topic "
-                    f"({self._state_hint()}). Start the node (and activate it), or start this server "
+                    f"cannot find the image topic of camera {name!r} of {self.node_name}: the node subscribes "
+                    f"to none ({self._state_hint()}). Start the node (and activate it), or start this server "
                     "with --image-topic.", retry_after_s=2.0)
-            self._subscribe_camera(topic)
+            feed = CameraFeed(name, topic)
+            kind = CompressedImage if topic.endswith("/compressed") else Image
+            self.node.create_subscription(kind, topic, feed.put, qos_profile_sensor_data)
+            self._feeds[name] = feed
+        return self._feeds[name]
 
     def _state_hint(self) -> str:
         state = self._diagnostics.get("state")
         return f"its state is {state}" if state else "no /diagnostics from it yet"
 
     # ---- frames ------------------------------------------------------------------------
-    def _frame(self, msg: Any) -> Frame:
+    @staticmethod
+    def _frame(msg: Any, camera: str) -> Frame:
         from refvlm_ros.image_conversions import compressed_to_rgb, image_to_rgb
 
-        compressed = not hasattr(msg, "encoding")
-        width, height = (0, 0) if compressed else (msg.width, msg.height)
-        if compressed:
-            height, width = compressed_to_rgb(msg).shape[:2]
-        convert = (lambda: compressed_to_rgb(msg)) if compressed else (lambda: image_to_rgb(msg))
-        return Frame(rgb=convert, width=width, height=height, stamp_s=_stamp(msg.header),
-                     frame_id=msg.header.frame_id, camera=DEFAULT_CAMERA)
+        if hasattr(msg, "encoding"):
+            convert, (height, width) = (lambda: image_to_rgb(msg)), (msg.height, msg.width)
+        else:  # CompressedImage: its size is known once decoded
+            convert, (height, width) = (lambda: compressed_to_rgb(msg)), compressed_to_rgb(msg).shape[:2]
+        return Frame(rgb=convert, width=width, height=height, stamp_s=stamp_s(msg.header),
+                     frame_id=msg.header.frame_id, camera=camera)
 
-    def _check_camera(self, camera: str | None) -> None:
-        if camera and not self._camera_field and camera != DEFAULT_CAMERA:
-            raise PerceptionError(f"this node serves one camera, {DEFAULT_CAMERA!r}; there is no camera "
-                                  f"{camera!r}: leave camera empty")
+    def _camera(self, camera: str | None) -> str:
+        """The camera a call names (the first when it names none); a name the node does not
+        have is refused here when the node's cameras are known, else by the node."""
+        names = self.camera_names()
+        if not camera:
+            return names[0]
+        if camera not in names and (not self._camera_field or "cameras" in self._diagnostics):
+            raise PerceptionError(f"no camera {camera!r}: this node's cameras are {names}; leave camera "
+                                  f"empty for {names[0]!r}")
+        return camera
 
     def latest_frame(self, camera: str | None) -> Frame:
-        self._check_camera(camera)
-        if camera and camera != DEFAULT_CAMERA:  # a node with several cameras: look reads one topic
-            raise PerceptionError(f"look shows the camera on {self._image_topic or 'the node image topic'}; "
-                                  f"start another server with --image-topic for camera {camera!r}")
-        self._ensure_camera()
+        feed = self._feed(self._camera(camera))
         deadline = time.monotonic() + self.connect_timeout_s
-        while True:
-            with self._lock:
-                latest = self._frames[-1] if self._frames else None
-            if latest is not None:
-                return self._frame(latest)
+        while (latest := feed.latest()) is None:
             if time.monotonic() > deadline:
-                raise PerceptionError(f"no camera frame yet on {self._image_topic} ({self._state_hint()}): "
+                raise PerceptionError(f"no camera frame yet on {feed.topic} ({self._state_hint()}): "
                                       "the camera may not be publishing", retry_after_s=2.0)
             time.sleep(0.05)
-
-    def _frame_at(self, stamp_s: float) -> Frame | None:
-        with self._lock:
-            for msg in reversed(self._frames):
-                if abs(_stamp(msg.header) - stamp_s) < 1e-6:
-                    return self._frame(msg)
-        return None
+        return self._frame(latest, feed.name)
 
     # ---- asking ------------------------------------------------------------------------
     def _call(self, request: Any) -> Any:
@@ -212,28 +190,28 @@ class RosPerception:
         return None
 
     def ask(self, prompt: str, camera: str | None) -> Observation:
-        self._check_camera(camera)
+        name = self._camera(camera)
         try:  # subscribe early, so look can draw this answer on its own frame
-            self._ensure_camera()
+            feed = self._feed(name)
         except PerceptionError:
-            pass  # the node will say what is wrong
+            feed = None  # the node will say what is wrong
         request = self._request_type(prompt=prompt)
         if self._camera_field:
-            request.camera = camera or ""
+            request.camera = "" if name == DEFAULT_CAMERA else name
         response = self._call(request)
         if not response.success:
             raise PerceptionError(response.error, retry_after_s=self._retry_after(response.error))
         msg = response.result
         stages = dict(zip(msg.stage_names, msg.stage_seconds))
-        stamp = _stamp(msg.header)
+        stamp = stamp_s(msg.header)
+        frame = feed.at(stamp) if feed is not None else None
         return Observation(
             prompt=msg.prompt, answer=msg.answer, trp_text=msg.trp_text,
             objects=[found_from_msg(obj, getattr(msg, "position_frame", "") or msg.header.frame_id)
                      for obj in msg.objects],
             width=msg.image_width, height=msg.image_height, stamp_s=stamp, frame_id=msg.header.frame_id,
-            camera=getattr(request, "camera", "") or DEFAULT_CAMERA,
-            model_ms=round(stages["node_total"] * 1e3, 1) if "node_total" in stages else None,
-            errors=list(msg.errors), frame=self._frame_at(stamp))
+            camera=name, model_ms=round(stages["node_total"] * 1e3, 1) if "node_total" in stages else None,
+            errors=list(msg.errors), frame=None if frame is None else self._frame(frame, name))
 
     # ---- resources ---------------------------------------------------------------------
     def _node_parameters(self) -> dict[str, Any]:
@@ -257,18 +235,19 @@ class RosPerception:
         return self._parameters
 
     def cameras(self) -> list[dict[str, Any]]:
-        try:  # start receiving frames, so the list says whether they arrive
-            self._ensure_camera()
-        except PerceptionError:
-            pass  # not up yet: listed without frames
-        topics = self._camera_topics()
-        with self._lock:
-            latest = self._frames[-1] if self._frames else None
-        return [{"name": DEFAULT_CAMERA, "image_topic": topics["image"], "depth_topic": topics["depth"],
-                 "camera_info_topic": topics["camera_info"],
-                 "has_depth": bool(topics["depth"] and self.node.count_publishers(topics["depth"])),
-                 "last_frame_stamp_s": None if latest is None else _stamp(latest.header),
-                 "node": self.node_name}]
+        listed = []
+        for name in self.camera_names():
+            try:  # start receiving frames, so the list says whether they arrive
+                latest = self._feed(name).latest()
+            except PerceptionError:
+                latest = None  # not up yet: listed without frames
+            topics = self._topics(name)
+            listed.append({
+                "name": name, "image_topic": topics["image"], "depth_topic": topics["depth"],
+                "camera_info_topic": topics["camera_info"],
+                "has_depth": bool(topics["depth"] and self.node.count_publishers(topics["depth"])),
+                "last_frame_stamp_s": None if latest is None else stamp_s(latest.header), "node": self.node_name})
+        return listed
 
     def status(self) -> dict[str, Any]:
         ready = self._query.service_is_ready()

@@ -129,12 +129,29 @@ def test_look_draws_the_last_answer_on_its_frame(session):
 @pytest.mark.parametrize("tool, arguments, message", [
     ("locate", {"description": "x" * 201}, "at most 200 characters"),
     ("segment", {"description": "cube\n"}, "pattern"),
-    ("locate", {"description": "red cube", "camera": "front"}, "one camera"),
+    ("locate", {"description": "red cube", "camera": "front"}, "no camera 'front'"),
+    ("look", {"camera": "front"}, "no camera 'front'"),
     ("pose", {"description": ["person"]}, "valid string"),
 ])
 def test_bad_input_is_a_tool_error(session, tool, arguments, message):
     result = session.call_tool(tool, arguments)
     assert result.is_error and message in result.content[0].text, result.content[0].text
+
+
+def test_camera_topics_are_read_from_the_node_subscriptions():
+    from refvlm_mcp.ros_cameras import camera_topics
+
+    image, depth, info = ["sensor_msgs/msg/Image"], ["sensor_msgs/msg/Image"], ["sensor_msgs/msg/CameraInfo"]
+    one = [("/sim_camera/image", image), ("/sim_camera/depth", depth), ("/sim_camera/camera_info", info),
+           ("/refvlm_node/prompt", ["std_msgs/msg/String"])]
+    assert camera_topics(one) == {"image": "/sim_camera/image", "depth": "/sim_camera/depth",
+                                  "camera_info": "/sim_camera/camera_info"}
+    several = [("/robot/front/image", image), ("/robot/front/depth", depth), ("/robot/left/image", image),
+               ("/robot/left/camera_info", info)]
+    assert camera_topics(several, "left") == {"image": "/robot/left/image", "depth": None,
+                                              "camera_info": "/robot/left/camera_info"}
+    assert camera_topics([("/cam/image/compressed", ["sensor_msgs/msg/CompressedImage"])])["image"] == \
+        "/cam/image/compressed"
 
 
 def test_many_outstanding_calls_are_all_answered(session):

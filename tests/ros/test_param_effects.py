@@ -78,6 +78,8 @@ PARAM_REGISTRY: dict[str, str | tuple[str, ...]] = {
     "track_max_age_s": ("tests/ros/test_target_frame.py::test_track_ids_follow_camera_frames_not_request_images",
                         "tests/ros/test_tracking.py::test_min_iou_and_max_age_bound_the_association"),
     "track_min_iou": "tests/ros/test_tracking.py::test_min_iou_and_max_age_bound_the_association",
+    "cameras": ("tests/ros/test_cameras.py::test_one_node_subscribes_and_publishes_per_camera",
+                "tests/ros/test_cameras.py::test_queries_name_their_camera"),
 }
 
 

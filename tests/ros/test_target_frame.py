@@ -209,17 +209,20 @@ def test_track_ids_follow_camera_frames_not_request_images(ros):
     node = ros("refvlm_tracks", track_max_age_s=5.0)
     off = ros("refvlm_tracks_off", track_max_age_s=0.0)
     frame = _request(100).image
-    ids = [node.answer(frame, "where is the red cube?", [], lambda: None)[1].objects[0].track_id
-           for _ in range(3)]
+
+    def ask(asked, prompt="where is the red cube?"):  # as the worker answers a camera's frame
+        return asked.answer(frame, prompt, [], lambda: None, camera=asked._cameras.get(""))[1]
+
+    ids = [ask(node).objects[0].track_id for _ in range(3)]
     assert ids[0] >= 1 and ids == [ids[0]] * 3
     frame.header.stamp.sec = 110  # past track_max_age_s: the track has ended, a new one starts
-    [later] = node.answer(frame, "where is the red cube?", [], lambda: None)[1].objects
+    [later] = ask(node).objects
     assert later.track_id == ids[0] + 1
-    [other] = node.answer(frame, "where is the blue ball?", [], lambda: None)[1].objects
+    [other] = ask(node, "where is the blue ball?").objects
     assert other.track_id == later.track_id  # the forced answer's phrase is the same object's
     assert _ask(node, _request(110)).result.objects[0].track_id == 0
-    [untracked] = off.answer(frame, "where is the red cube?", [], lambda: None)[1].objects
+    [untracked] = ask(off).objects
     assert untracked.track_id == 0
     if vision_msgs_available():
-        result = node.answer(frame, "where is the red cube?", [], lambda: None)[1]
+        result = ask(node)
         assert [d.id for d in detections_2d(result).detections] == [str(later.track_id)]

@@ -51,7 +51,8 @@ from refvlm_interfaces.msg import RefResult
 from refvlm_interfaces.msg import VisualPrompt as VisualPromptMsg
 from refvlm_interfaces.srv import Query
 from refvlm_ros import messages, params, request_limits
-from refvlm_ros.frames import FrameSlot, InferenceStats, StampedBuffer
+from refvlm_ros.cameras import Cameras, CameraStream, parse_camera_names
+from refvlm_ros.frames import InferenceStats
 from refvlm_ros.image_conversions import array_to_image, compressed_to_rgb, depth_to_metres, image_to_rgb
 from refvlm_ros.localization import Intrinsics, LocalizationConfig
 from refvlm_ros.query_queue import QueryQueue
@@ -137,14 +138,11 @@ class RefVLMNode(LifecycleNode):
         self._backend: dict[str, str] = {}  # what runs the vision parts and why (/diagnostics)
         self._load: dict[str, str] = {}  # how long configure's model load took, per phase (/diagnostics)
         self._model_lock = threading.Lock()
-        self._frames = FrameSlot()
-        self._depths = StampedBuffer()
-        self._camera_info: CameraInfo | None = None
+        self._cameras = Cameras([""])  # per camera: frames, depth, CameraInfo, tracker, outputs
         self._standing_prompt = ""
         self._standing_visual_prompts: list[VisualPromptMsg] = []
         self._stats = InferenceStats()
         self._target: TargetFrame | None = None  # target_frame set: positions moved there (tf2)
-        self._tracker: Tracker | None = None  # track IDs of answers on camera frames
         self._stop = threading.Event()
         self._worker: threading.Thread | None = None
         self._outputs: dict[str, Any] = {}
@@ -256,8 +254,7 @@ class RefVLMNode(LifecycleNode):
         for sub in self._inputs:
             self.destroy_subscription(sub)
         self._inputs = []
-        self._frames.clear()
-        self._depths.clear()
+        self._cameras.clear()
 
     @logged_transition
     def on_cleanup(self, state: State) -> TransitionCallbackReturn:
@@ -287,20 +284,24 @@ class RefVLMNode(LifecycleNode):
             self._worker = None
 
     def _configure_frames_and_tracks(self) -> None:
-        """tf2 for target_frame (its subscriptions run on this node's executor) and the
-        tracker, as the parameters say."""
+        """The cameras, tf2 for target_frame (its subscriptions run on this node's
+        executor) and a tracker per camera, as the parameters say."""
+        self._cameras = Cameras(parse_camera_names(self.p.cameras))
         if self.p.target_frame:
             self._target = TargetFrame(self, self.p.target_frame, self.p.transform_timeout_s)
         if self.p.track_max_age_s > 0:
-            self._tracker = Tracker(self.p.track_max_age_s, self.p.track_min_iou)
+            for stream in self._cameras.streams:
+                stream.tracker = Tracker(self.p.track_max_age_s, self.p.track_min_iou)
 
     def _release(self) -> None:
         """Destroy configure's outputs and free the model (waits for a running request)."""
         if self._target is not None:
             self._target.close()
-        self._target, self._tracker = None, None
-        for pub in self._outputs.values():
-            self.destroy_publisher(pub)
+        self._target = None
+        for stream in self._cameras.streams:
+            for pub in stream.outputs.values():
+                self.destroy_publisher(pub)
+            stream.outputs, stream.tracker = {}, None
         self._outputs = {}
         with self._model_lock:
             self._predictor = None
@@ -319,42 +320,51 @@ class RefVLMNode(LifecycleNode):
 
     # ---- wiring -----------------------------------------------------------------------
     def _create_outputs(self) -> None:
+        """Every camera's publishers (~/result ..., or ~/<camera>/result ... with `cameras`);
+        ``_outputs`` are the first camera's."""
         pub = self.create_publisher
-        self._outputs = {
-            "result": pub(RefResult, "~/result", 10),
-            "masks": pub(Image, "~/masks", 10),
-            "depth": pub(Image, "~/depth", 10),
-        }
-        if self.p.publish_overlay:
-            self._outputs["overlay"] = pub(Image, "~/overlay", 10)
-        if messages.vision_msgs_available():
-            from vision_msgs.msg import Detection2DArray, Detection3DArray  # noqa: PLC0415
-            self._outputs["detections"] = pub(Detection2DArray, "~/detections", 10)
-            self._outputs["detections_3d"] = pub(Detection3DArray, "~/detections_3d", 10)
+        for stream in self._cameras.streams:
+            out = stream.output
+            stream.outputs = {
+                "result": pub(RefResult, out("result"), 10),
+                "masks": pub(Image, out("masks"), 10),
+                "depth": pub(Image, out("depth"), 10),
+            }
+            if self.p.publish_overlay:
+                stream.outputs["overlay"] = pub(Image, out("overlay"), 10)
+            if messages.vision_msgs_available():
+                from vision_msgs.msg import Detection2DArray, Detection3DArray  # noqa: PLC0415
+                stream.outputs["detections"] = pub(Detection2DArray, out("detections"), 10)
+                stream.outputs["detections_3d"] = pub(Detection3DArray, out("detections_3d"), 10)
+        self._outputs = self._cameras.streams[0].outputs
 
     def _create_inputs(self) -> None:
         sub, p = self.create_subscription, self.p
         group = self._io_group
-        image_qos = input_qos(p.image_reliability, p.image_qos_depth)
-        if p.image_transport == "compressed":
-            image = sub(CompressedImage, f"{p.image_topic}/compressed", self._frames.put, image_qos,
-                        callback_group=group)
-        else:
-            image = sub(Image, p.image_topic, self._frames.put, image_qos, callback_group=group)
         self._inputs = [
-            image,
-            sub(CameraInfo, p.camera_info_topic, self._on_camera_info,
-                input_qos(p.camera_info_reliability, p.camera_info_qos_depth), callback_group=group),
             sub(String, p.prompt_topic, self._on_prompt, 10, callback_group=group),
             sub(VisualPromptMsg, p.visual_prompt_topic, self._on_visual_prompt, 10, callback_group=group),
         ]
-        if p.depth_topic:
-            self._inputs.append(sub(
-                Image, p.depth_topic, lambda m: self._depths.put(stamp_seconds(m.header), m),
-                input_qos(p.depth_reliability, p.depth_qos_depth), callback_group=group))
+        for stream in self._cameras.streams:
+            self._inputs += self._camera_inputs(stream)
 
-    def _on_camera_info(self, msg: CameraInfo) -> None:
-        self._camera_info = msg
+    def _camera_inputs(self, stream: CameraStream) -> list[Any]:
+        """One camera's image, CameraInfo and depth subscriptions (under its namespace)."""
+        sub, p, group = self.create_subscription, self.p, self._io_group
+        image_qos = input_qos(p.image_reliability, p.image_qos_depth)
+        on_frame = lambda m: self._cameras.put(stream, m)  # noqa: E731
+        if p.image_transport == "compressed":
+            image = sub(CompressedImage, stream.topic(f"{p.image_topic}/compressed"), on_frame, image_qos,
+                        callback_group=group)
+        else:
+            image = sub(Image, stream.topic(p.image_topic), on_frame, image_qos, callback_group=group)
+        inputs = [image, sub(CameraInfo, stream.topic(p.camera_info_topic), lambda m: setattr(stream, "info", m),
+                             input_qos(p.camera_info_reliability, p.camera_info_qos_depth), callback_group=group)]
+        if p.depth_topic:
+            inputs.append(sub(
+                Image, stream.topic(p.depth_topic), lambda m: stream.depths.put(stamp_seconds(m.header), m),
+                input_qos(p.depth_reliability, p.depth_qos_depth), callback_group=group))
+        return inputs
 
     def _on_prompt(self, msg: String) -> None:
         self._standing_prompt = msg.data
@@ -393,13 +403,13 @@ class RefVLMNode(LifecycleNode):
             return rgb
         return image_to_rgb(image, self._image_backend())
 
-    def _depth_context(self, image: Image) -> messages.DepthContext | None:
-        """The depth topic's frame paired with ``image`` by stamp, with the latest CameraInfo."""
-        info = self._camera_info
+    def _depth_context(self, image: Image, stream: CameraStream) -> messages.DepthContext | None:
+        """The camera's depth frame paired with ``image`` by stamp, with its latest CameraInfo."""
+        info = stream.info
         if not self.p.depth_topic or info is None:
             return None
-        depth = self._depths.match(stamp_seconds(image.header), self.p.sync_tolerance_s,
-                                   wait=self.p.sync_tolerance_s)
+        depth = stream.depths.match(stamp_seconds(image.header), self.p.sync_tolerance_s,
+                                    wait=self.p.sync_tolerance_s)
         if depth is None:
             return None
         try:
@@ -448,11 +458,11 @@ class RefVLMNode(LifecycleNode):
 
     def answer(self, image: Image, prompt: str, visual_prompts: list[VisualPromptMsg],
                depth: Callable[[], messages.DepthContext | None], on_token: Callable | None = None,
-               track: bool = True) -> tuple[Result, RefResult, np.ndarray]:
+               camera: CameraStream | None = None) -> tuple[Result, RefResult, np.ndarray]:
         """One question on one image -> (Result, RefResult message, RGB [H, W, 3] uint8).
         ``depth()`` gives the image's depth context (called once the inputs are valid).
-        Positions are moved to target_frame; objects of camera frames (``track``) get
-        track IDs.
+        Positions are moved to target_frame; objects of a ``camera``'s frame get its track
+        IDs (an image sent with a request has no camera).
         Raises RefVLMError for input the caller can fix."""
         t0 = time.perf_counter()
         rgb = self._to_rgb(image)
@@ -471,8 +481,8 @@ class RefVLMNode(LifecycleNode):
         msg = messages.result_to_msg(result, image.header, context, config)
         if self._target is not None:
             self._target.apply(msg)
-        tracker = self._tracker
-        if track and tracker is not None:
+        tracker = camera.tracker if camera is not None else None
+        if tracker is not None:
             assign_track_ids(tracker, result, msg, stamp_seconds(image.header))
         latency = time.perf_counter() - t0
         msg.stage_names.append("node_total")
@@ -488,24 +498,25 @@ class RefVLMNode(LifecycleNode):
             if delay > 0:
                 self._stop.wait(delay)
                 continue
-            frame = self._frames.take(timeout=0.1)
+            taken = self._cameras.take(timeout=0.1)  # the cameras' new frames in turn
             prompt = self._standing_prompt
-            if frame is None or not prompt:
+            if taken is None or not prompt:
                 continue
+            stream, frame = taken
             next_start = time.monotonic() + period
             try:
                 result, msg, rgb = self.answer(frame, prompt, self._standing_visual_prompts,
-                                               lambda: self._depth_context(frame))
+                                               lambda: self._depth_context(frame, stream), camera=stream)
             except Exception as error:  # noqa: BLE001 (log, count, keep running)
                 self._stats.count_error()
                 self.get_logger().error(f"standing prompt failed: {error}")
-                self._outputs["result"].publish(messages.error_result(
+                stream.outputs["result"].publish(messages.error_result(
                     frame.header, prompt[:ERROR_PROMPT_ECHO], str(error)))
                 continue
-            self._publish(result, msg, rgb)
+            self._publish(result, msg, rgb, stream)
 
-    def _publish(self, result: Result, msg: RefResult, rgb: np.ndarray) -> None:
-        pubs, header = self._outputs, msg.header
+    def _publish(self, result: Result, msg: RefResult, rgb: np.ndarray, stream: CameraStream) -> None:
+        pubs, header = stream.outputs, msg.header
         pubs["result"].publish(msg)
         if "detections" in pubs:
             pubs["detections"].publish(messages.detections_2d(msg))
@@ -520,20 +531,23 @@ class RefVLMNode(LifecycleNode):
             pubs["overlay"].publish(array_to_image(draw_result(rgb, result), "rgb8", header))
 
     # ---- requests ----------------------------------------------------------------------
-    def _request_frame(self, request: Any) -> tuple[Image, Callable[[], messages.DepthContext | None]]:
-        """The image a request is about and how to get its depth context: the request's own
-        image with the depth sent along, or the latest camera frame with its paired depth."""
+    def _request_frame(self, request: Any
+                       ) -> tuple[Image, Callable[[], messages.DepthContext | None], CameraStream | None]:
+        """The image a request is about, how to get its depth context, and its camera: the
+        request's own image with the depth sent along (no camera), or the latest frame of
+        the camera it names (``camera``; empty = the first) with its paired depth."""
         if getattr(request, "use_image", False):
             image = request.image
-            return image, lambda: self._request_depth_context(image, request.depth, request.camera_info)
+            return image, lambda: self._request_depth_context(image, request.depth, request.camera_info), None
+        stream = self._cameras.get(getattr(request, "camera", ""))
         if not self.active:
             raise InputError("the node is not active: configure and activate it, "
                              "or send the image in the request (use_image)")
-        frame = self._frames.latest()
+        frame = stream.frames.latest()
         if frame is None:
-            raise InputError(f"no camera frame received yet on '{self.p.image_topic}': "
+            raise InputError(f"no camera frame received yet on '{stream.topic(self.p.image_topic)}': "
                              "publish images there or send one in the request (use_image)")
-        return frame, lambda: self._depth_context(frame)
+        return frame, lambda: self._depth_context(frame, stream), stream
 
     def _run_request(self, request: Any, reply: Any, on_token: Callable | None = None) -> Any:
         """Answers a Query request or Ground goal: fills reply.success/error/result; every
@@ -544,10 +558,10 @@ class RefVLMNode(LifecycleNode):
         try:
             if self.p is None:
                 raise InputError("the node is not configured: configure it (lifecycle) first")
-            frame, depth = self._request_frame(request)
+            frame, depth, camera = self._request_frame(request)
             header = frame.header
             _, reply.result, _ = self.answer(frame, prompt, list(request.visual_prompts), depth, on_token,
-                                             track=not getattr(request, "use_image", False))
+                                             camera=camera)
             reply.success = True
         except GoalCanceled:
             raise
@@ -617,14 +631,15 @@ class RefVLMNode(LifecycleNode):
 
     # ---- diagnostics -------------------------------------------------------------------
     def _publish_diagnostics(self) -> None:
-        stats, frames = self._stats, self._frames
+        stats, frames = self._stats, self._cameras.counts()
         values = {
             # The lifecycle's own state ("inactive" is called "configured" here).
             "state": {"inactive": "configured"}.get(self.lifecycle_state(), self.lifecycle_state()),
             "rate_hz": f"{stats.rate_hz():.2f}",
             "latency_ms": f"{stats.mean_latency_s() * 1e3:.1f}",
-            "frames_received": str(frames.received),
-            "frames_dropped": str(frames.dropped),
+            "frames_received": str(frames["received"]),
+            "frames_dropped": str(frames["dropped"]),
+            "cameras": ",".join(stream.label for stream in self._cameras.streams),
             "inferences": str(stats.inferences),
             "queries": str(stats.queries),
             "queries_waiting": str(self._queries.pending),
@@ -639,7 +654,7 @@ class RefVLMNode(LifecycleNode):
             **(self._backend if self._predictor is not None else {}),
             **(self._load if self._predictor is not None else {}),
             **(self._target.diagnostics() if self._target is not None else {}),
-            "live_tracks": str(self._tracker.live_tracks if self._tracker is not None else 0),
+            "live_tracks": str(sum(s.tracker.live_tracks for s in self._cameras.streams if s.tracker is not None)),
         }
         transform_error = values.get("last_transform_error", "")
         status = DiagnosticStatus(level=DiagnosticStatus.WARN if transform_error else DiagnosticStatus.OK,

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from refvlm_core.errors import ConfigError
+from refvlm_ros.cameras import parse_camera_names
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt", "auto")
 QUANTIZE = ("auto", "none", "int8")  # refvlm_core.quantize.QUANT_KINDS (not imported: it pulls torch)
@@ -52,6 +53,12 @@ class NodeParams:
         "The prompt topic replaces it at run time"))
     rate_hz: float = field(default=2.0, metadata=_describe(
         "Most standing-prompt inferences per second; newer frames replace unprocessed ones"))
+    cameras: str = field(default="", metadata=_describe(
+        "Several cameras on one model: their namespaces, comma-separated (front,left,right). "
+        "Each subscribes to the topics below under its namespace (front/image ...), answers "
+        "on ~/<camera>/result ... with its own headers and track IDs; the standing prompt "
+        "takes the cameras' new frames in turn (rate_hz in total); Query.camera picks one "
+        "(empty = the first). Empty = one camera on the topics as given"))
     image_topic: str = field(default="image", metadata=_describe(
         "Camera image (sensor_msgs/Image; with image_transport=compressed, "
         "sensor_msgs/CompressedImage on <image_topic>/compressed)"))
@@ -156,6 +163,7 @@ class NodeParams:
             raise ConfigError(f"track_max_age_s={self.track_max_age_s} must be >= 0 and "
                               f"track_min_iou={self.track_min_iou} in (0, 1]")
         self._validate_inputs()
+        parse_camera_names(self.cameras)  # ConfigError naming a bad or repeated camera
         for name in ("image_topic", "camera_info_topic", "prompt_topic", "visual_prompt_topic"):
             if not getattr(self, name):
                 raise ConfigError(f"{name} is empty: give a topic name")
