@@ -83,7 +83,9 @@ class NodeClient:
         self.node = rclpy.create_node("node_bench", context=self.context)
         self.executor = SingleThreadedExecutor(context=self.context)
         self.executor.add_node(self.node)
-        self.client = self.node.create_client(Query, service)
+        from refvlm_ros.client_qos import client_qos
+
+        self.client = self.node.create_client(Query, service, qos_profile=client_qos())
         self.request_type = Query.Request
         self.stages: dict[str, float] = {}
         if not self.client.wait_for_service(timeout_sec=60.0):

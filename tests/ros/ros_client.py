@@ -95,12 +95,14 @@ class NodeHandle:
         from rcl_interfaces.srv import SetParameters
         from refvlm_interfaces.srv import Query
 
+        from refvlm_ros.client_qos import client_qos
+
         self.client, self.name = client, name
-        n = client.node
-        self.query = n.create_client(Query, f"/{name}/query")
-        self.change_state = n.create_client(ChangeState, f"/{name}/change_state")
-        self.get_state = n.create_client(GetState, f"/{name}/get_state")
-        self.set_parameters_service = n.create_client(SetParameters, f"/{name}/set_parameters")
+        n, qos = client.node, client_qos()  # many requests may be outstanding at once
+        self.query = n.create_client(Query, f"/{name}/query", qos_profile=qos)
+        self.change_state = n.create_client(ChangeState, f"/{name}/change_state", qos_profile=qos)
+        self.get_state = n.create_client(GetState, f"/{name}/get_state", qos_profile=qos)
+        self.set_parameters_service = n.create_client(SetParameters, f"/{name}/set_parameters", qos_profile=qos)
 
     @property
     def diagnostics(self) -> dict[str, str]:

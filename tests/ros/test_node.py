@@ -37,6 +37,7 @@ class Client(SpinningClient):
         from sensor_msgs.msg import CameraInfo, Image
         from std_msgs.msg import String
 
+        from refvlm_ros.client_qos import action_client_qos
         from refvlm_ros.image_conversions import array_to_image
 
         super().__init__("refvlm_test_client")
@@ -44,7 +45,7 @@ class Client(SpinningClient):
         self.query, self.change_state, self.get_state = (self.target.query, self.target.change_state,
                                                          self.target.get_state)
         n = self.node
-        self.ground = ActionClient(n, Ground, f"/{node}/ground")
+        self.ground = ActionClient(n, Ground, f"/{node}/ground", **action_client_qos())
         self.image_pub = n.create_publisher(Image, "/image", qos_profile_sensor_data)
         self.depth_pub = n.create_publisher(Image, "/depth", qos_profile_sensor_data)
         self.info_pub = n.create_publisher(CameraInfo, "/camera_info", qos_profile_sensor_data)

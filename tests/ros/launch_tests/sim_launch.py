@@ -69,6 +69,7 @@ class Client:
         from tf2_ros import Buffer, TransformListener
 
         from refvlm_interfaces.srv import Query
+        from refvlm_ros.client_qos import client_qos
 
         self.context = rclpy.Context()
         rclpy.init(context=self.context)
@@ -86,8 +87,8 @@ class Client:
         latched = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
                              durability=DurabilityPolicy.TRANSIENT_LOCAL)
         self.node.create_subscription(String, "/sim_camera/ground_truth", self._on_truth, latched)
-        self.get_state = self.node.create_client(GetState, f"/{NODE}/get_state")
-        self.query = self.node.create_client(Query, f"/{NODE}/query")
+        self.get_state = self.node.create_client(GetState, f"/{NODE}/get_state", qos_profile=client_qos())
+        self.query = self.node.create_client(Query, f"/{NODE}/query", qos_profile=client_qos())
         self.thread = threading.Thread(target=self.executor.spin, daemon=True)
         self.thread.start()
 

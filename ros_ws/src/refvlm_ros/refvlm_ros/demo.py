@@ -244,6 +244,7 @@ class DemoClient:
         from std_msgs.msg import String
 
         from refvlm_interfaces.srv import Query
+        from refvlm_ros.client_qos import client_qos
 
         self.node = Node("refvlm_demo", context=context)
         self._lock = threading.Lock()
@@ -254,7 +255,7 @@ class DemoClient:
         self.node.create_subscription(Image, f"{SIM_TOPICS}/image", self._on_image,
                                       qos_profile_sensor_data)
         self.node.create_subscription(String, f"{SIM_TOPICS}/ground_truth", self._on_truth, latched)
-        self.query = self.node.create_client(Query, QUERY_SERVICE)
+        self.query = self.node.create_client(Query, QUERY_SERVICE, qos_profile=client_qos())
         self._request_type = Query.Request
 
     def _keep(self, store: OrderedDict, key, value) -> None:
