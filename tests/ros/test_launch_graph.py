@@ -198,3 +198,25 @@ def test_bringup_instantiates_what_the_launch_file_describes(graph_name, tmp_pat
         node = bringup.node("refvlm_node")
         assert node.get_parameter("model_preset").value == "tiny"
         assert node.active  # configured and activated
+
+
+def test_readme_launch_argument_table_is_generated_from_the_declarations():
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert graph_module.launch_arguments_table() in readme, \
+        "regenerate the README's launch argument table with refvlm_ros.graph.launch_arguments_table()"
+
+
+def test_target_frame_argument_reaches_only_the_perception_node():
+    graph = graph_module.with_arguments(graph_module.load_graph("sim"), {"target_frame": "base_link"})
+    assert graph.node("refvlm_node").parameters["target_frame"] == "base_link"
+    assert "target_frame" not in graph.node("sim_camera").parameters
+
+
+def test_the_three_camera_graph_feeds_each_camera_of_one_node():
+    graph = graph_module.load_graph("sim_cameras")
+    node = graph.node("refvlm_node")
+    cameras = node.parameters["cameras"].split(",")
+    assert {f"{camera}/{topic}": f"/sim_{camera}/{topic}" for camera in cameras
+            for topic in ("image", "camera_info", "depth")} == dict(node.remappings)
+    assert sorted(spec.name for spec in graph.nodes if spec.executable == "refvlm_sim") == \
+        sorted(f"sim_{camera}" for camera in cameras)
