@@ -61,7 +61,7 @@ def test_the_chosen_scene_shows_every_target():
 def test_table_puts_answers_next_to_ground_truth():
     from refvlm_interfaces.msg import RefResult
 
-    truth = {"name": "red cube", "surface_median_camera": [0.1, 0.2, 2.0], "box_xyxy": [1, 2, 3, 4]}
+    truth = {"name": "red cube", demo.TRUTH_KEY: [0.1, 0.2, 2.0], "box_xyxy": [1, 2, 3, 4]}
     result = RefResult(answer="there", objects=[referred("red cube", (0.1, 0.2, 2.5)),
                                                 referred("cube")])
     rows = [demo.DemoRow("Locate the red cube.", True, result.answer, truth=truth,
@@ -119,6 +119,7 @@ def test_demo_runs_end_to_end(tmp_path):
     for row in rows:
         assert row.success, row.error
         assert row.truth is not None and row.truth["surface_median_camera"][2] > 0
+        assert row.truth[demo.TRUTH_KEY] is not None  # the truth in base_link, through the sim's /tf
         assert (tmp_path / row.overlay.split("/")[-1]).is_file()
     saved = json.loads((tmp_path / "answers.json").read_text())
     assert len(saved["rows"]) == 2 and saved["trained"] is False

@@ -3,6 +3,11 @@
 Brings up the `sim` graph (SimWorld camera + perception node) in this process, asks the
 node questions through its Query service as a robot would, prints each answer's 3D
 positions next to the simulator's ground truth, and writes overlay PNGs.
+
+Positions are in the robot's frame, as a robot would ask for them: the node runs with
+target_frame:=base_link (the sim camera publishes its pose on /tf and base_link on
+/tf_static), and the truth (camera frame, at the answer's stamp) is moved into base_link by
+the demo's own tf2 Buffer.
 """
 from __future__ import annotations
 
@@ -24,6 +29,8 @@ from refvlm_core.errors import ConfigError, RefVLMError
 QUERY_SERVICE = "/refvlm_node/query"
 GOAL_ERROR_M = 0.15  # a referred object's 3D position within this of the truth counts as found
 SIM_TOPICS = "/sim_camera"
+TARGET_FRAME = "base_link"  # the frame the node answers in and the truth is compared in
+TRUTH_KEY = f"surface_median_{TARGET_FRAME}"  # the truth object's visible-surface median there
 TRAINED_MODEL_DIRS = ("models/nano",)  # relative to the checkout; REFVLM_MODEL_DIR wins
 
 
@@ -120,7 +127,7 @@ def params_file_for(config: DemoConfig, model: ModelChoice, layout_index: int, p
         "sim_camera": {"ros__parameters": {
             "width": config.width, "height": config.height, "split": config.split,
             "layout_index": layout_index, "motion": "static", "rate_hz": 5.0}},
-        "refvlm_node": {"ros__parameters": dict(model.parameters, standing_prompt="")},
+        "refvlm_node": {"ros__parameters": dict(model.parameters, standing_prompt="", target_frame=TARGET_FRAME)},
     }
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path
@@ -135,8 +142,9 @@ def find_truth(truth: dict, target: str) -> dict | None:
 
 def object_rows(result, truth_object: dict | None) -> list[dict]:
     """Per referred object: phrase, units, predicted position and its distance to the
-    target's visible-surface median (what depth can see; the same statistic the node uses)."""
-    reference = truth_object and truth_object.get("surface_median_camera")
+    target's visible-surface median (what depth can see; the same statistic the node uses),
+    both in TARGET_FRAME."""
+    reference = truth_object and truth_object.get(TRUTH_KEY)
     rows = []
     for obj in result.objects:
         row = {"phrase": obj.phrase, "units": list(obj.units), "position": None, "error_m": None,
@@ -155,12 +163,12 @@ def _xyz(values) -> str:
 
 
 def format_table(rows: list[DemoRow]) -> str:
-    """Answers next to ground truth, one line per referred object (metres, camera frame)."""
+    """Answers next to ground truth, one line per referred object (metres, in TARGET_FRAME)."""
     header = (f"{'question':34s} {'referred':18s} {'units':14s} {'predicted xyz':22s} "
-              f"{'truth xyz (surface)':22s} {'error':>7s}")
+              f"{'truth xyz (surface)':22s} {'error':>7s}   (metres, {TARGET_FRAME})")
     lines = [header, "-" * len(header)]
     for row in rows:
-        truth_xyz = _xyz(row.truth.get("surface_median_camera") if row.truth else None)
+        truth_xyz = _xyz(row.truth.get(TRUTH_KEY) if row.truth else None)
         if not row.success:
             lines.append(f"{row.question[:34]:34s} error: {row.error[:80]}")
             continue
@@ -257,6 +265,26 @@ class DemoClient:
         self.node.create_subscription(String, f"{SIM_TOPICS}/ground_truth", self._on_truth, latched)
         self.query = self.node.create_client(Query, QUERY_SERVICE, qos_profile=client_qos())
         self._request_type = Query.Request
+        from tf2_ros import Buffer, TransformListener
+        self.tf = Buffer(node=self.node)
+        self._tf_listener = TransformListener(self.tf, self.node, spin_thread=False)
+
+    def in_target_frame(self, point: list[float], truth: dict) -> list[float] | None:
+        """A truth point (camera frame, at the truth's stamp) in TARGET_FRAME, by tf2."""
+        import tf2_geometry_msgs  # noqa: F401 (registers PointStamped with the Buffer)
+        from geometry_msgs.msg import PointStamped
+        from rclpy.duration import Duration
+
+        stamped = PointStamped()
+        stamped.header.frame_id = truth["frame_id"]
+        stamped.header.stamp.sec, stamped.header.stamp.nanosec = truth["stamp"]["sec"], truth["stamp"]["nanosec"]
+        stamped.point.x, stamped.point.y, stamped.point.z = (float(v) for v in point)
+        try:
+            out = self.tf.transform(stamped, TARGET_FRAME, timeout=Duration(seconds=2.0)).point
+        except Exception as error:  # noqa: BLE001 (tf2's errors: no truth to compare with, said)
+            self.node.get_logger().warning(f"truth not in {TARGET_FRAME}: {error}")
+            return None
+        return [out.x, out.y, out.z]
 
     def _keep(self, store: OrderedDict, key, value) -> None:
         with self._lock:
@@ -375,6 +403,9 @@ def _ask_one(client: DemoClient, question: DemoQuestion, timeout_s: float,
     stamp = (result.header.stamp.sec, result.header.stamp.nanosec)
     rgb, truth = client.frame_and_truth(stamp)
     truth_object = find_truth(truth or {}, question.target)
+    if truth_object and truth_object.get("surface_median_camera"):
+        truth_object = dict(truth_object, **{TRUTH_KEY: client.in_target_frame(
+            truth_object["surface_median_camera"], truth)})
     row = DemoRow(question=question.prompt, success=response.success, answer=result.answer,
                   error=response.error, truth=truth_object,
                   objects=object_rows(result, truth_object) if response.success else [])
