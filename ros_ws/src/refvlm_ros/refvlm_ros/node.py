@@ -614,6 +614,12 @@ class RefVLMNode(LifecycleNode):
             handle.succeed() if reply.success else handle.abort()
             return reply
 
+        def hand_over() -> None:  # the queue's worker must outlive a goal it cannot return
+            try:
+                goal_handle.execute(finish)
+            except Exception as error:  # noqa: BLE001 (e.g. the executor is gone at shutdown)
+                self.get_logger().warning(f"~/ground: a goal's result could not be returned: {error}")
+
         def run() -> None:
             try:
                 if goal_handle.is_cancel_requested:
@@ -621,11 +627,11 @@ class RefVLMNode(LifecycleNode):
                 self._run_request(goal_handle.request, reply, self._streamer(goal_handle))
             except GoalCanceled:
                 outcome["canceled"] = True
-            goal_handle.execute(finish)
+            hand_over()
 
         def refuse(reason: str) -> None:
             self._refuse_request(goal_handle.request, reply, reason)
-            goal_handle.execute(finish)
+            hand_over()
 
         self._queries.submit_call(run, refuse)
 
