@@ -99,8 +99,8 @@ class NodeParams:
     max_aspect_ratio: float = field(default=20.0, metadata=_describe(
         "Images longer than this many times their width (or the reverse) are refused"))
     max_pending_queries: int = field(default=8, metadata=_describe(
-        "~/query requests waiting for the model beyond this get a quick 'busy, retry' reply "
-        "(read at start-up)"))
+        "~/query requests and ~/ground goals waiting for the model beyond this get a quick "
+        "'busy, retry' reply (a goal: aborted with it) (read at start-up)"))
     query_queue_depth: int = field(default=100, metadata=_describe(
         "QoS history depth of the ~/query service, so bursts of callers are not dropped "
         "before they are seen (read at start-up)"))
