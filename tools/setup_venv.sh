@@ -13,9 +13,11 @@ PYTHON="${PYTHON:-python3}"
 inputs_hash() {
   {
     cat setup.py setup.cfg requirements/*.txt tools/setup_venv.sh
-    find ros_ws -type f \( -name package.xml -o -name CMakeLists.txt -o -name '*.msg' \
+    # (not ros_ws/build: the build writes package.xml and CMakeLists.txt copies there)
+    find ros_ws \( -path ros_ws/build -o -path ros_ws/install -o -path ros_ws/log \) -prune -o \
+      -type f \( -name package.xml -o -name CMakeLists.txt -o -name '*.msg' \
       -o -name '*.srv' -o -name '*.action' -o -name setup.py -o -name setup.cfg \
-      -o -name '*.sh' \) 2>/dev/null | sort | xargs -r cat
+      -o -name '*.sh' \) -print 2>/dev/null | sort | xargs -r cat
     # share/refvlm_bringup/launch links each launch file; the ROS tools build from ../shared.
     find launch -type f ! -name '*.pyc' | sort
     find "${REFVLM_SHARED_DIR:-../shared}/ros" -type f -print0 2>/dev/null | sort -z | xargs -0 -r cat
