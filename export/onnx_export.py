@@ -69,14 +69,14 @@ class VitGraph(nn.Module):
 
 
 class ConvNextGraph(nn.Module):
-    """images [B, 3, H, W] in [0, 1] -> the configured ConvNeXt stages."""
+    """images [B, 3, H, W] in [0, 1] -> the pyramid levels (ConvNeXt stages, colour pathway appended)."""
 
     def __init__(self, encoder: nn.Module) -> None:
         super().__init__()
         self.encoder = encoder
 
     def forward(self, images: Tensor) -> tuple[Tensor, ...]:
-        return tuple(self.encoder.convnext_pyramid((images - self.encoder.mean) / self.encoder.std))
+        return tuple(self.encoder.pyramid(images))
 
 
 # ---- descriptions -------------------------------------------------------------------

@@ -44,9 +44,15 @@ class VisionConfig:
     convnext_model: str = "convnext_large_d_320"  # open_clip config name (unused when convnext_custom is set)
     convnext_custom: dict | None = None       # timm ConvNeXt kwargs (depths, dims) of a tower built in code
     convnext_stages: tuple[int, ...] = (1, 2, 3)  # stages kept in the pyramid (paper Table XI)
-    convnext_weights: str | None = None
+    convnext_weights: str | None = None       # also holds the colour pathway (keys "colour_pathway.")
+    pyramid_input: str = "rgb"                # what the ConvNeXt sees: "rgb", or "luminance" (shape cannot lean on colour)
+    colour_channels: int = 0                  # per-pixel colour features appended to every pyramid level (0: none)
+    object_maps: bool = False                 # class-agnostic object centres and box edges appended to level 0
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
+
+
+PYRAMID_INPUTS = ("rgb", "luminance")
 
 
 @dataclass
@@ -83,6 +89,7 @@ class LossWeights:
     box_score: float = 1.0             # BCE of the box score towards the matched IoU
     box_heatmap: float = 1.0           # -log of the box heatmap's mass inside the target box
     keypoint_heatmap: float = 1.0      # cross-entropy of each keypoint heatmap against a Gaussian at the target
+    select: float = 2.0                # "objects" decoders: cross-entropy of the choice among the towers' objects
     aux: float = 1.0                   # weight of the per-layer auxiliary losses (0: last layer only)
     mask_focal: float = 20.0
     mask_dice: float = 1.0
@@ -187,6 +194,14 @@ class ModelConfig:
             raise ConfigError(f"vision.convnext_stages={v.convnext_stages}: pick stages among 0..3")
         if list(v.convnext_stages) != sorted(set(v.convnext_stages)):
             raise ConfigError("vision.convnext_stages must be increasing without repeats")
+        if v.pyramid_input not in PYRAMID_INPUTS:
+            raise ConfigError(f"vision.pyramid_input={v.pyramid_input!r}: use one of {PYRAMID_INPUTS}")
+        if v.colour_channels < 0:
+            raise ConfigError(f"vision.colour_channels={v.colour_channels}: must be >= 0 (0: no colour pathway)")
+        choosers = sorted(unit for unit, spec in self.decoders.items() if spec.get("kind") == "objects")
+        if choosers and not v.object_maps:
+            raise ConfigError(f"decoders {choosers} of kind 'objects' choose among the towers' objects: "
+                              "set vision.object_maps: true (and pretrain the towers with them in stage 0)")
         if self.llm.kind not in LLM_KINDS:
             raise ConfigError(f"llm.kind={self.llm.kind!r}: use one of {LLM_KINDS}")
         if self.llm.kind == "llama-random" and not self.llm.arch:
@@ -268,15 +283,19 @@ def _nano() -> ModelConfig:
             vit_layer=-2,
             convnext_custom={"depths": [2, 2, 4, 2], "dims": [32, 64, 128, 256]},
             convnext_stages=(1, 2, 3),
+            pyramid_input="luminance",  # shape from form, colour from its own pathway (encoders.py)
+            colour_channels=16,
+            object_maps=True,           # every object of a scene, learnt in stage 0 (decoders/objects.py reads them)
         ),
         llm=LLMConfig(kind="gguf", path=None, max_new_tokens=128),
         aggregation=AggregationConfig(grid=4, temperature=10000.0),
         llm_image_pool=2,  # 16 image tokens: the LLM's sequence is what a CPU step pays for
         router_length=32,
+        # box, mask and keypoint choose among the towers' objects (decoders/objects.py); <REF>
+        # states standardised per dimension (decoders/layers.py: RefStandardizer)
         decoders={
-            "box": {"hidden_dim": 128, "num_layers": 2, "num_heads": 4},
-            "mask": {"hidden_dim": 128, "num_layers": 2, "num_heads": 4},
-            "keypoint": {"hidden_dim": 128, "num_layers": 2, "num_heads": 4},
+            **{unit: {"kind": "objects", "hidden_dim": 128, "num_layers": 2, "num_heads": 4, "ref_norm": "standard"}
+               for unit in ("box", "mask", "keypoint")},
             "depth": {"hidden_dim": 64},
         },
     )

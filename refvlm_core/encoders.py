@@ -9,9 +9,23 @@ autograd graph), as in the paper where the CLIP towers never train.
 ``set_trainable(True)`` unfreezes them (stage 0 pretraining, or a run that fine-tunes
 them): then they follow ``train()`` / ``eval()`` and their forward builds a graph, so an
 optimizer step moves their weights.
+
+Shape and colour in separate pathways (``vision.pyramid_input: luminance`` and
+``vision.colour_channels``): a ConvNeXt that sees colour learns, on scenes where each
+colour never meets some shape, to read shape from colour, and fails on exactly those
+pairs (docs/model_probes.md). Given luminance only, it must read shape from form; colour
+comes from a per-pixel pathway (1x1 convolutions: it cannot see form), appended to every
+pyramid level.
+
+Objects, class-agnostic (``vision.object_maps``): a head over the ConvNeXt levels gives, at
+each cell of the finest level, the logit that an object's centre is there and the log
+distances from the cell to that object's box edges. Stage 0 learns them from every object
+of every scene; appended to level 0, they are the proposals a decoder chooses among.
 """
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,6 +38,7 @@ from refvlm_core.errors import CheckpointError, ConfigError
 from refvlm_core.features import ImageFeatures
 from refvlm_core.load_timing import phase
 
+log = logging.getLogger(__name__)
 torchvision_compat.install_import_hook()  # open_clip/timm import torchvision
 
 
@@ -71,8 +86,11 @@ def _open_clip_vision_cfg(name: str) -> dict:
     return dict(model_cfg["vision_cfg"])
 
 
-def load_tower_weights(tower: nn.Module, path: str, prefixes: tuple[str, ...]) -> None:
-    """Load a local checkpoint into a tower; keys may carry an open_clip prefix (``visual.``)."""
+def load_tower_weights(tower: nn.Module, path: str, prefixes: tuple[str, ...], optional: bool = False) -> None:
+    """Load a local checkpoint into a tower; keys may carry an open_clip prefix (``visual.``)
+    or a model folder's (``encoder.convnext.``). ``optional``: a file without any key of
+    ``prefixes`` leaves the part as initialised, with a warning (a ConvNeXt file of towers
+    that had no colour pathway, fine-tuned into ones that have one)."""
     file = Path(path).expanduser()
     if not file.is_file():
         raise ConfigError(f"vision weights {file} do not exist: fix the path in the config")
@@ -90,10 +108,71 @@ def load_tower_weights(tower: nn.Module, path: str, prefixes: tuple[str, ...]) -
         if stripped:
             state = stripped
             break
+    else:
+        if optional:
+            log.warning("%s holds no %s weights (keys %s...): that part starts as initialised",
+                        file, type(tower).__name__, "/".join(prefixes))
+            return
     missing, unexpected = tower.load_state_dict(state, strict=False)
     if missing:
         raise CheckpointError(f"{file} lacks {len(missing)} tower weights (e.g. {missing[:3]}): "
                               "is it a checkpoint of the configured tower?")
+
+
+LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 weights of R, G, B
+
+
+class ColourPathway(nn.Module):
+    """Per-pixel colour features: 1x1 convolutions on the image averaged over 4x4 cells,
+    average-pooled to each pyramid level. No spatial kernel, so no shape."""
+
+    def __init__(self, channels: int, hidden: int = 32) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(3, hidden, 1), nn.GELU(), nn.Conv2d(hidden, hidden, 1), nn.GELU(),
+                                 nn.Conv2d(hidden, channels, 1))
+
+    def forward(self, normalised: torch.Tensor, strides: list[int]) -> list[torch.Tensor]:
+        """[B, 3, S, S] -> per level [B, channels, S / stride, S / stride]."""
+        cells = self.net(F.avg_pool2d(normalised, 4))                 # stride 4
+        return [F.avg_pool2d(cells, stride // 4) if stride > 4 else cells for stride in strides]
+
+
+OBJECT_MAP_CHANNELS = 5  # centre logit; log distances (fractions of the frame) to the left, top, right, bottom edges
+
+
+@dataclass(frozen=True)
+class PyramidLayout:
+    """Where things are in a pyramid level's channels: the ConvNeXt's first, then the colour
+    pathway's, then (level 0 only) the object maps."""
+
+    form: tuple[int, ...]     # ConvNeXt channels per level
+    colour: int = 0
+    maps: int = 0
+
+    @property
+    def channels(self) -> list[int]:
+        return [c + self.colour + (self.maps if i == 0 else 0) for i, c in enumerate(self.form)]
+
+    def split(self, levels: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor | None]:
+        """Levels -> (form levels, colour levels (empty without a pathway), object maps or None)."""
+        form = [level[:, :c] for level, c in zip(levels, self.form)]
+        colour = [level[:, c:c + self.colour] for level, c in zip(levels, self.form)] if self.colour else []
+        maps = levels[0][:, self.form[0] + self.colour:] if self.maps else None
+        return form, colour, maps
+
+
+class ObjectMaps(nn.Module):
+    """[B, 5, h0, w0] object maps from the ConvNeXt levels: an FPN, then a 1x1 head."""
+
+    def __init__(self, form_channels: list[int], dim: int = 64) -> None:
+        super().__init__()
+        from refvlm_core.decoders.layers import PixelDecoder
+
+        self.fpn = PixelDecoder(form_channels, dim, dim)
+        self.head = nn.Conv2d(dim, OBJECT_MAP_CHANNELS, 1)
+
+    def forward(self, levels: list[torch.Tensor]) -> torch.Tensor:
+        return self.head(F.relu(self.fpn(levels)))
 
 
 class DualImageEncoder(nn.Module):
@@ -106,10 +185,16 @@ class DualImageEncoder(nn.Module):
             self.vit = build_vit(cfg)
             self.convnext = build_convnext(cfg)
             if cfg.vit_weights:
-                load_tower_weights(self.vit, cfg.vit_weights, ("visual.", "vit."))
+                load_tower_weights(self.vit, cfg.vit_weights, ("visual.", "vit.", "encoder.vit."))
+            self.colour = ColourPathway(cfg.colour_channels) if cfg.colour_channels else None
+            self.object_maps = ObjectMaps(self.form_channels) if cfg.object_maps else None
             if cfg.convnext_weights:
                 load_tower_weights(self.convnext, cfg.convnext_weights,
-                                   ("visual.trunk.", "trunk.", "convnext."))
+                                   ("visual.trunk.", "trunk.", "convnext.", "encoder.convnext."))
+                for prefixes, part in ((("colour_pathway.", "encoder.colour."), self.colour),
+                                       (("object_maps.", "encoder.object_maps."), self.object_maps)):
+                    if part is not None:
+                        load_tower_weights(part, cfg.convnext_weights, prefixes, optional=True)
         self.register_buffer("mean", torch.tensor(cfg.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(cfg.std).view(1, 3, 1, 1), persistent=False)
         num_blocks = len(self.vit.transformer.resblocks)
@@ -144,8 +229,23 @@ class DualImageEncoder(nn.Module):
         return self.vit_grid ** 2
 
     @property
+    def layout(self) -> PyramidLayout:
+        return PyramidLayout(tuple(self.form_channels), self.cfg.colour_channels,
+                             OBJECT_MAP_CHANNELS if self.cfg.object_maps else 0)
+
+    @property
     def pyramid_channels(self) -> list[int]:
+        """Channels of each level: the ConvNeXt's, the colour pathway's, then (level 0) the object maps."""
+        return self.layout.channels
+
+    @property
+    def form_channels(self) -> list[int]:
+        """The ConvNeXt's channels of each level (the first ones of a pyramid level)."""
         return [int(self.convnext.feature_info[s]["num_chs"]) for s in self.cfg.convnext_stages]
+
+    @property
+    def pyramid_strides(self) -> list[int]:
+        return [2 ** (s + 2) for s in self.cfg.convnext_stages]
 
     def vit_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """[B, 3, S, S] normalised -> [B, G*G, Dv] patch tokens after the configured block."""
@@ -167,9 +267,30 @@ class DualImageEncoder(nn.Module):
                 levels.append(x)
         return levels
 
+    def pyramid_input(self, images: torch.Tensor, normalised: torch.Tensor) -> torch.Tensor:
+        """What the ConvNeXt sees: the normalised image, or its luminance normalised alike
+        (mean and std of the channels) in all three channels (the stem keeps its shape)."""
+        if self.cfg.pyramid_input == "rgb":
+            return normalised
+        luma = images.new_tensor(LUMA).view(1, 3, 1, 1)
+        y = (images * luma).sum(dim=1, keepdim=True)
+        y = (y - float((self.mean * luma).sum())) / float(self.std.mean())
+        return y.expand(-1, 3, -1, -1)
+
+    def pyramid(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """[B, 3, S, S] in [0, 1] -> the pyramid levels, laid out as ``self.layout``."""
+        normalised = (images - self.mean) / self.std
+        form = self.convnext_pyramid(self.pyramid_input(images, normalised))
+        levels = list(form)
+        if self.colour is not None:
+            colours = self.colour(normalised, self.pyramid_strides)
+            levels = [torch.cat([level, colour], dim=1) for level, colour in zip(levels, colours)]
+        if self.object_maps is not None:
+            levels[0] = torch.cat([levels[0], self.object_maps(form)], dim=1)
+        return levels
+
     def forward(self, images: torch.Tensor) -> ImageFeatures:
         """images: [B, 3, S, S] float in [0, 1] (model frame). Frozen towers build no graph."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.trainable):
             normalised = (images - self.mean) / self.std
-            return ImageFeatures(patch_tokens=self.vit_tokens(normalised),
-                                 pyramid=self.convnext_pyramid(normalised))
+            return ImageFeatures(patch_tokens=self.vit_tokens(normalised), pyramid=self.pyramid(images))

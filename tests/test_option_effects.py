@@ -79,6 +79,7 @@ def walk(cls: type, prefix: str = "") -> list[str]:
 
 ENGINE = "tests/test_train_engine.py"
 VISION = "tests/test_train_vision.py"
+PROBES = "tests/test_model_probes.py"
 CORE = "tests/test_model_core.py"
 
 MODEL_REGISTRY: dict[str, Effect | NotBehavioural] = {
@@ -92,6 +93,10 @@ MODEL_REGISTRY: dict[str, Effect | NotBehavioural] = {
     "vision.convnext_custom": here("test_custom_tower_sizes_shape_the_features"),
     "vision.convnext_stages": here("test_convnext_stages_are_the_pyramid_levels"),
     "vision.convnext_weights": here("test_convnext_weights_load_from_local_file"),
+    "vision.pyramid_input": Effect(f"{PROBES}::test_luminance_pyramid_cannot_see_hue_and_the_colour_pathway_can"),
+    "vision.colour_channels": Effect(f"{PROBES}::test_luminance_pyramid_cannot_see_hue_and_the_colour_pathway_can",
+                                     f"{PROBES}::test_colour_pathway_has_no_spatial_extent_beyond_its_cell"),
+    "vision.object_maps": Effect(f"{PROBES}::test_stage0_learns_split_towers_with_object_maps"),
     "vision.mean": here("test_normalisation_changes_the_features"),
     "vision.std": here("test_normalisation_changes_the_features"),
     "llm.kind": here("test_hf_kind_loads_the_folder_at_llm_path"),
@@ -113,7 +118,8 @@ MODEL_REGISTRY: dict[str, Effect | NotBehavioural] = {
     "max_prompt_chars": here("test_max_prompt_chars_refuses_longer_prompts"),
     "cache_dir": here("test_cache_dir_is_where_the_tokenizer_is_read"),
     **{f"loss_weights.{f.name}": here("test_each_loss_weight_changes_the_losses")
-       for f in dataclasses.fields(LossWeights)},
+       for f in dataclasses.fields(LossWeights) if f.name != "select"},
+    "loss_weights.select": Effect("tests/test_object_decoders.py::test_select_weight_scales_the_choice_loss"),
     **{f"match_costs.{f.name}": Effect("tests/test_match_costs.py::test_each_match_cost_changes_the_assignment",
                                        f"{HERE}::test_match_costs_reach_the_model_decoders")
        for f in dataclasses.fields(MatchCosts)},
@@ -146,7 +152,8 @@ TRAIN_REGISTRY: dict[str, Effect | NotBehavioural] = {
     "data.max_samples": here("test_max_samples_limits_the_stream"),
     "model.preset": here("test_model_preset_and_overrides_build_the_model"),
     "model.init_from": Effect(f"{ENGINE}::test_stage1_then_stage2_lower_the_loss"),
-    "model.overrides": here("test_model_preset_and_overrides_build_the_model"),
+    "model.overrides": Effect(f"{HERE}::test_model_preset_and_overrides_build_the_model",
+                              f"{PROBES}::test_overrides_on_init_from_rebuild_only_the_changed_parts"),
     "optim.lr": here("test_lr_scales_the_first_step"),
     "optim.weight_decay": here("test_weight_decay_shrinks_the_matrices"),
     "optim.betas": here("test_betas_change_the_second_step"),
@@ -167,6 +174,7 @@ TRAIN_REGISTRY: dict[str, Effect | NotBehavioural] = {
     "vision_pretrain.width": here("test_stage0_render_options_change_the_first_loss"),
     "vision_pretrain.height": here("test_stage0_render_options_change_the_first_loss"),
     "vision_pretrain.head_dim": here("test_stage0_head_dim_is_the_heads_width"),
+    "vision_pretrain.brightness_jitter": Effect(f"{PROBES}::test_stage0_learns_split_towers_with_object_maps"),
     "vision_pretrain.loss_weights": Effect(f"{VISION}::test_stage0_loss_weights_scale_their_terms"),
 }
 
@@ -503,7 +511,7 @@ def default_losses(tiny_model, mixed_batch):
         return {k: float(v) for k, v in model(mixed_batch).items()}
 
 
-@pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(LossWeights)])
+@pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(LossWeights) if f.name != "select"])
 def test_each_loss_weight_changes_the_losses(name, tiny_model, mixed_batch, default_losses):
     value = getattr(LossWeights(), name) * 0.5 + 0.1
     model = _loss_weight_model(tiny_model, {name: value}).train()
@@ -823,7 +831,7 @@ STAGE0_READS = {"stage", "seed", "out", "steps", "batch_size", "grad_clip", "che
                 "data.num_workers", "model.preset", "model.overrides", "optim.lr", "optim.weight_decay",
                 "optim.betas", "optim.warmup_steps", "optim.min_lr_ratio", "vision_pretrain.scenes",
                 "vision_pretrain.width", "vision_pretrain.height", "vision_pretrain.head_dim",
-                "vision_pretrain.loss_weights"}
+                "vision_pretrain.brightness_jitter", "vision_pretrain.loss_weights"}
 STAGE0_SET = {"grad_accum": 2, "strategy": "fsdp", "mixed_precision": "bf16", "gradient_checkpointing": True,
               "train_encoders": True, "trainable": ["decoders"], "cache_frozen": False, "save_trainable_only": True,
               "loss_weights": {"lm": 2.0}, "lora": {"enabled": True}, "external_decoder": {"unit": "mask"},

@@ -1,13 +1,14 @@
-"""Learning curves of two box decoders on the same data and steps: the DETR-style
-regressor (DetrBoxDecoder) against the heatmap decoder (BoxDecoder).
+"""Learning curves of box decoders on the same data and steps: the DETR-style regressor
+(kind "detr"), the heatmap decoder (the default kind) and the object-centric decoder that
+chooses among the towers' objects (kind "objects", towers with object maps).
 
 The LLM is left out so that only the decoder differs: each REC phrase is embedded by a
 bag of words (learnt jointly, the same for both), the image by frozen towers (stage 0's).
-Both decoders see the same batches in the same order; Acc@0.5 is measured on held-out
+Every decoder sees the same batches in the same order; Acc@0.5 is measured on held-out
 test-split REC items every ``--every`` steps. Writes a JSON of the curves and a PNG.
 
-    python tools/compare_box_decoders.py --towers runs/nano/stage0/model \
-        --train runs/data/simworld/nano2-train --test runs/data/simworld/nano2-test --out runs/compare
+    python tools/compare_box_decoders.py --towers runs/nano/stage0/model --kinds heatmap,objects \
+        --train runs/data/simworld/nano-train --test runs/data/simworld/nano-test --out runs/compare
 """
 from __future__ import annotations
 
@@ -87,13 +88,13 @@ def accuracy(decoder, words, pyramids, boxes, phrases) -> float:
 
 
 def train_curve(kind: str, train, test, vocabulary, pyramid_channels, args) -> list[tuple[int, float, float]]:
-    from refvlm_core.decoders.box import BoxDecoder, DetrBoxDecoder
+    from refvlm_core.decoders.base import build_decoder
     from refvlm_core.router import route
     from refvlm_core.targets import UnitTargets
 
     torch.manual_seed(0)
-    cls = BoxDecoder if kind == "heatmap" else DetrBoxDecoder
-    decoder = cls(args.dim, pyramid_channels, hidden_dim=128, num_heads=4, num_layers=2)
+    decoder = build_decoder("box", args.dim, pyramid_channels, kind=KINDS[kind], hidden_dim=128, num_heads=4,
+                            num_layers=2)
     words = PhraseEmbedding(vocabulary, args.dim)
     optimizer = torch.optim.AdamW(list(decoder.parameters()) + list(words.parameters()), lr=args.lr)
     order = np.random.default_rng(0)
@@ -116,12 +117,18 @@ def train_curve(kind: str, train, test, vocabulary, pyramid_channels, args) -> l
     return curve
 
 
+KINDS = {"detr": "detr", "heatmap": "default", "objects": "objects"}   # name here -> registered kind of "box"
+LABELS = {"detr": "DETR-style regressor", "heatmap": "heatmap decoder", "objects": "choice among the towers' objects"}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--towers", required=True, help="stage 0 model folder (vit/convnext.safetensors)")
     parser.add_argument("--train", required=True, help="SimWorld train shards (REC samples)")
     parser.add_argument("--test", required=True, help="SimWorld test shards (REC samples)")
     parser.add_argument("--out", required=True, help="folder for box_decoders.json and box_decoders.png")
+    parser.add_argument("--kinds", default="detr,heatmap", help=f"decoders to compare, of {','.join(KINDS)}")
+    parser.add_argument("--preset", default="nano", help="preset whose towers --towers holds (default nano)")
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--every", type=int, default=100)
@@ -134,7 +141,10 @@ def main() -> int:
     from refvlm_core.config import preset
     from refvlm_core.encoders import DualImageEncoder
 
-    vision = preset("nano").vision
+    kinds = args.kinds.split(",")
+    if not set(kinds) <= set(KINDS):
+        parser.error(f"--kinds {args.kinds}: choose among {', '.join(KINDS)}")
+    vision = preset(args.preset).vision
     vision.vit_weights = str(Path(args.towers) / "vit.safetensors")
     vision.convnext_weights = str(Path(args.towers) / "convnext.safetensors")
     encoder = DualImageEncoder(vision)
@@ -146,7 +156,7 @@ def main() -> int:
     words = sorted({w for p in data["train"]["phrases"] for w in re.findall(r"\w+", p.lower())})
     vocabulary = {w: i + 1 for i, w in enumerate(words)}
     curves = {kind: train_curve(kind, data["train"], data["test"], vocabulary, encoder.pyramid_channels, args)
-              for kind in ("detr", "heatmap")}
+              for kind in kinds}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "box_decoders.json").write_text(json.dumps({"args": vars(args), "curves": curves}, indent=2))
@@ -161,11 +171,10 @@ def plot(curves, path: Path, args) -> None:
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(5.5, 3.4))
-    labels = {"detr": "DETR-style regressor (before)", "heatmap": "heatmap decoder (now)"}
     for kind, curve in curves.items():
         steps, acc = [c[0] for c in curve], [c[1] for c in curve]
-        axis.plot(steps, acc, marker="o", label=labels[kind])
-    axis.set_xlabel(f"steps (batch {args.batch}, same batches for both)")
+        axis.plot(steps, acc, marker="o", label=LABELS[kind])
+    axis.set_xlabel(f"steps (batch {args.batch}, the same batches for each)")
     axis.set_ylabel("test REC Acc@0.5")
     axis.set_ylim(0, 1)
     axis.grid(alpha=0.3)

@@ -1,5 +1,5 @@
-"""`refvlm data ...` subcommands (and, later, training and evaluation groups): one
-``register_<group>`` function per group; heavy imports happen inside the handlers."""
+"""`refvlm data`, `eval`, `probe` and `train` subcommands: one ``register_<group>`` function
+per group; heavy imports happen inside the handlers."""
 from __future__ import annotations
 
 import argparse
@@ -11,6 +11,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     register_data(subparsers)
     from refvlm_training.evaluation.cli import register_eval  # argparse only: cheap
     register_eval(subparsers)
+    from refvlm_training.evaluation.probe_cli import register_probe  # argparse only: cheap
+    register_probe(subparsers)
     from refvlm_training.engine.cli import register_train  # argparse only: cheap
     register_train(subparsers)
 

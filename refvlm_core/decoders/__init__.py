@@ -10,7 +10,7 @@ from refvlm_core.decoders.box import BoxDecoder
 from refvlm_core.decoders.depth import DepthDecoder
 from refvlm_core.decoders.keypoint import KeypointDecoder
 from refvlm_core.decoders.mask import MaskDecoder
-from refvlm_core.decoders import external  # noqa: F401  (registers the external kinds)
+from refvlm_core.decoders import external, objects  # noqa: F401  (register the external and object kinds)
 
 __all__ = ["DEFAULT_KIND", "UnitDecoder", "build_decoder", "decoder_class", "register_decoder",
            "registered_units", "unregister_decoder", "BoxDecoder", "MaskDecoder", "KeypointDecoder",

@@ -51,8 +51,9 @@ class UnitDecoder(nn.Module):
 
     def __init__(self, llm_dim: int, pyramid_channels: Sequence[int],
                  loss_weights: LossWeights | Mapping[str, float] | None = None,
-                 match_costs: MatchCosts | Mapping[str, float] | None = None) -> None:
+                 match_costs: MatchCosts | Mapping[str, float] | None = None, ref_norm: str = "layer") -> None:
         super().__init__()
+        self.ref_norm = ref_norm  # how a trunk normalises the <REF> states (decoders.layers.RefQueries)
         self.llm_dim = int(llm_dim)
         self.pyramid_channels = [int(c) for c in pyramid_channels]
         self.weights = LossWeights.coerce(loss_weights)

@@ -42,7 +42,7 @@ class BoxDecoder(UnitDecoder):
         super().__init__(llm_dim, pyramid_channels, **kwargs)
         pixel_dim = pixel_dim or hidden_dim
         self.trunk = DenseRefDecoder(llm_dim, pyramid_channels, hidden_dim, num_heads, num_layers,
-                                     ffn_dim or 4 * hidden_dim, memory_levels, pixel_dim)
+                                     ffn_dim or 4 * hidden_dim, memory_levels, pixel_dim, ref_norm=self.ref_norm)
         self.heat_embed = MLP(hidden_dim, hidden_dim, pixel_dim, 2)
         self.size_head = MLP(hidden_dim + pixel_dim, hidden_dim, 2, 3)
         self.score_head = torch.nn.Linear(hidden_dim + pixel_dim, 1)
@@ -143,7 +143,7 @@ class DetrBoxDecoder(BoxDecoder):
                  num_layers: int = 6, ffn_dim: int | None = None, memory_levels: int = 3, **kwargs: Any) -> None:
         UnitDecoder.__init__(self, llm_dim, pyramid_channels, **kwargs)
         self.trunk = RefImageDecoder(llm_dim, pyramid_channels, hidden_dim, num_heads, num_layers,
-                                     ffn_dim or 4 * hidden_dim, memory_levels)
+                                     ffn_dim or 4 * hidden_dim, memory_levels, ref_norm=self.ref_norm)
         self.box_head = MLP(hidden_dim, hidden_dim, 4, 3)
         self.score_head = torch.nn.Linear(hidden_dim, 1)
 

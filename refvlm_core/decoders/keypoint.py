@@ -34,7 +34,7 @@ class KeypointDecoder(UnitDecoder):
         super().__init__(llm_dim, pyramid_channels, **kwargs)
         self.pixel_dim = pixel_dim or hidden_dim
         self.trunk = DenseRefDecoder(llm_dim, pyramid_channels, hidden_dim, num_heads, num_layers,
-                                     ffn_dim or 4 * hidden_dim, memory_levels, self.pixel_dim)
+                                     ffn_dim or 4 * hidden_dim, memory_levels, self.pixel_dim, ref_norm=self.ref_norm)
         self.point_embed = MLP(hidden_dim, hidden_dim, NUM_KEYPOINTS * self.pixel_dim, 2)
         self.visibility_head = MLP(hidden_dim, hidden_dim, NUM_KEYPOINTS, 2)
 

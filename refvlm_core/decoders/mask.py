@@ -32,7 +32,7 @@ class MaskDecoder(UnitDecoder):
         super().__init__(llm_dim, pyramid_channels, **kwargs)
         mask_dim = mask_dim or hidden_dim
         self.trunk = DenseRefDecoder(llm_dim, pyramid_channels, hidden_dim, num_heads, num_layers,
-                                     ffn_dim or 4 * hidden_dim, memory_levels, mask_dim)
+                                     ffn_dim or 4 * hidden_dim, memory_levels, mask_dim, ref_norm=self.ref_norm)
         self.mask_embed = MLP(hidden_dim, hidden_dim, mask_dim, 3)
 
     def forward(self, ref_embeddings: Tensor, ref_valid: Tensor, pyramid: Sequence[Tensor]) -> dict[str, Tensor]:

@@ -35,7 +35,8 @@ class DataConfig:
 class ModelSource:
     preset: str | None = "tiny"           # refvlm_core.config preset, when not init_from
     init_from: str | None = None          # model folder (config.json + model.safetensors), e.g. stage 1's output
-    overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields replaced on the preset
+    overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields replaced on the preset, or on
+                                                            # init_from's config (changed parts rebuilt: stages.rebuild_parts)
 
 
 @dataclass
@@ -71,6 +72,7 @@ class VisionPretrainConfig:
     width: int = 256                      # render size
     height: int = 192
     head_dim: int = 64                    # width of the FPN under the dense heads
+    brightness_jitter: float = 0.0        # each image's gain drawn from [1 - j, 1 + j] (0: none)
     loss_weights: dict[str, float] = field(default_factory=dict)  # e.g. {depth: 0.5, token_color: 1.0}
 
 
@@ -121,6 +123,9 @@ class TrainConfig:
         if self.stage == 0:
             if self.vision_pretrain.scenes < 1:
                 raise ConfigError("vision_pretrain.scenes must be >= 1")
+            if not 0 <= self.vision_pretrain.brightness_jitter < 1:
+                raise ConfigError(f"vision_pretrain.brightness_jitter={self.vision_pretrain.brightness_jitter}: "
+                                  "use a value in [0, 1) (a gain of 1 +- j)")
             defaults = TrainConfig()
             unused = [name for name in STAGE0_UNUSED if _dotted(self, name) != _dotted(defaults, name)]
             if unused:

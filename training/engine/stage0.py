@@ -6,8 +6,13 @@ colour, shape (category), material and size, an object-centre heatmap and metric
 Separate colour and shape heads make both linearly readable from the features, which is
 what referring to a held-out colour x shape pair needs (compositional features).
 
-Heads: an FPN over the ConvNeXt pyramid for every target, and a linear head on the ViT
-tokens for colour and shape (the tokens the LLM sees). Scenes are rendered on the fly
+Heads: an FPN over the pyramid for every per-pixel target, a linear head on the ViT
+tokens for colour and shape (the tokens the LLM sees), and linear heads on each object's
+ROI grid (``refvlm_core.roi``) for its colour, shape, material and size, so that an
+object's attributes are linearly readable from its features, which is what a decoder that
+chooses among objects reads. When the towers have a colour pathway
+(``vision.colour_channels``), colour is learnt from its channels alone and every other
+target from the ConvNeXt's alone, so no head can read shape through colour. Scenes are rendered on the fly
 from the train split (scene ``k`` of the step's permutation), so a resumed run sees the
 same scenes in the same order. Output: ``OUT/model/{vit,convnext}.safetensors`` (set
 ``vision.vit_weights`` / ``vision.convnext_weights`` of stage 1 to them) and the heads.
@@ -47,7 +52,15 @@ class DenseTargets:
     material: Tensor   # [R, R] long: material index, IGNORE on background
     size: Tensor       # [R, R] long: size index, IGNORE on background
     centre: Tensor     # [R, R] float in [0, 1]: Gaussian bumps at the objects' box centres
+    edges: Tensor      # [4, R, R] log distances (fractions of the frame) to the own box's left, top, right,
+                       # bottom edges on object pixels, NaN on background
     depth: Tensor      # [R, R] float metres, NaN where unknown (sky, padding)
+    boxes: Tensor      # [K, 4] visible objects' xyxy in [0, 1] of the model frame, zeros past the last
+    labels: Tensor     # [K, 4] long: colour, shape, material, size of each box, IGNORE past the last
+
+
+ATTRIBUTES = ("color", "shape", "material", "size")  # the columns of DenseTargets.labels
+MAX_OBJECTS = 12                                     # SimWorld's bound on objects per scene
 
 
 def _letterbox_sample(values: np.ndarray, letterbox, out: int, fill) -> np.ndarray:
@@ -71,7 +84,7 @@ def dense_targets(scene, image_size: int) -> DenseTargets:
     out = image_size // DENSE_STRIDE
     ids = _letterbox_sample(scene.instance_ids, letterbox, out, 0)
     count = len(scene.objects) + 1
-    tables = {name: np.full(count, IGNORE, np.int64) for name in ("color", "shape", "material", "size")}
+    tables = {name: np.full(count, IGNORE, np.int64) for name in ATTRIBUTES}
     for obj in scene.objects:
         tables["color"][obj.instance_id] = COLOR_NAMES.index(obj.color)
         tables["shape"][obj.instance_id] = CATEGORIES.index(obj.category)
@@ -84,8 +97,36 @@ def dense_targets(scene, image_size: int) -> DenseTargets:
         objects=torch.from_numpy((ids > 0).astype(np.float32)),
         **{name: torch.from_numpy(table[ids]) for name, table in tables.items()},
         centre=torch.from_numpy(_centre_heatmap(scene.boxes, letterbox, out)),
+        edges=torch.from_numpy(_edge_distances(ids, scene.boxes, letterbox, out)),
         depth=torch.from_numpy(_letterbox_sample(depth, letterbox, out, np.nan).astype(np.float32)),
+        **_object_table(scene.boxes, tables, letterbox),
     )
+
+
+def _object_table(boxes: dict[int, np.ndarray], tables: dict[str, np.ndarray], letterbox) -> dict[str, Tensor]:
+    """Visible objects' boxes (model frame, normalised) and attribute labels, padded to MAX_OBJECTS."""
+    out_boxes = np.zeros((MAX_OBJECTS, 4), np.float32)
+    labels = np.full((MAX_OBJECTS, len(ATTRIBUTES)), IGNORE, np.int64)
+    for row, (instance, xyxy) in enumerate(sorted(boxes.items())[:MAX_OBJECTS]):
+        out_boxes[row] = letterbox.boxes_to_model(xyxy[None])[0] / letterbox.size
+        labels[row] = [tables[name][instance] for name in ATTRIBUTES]
+    return {"boxes": torch.from_numpy(out_boxes), "labels": torch.from_numpy(labels)}
+
+
+def _edge_distances(ids: np.ndarray, boxes: dict[int, np.ndarray], letterbox, out: int) -> np.ndarray:
+    """[4, out, out] log of each object pixel's distance to its box's edges (fractions of the
+    frame, at least half a cell), NaN on background."""
+    edges = np.full((4, out, out), np.nan, np.float32)
+    centres = (np.arange(out) + 0.5) / out
+    for instance, xyxy in boxes.items():
+        rows, cols = np.nonzero(ids == instance)
+        if len(rows) == 0:
+            continue
+        x0, y0, x1, y1 = letterbox.boxes_to_model(xyxy[None])[0] / letterbox.size
+        x, y = centres[cols], centres[rows]
+        distances = np.stack([x - x0, y - y0, x1 - x, y1 - y])
+        edges[:, rows, cols] = np.log(np.maximum(distances, 0.5 / out))
+    return edges
 
 
 def _centre_heatmap(boxes: dict[int, np.ndarray], letterbox, out: int) -> np.ndarray:
@@ -135,42 +176,80 @@ def head_sizes() -> dict[str, int]:
 
 
 class DenseHeads(nn.Module):
-    """Per-pixel heads on an FPN of the pyramid, and colour + shape heads on the ViT tokens."""
+    """Per-pixel heads on an FPN of the pyramid, colour + shape heads on the ViT tokens, and
+    attribute heads on each object's ROI grid.
 
-    def __init__(self, pyramid_channels: list[int], vit_width: int, hidden_dim: int = 64) -> None:
+    ``layout`` (the encoder's PyramidLayout) says which channels are which. With a colour
+    pathway the colour heads read its channels alone and the other heads the ConvNeXt's.
+    With object maps in the towers, the centre heatmap is theirs (no centre head here).
+    """
+
+    def __init__(self, layout, vit_width: int, hidden_dim: int = 64, roi_grid_size: int = 3) -> None:
         super().__init__()
         from refvlm_core.decoders.layers import PixelDecoder
+        from refvlm_core.roi import roi_channels
 
+        self.layout, self.roi_grid_size = layout, roi_grid_size
         self.sizes = head_sizes()
-        self.pixel_decoder = PixelDecoder(pyramid_channels, hidden_dim, hidden_dim)
-        self.pixel_head = nn.Conv2d(hidden_dim, sum(self.sizes.values()), 1)
+        skip = {"color"} if layout.colour else set()
+        skip |= {"centre"} if layout.maps else set()
+        self.pixel_sizes = {k: v for k, v in self.sizes.items() if k not in skip}
+        self.pixel_decoder = PixelDecoder(list(layout.form), hidden_dim, hidden_dim)
+        self.pixel_head = nn.Conv2d(hidden_dim, sum(self.pixel_sizes.values()), 1)
+        self.colour_pixel_head = nn.Conv2d(layout.colour, self.sizes["color"], 1) if layout.colour else None
         self.token_sizes = {k: self.sizes[k] for k in ("color", "shape")}
         self.token_head = nn.Sequential(nn.LayerNorm(vit_width), nn.Linear(vit_width, sum(self.token_sizes.values())))
+        form_roi = roi_channels(layout.form, roi_grid_size)
+        colour_roi = roi_channels([layout.colour] * len(layout.form), roi_grid_size) if layout.colour else form_roi
+        self.object_heads = nn.ModuleDict({name: nn.Linear(colour_roi if name == "color" else form_roi,
+                                                           self.sizes[name]) for name in ATTRIBUTES})
 
-    def forward(self, features) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """ImageFeatures -> (pixel outputs [B, C_k, h, w], token outputs [B, C_k, G, G])."""
-        pixel = self.pixel_head(F.relu(self.pixel_decoder(features.pyramid)))
+    def forward(self, features, boxes: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
+        """ImageFeatures, boxes [B, K, 4] -> (pixel outputs [B, C_k, h, w] (with the towers'
+        ``edges`` when they have object maps), token outputs [B, C_k, G, G], object logits [B, K, C_k])."""
+        from refvlm_core.roi import roi_grid
+
+        form, colour, maps = self.layout.split(features.pyramid)
+        out = self.pixel_head(F.relu(self.pixel_decoder(form)))
+        pixel = dict(zip(self.pixel_sizes, out.split(list(self.pixel_sizes.values()), dim=1)))
+        if self.colour_pixel_head is not None:
+            pixel["color"] = self.colour_pixel_head(colour[0])
+        if maps is not None:
+            pixel["centre"], pixel["edges"] = maps[:, :1], maps[:, 1:]
         tokens = self.token_head(features.patch_tokens)                            # [B, G*G, C]
         grid = int(math.isqrt(tokens.shape[1]))
         tokens = tokens.transpose(1, 2).unflatten(-1, (grid, grid))
-        return (dict(zip(self.sizes, pixel.split(list(self.sizes.values()), dim=1))),
-                dict(zip(self.token_sizes, tokens.split(list(self.token_sizes.values()), dim=1))))
+        colour_rois = roi_grid(colour or form, boxes, self.roi_grid_size)
+        form_rois = roi_grid(form, boxes, self.roi_grid_size)
+        objects = {name: head(colour_rois if name == "color" else form_rois) for name, head in self.object_heads.items()}
+        return (pixel, dict(zip(self.token_sizes, tokens.split(list(self.token_sizes.values()), dim=1))), objects)
 
 
-def dense_losses(pixel: dict[str, Tensor], tokens: dict[str, Tensor], targets: DenseTargets) -> dict[str, Tensor]:
-    """Cross-entropy per attribute on object pixels, BCE for objects and the centre heatmap, log-depth L1."""
+def dense_losses(pixel: dict[str, Tensor], tokens: dict[str, Tensor], objects: dict[str, Tensor],
+                 targets: DenseTargets) -> dict[str, Tensor]:
+    """Cross-entropy per attribute on object pixels and per object, BCE for objects and the
+    centre heatmap, log-depth L1."""
     size = targets.color.shape[-2:]
 
     def up(x: Tensor) -> Tensor:
         return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
     losses = {}
-    for name in ("color", "shape", "material", "size"):
+    for name in ATTRIBUTES:
         losses[f"loss_{name}"] = F.cross_entropy(up(pixel[name]), getattr(targets, name), ignore_index=IGNORE)
     for name in tokens:
         losses[f"loss_token_{name}"] = F.cross_entropy(up(tokens[name]), getattr(targets, name), ignore_index=IGNORE)
+    for column, name in enumerate(ATTRIBUTES):
+        labels = targets.labels[..., column]
+        logits = objects[name].flatten(0, 1)
+        losses[f"loss_object_{name}"] = (F.cross_entropy(logits, labels.flatten(), ignore_index=IGNORE)
+                                         if bool((labels != IGNORE).any()) else logits.sum() * 0)
     for name in ("objects", "centre"):
         losses[f"loss_{name}"] = F.binary_cross_entropy_with_logits(up(pixel[name])[:, 0], getattr(targets, name))
+    if "edges" in pixel:  # the towers' object maps: box edges seen from each object pixel
+        known = torch.isfinite(targets.edges)
+        error = (up(pixel["edges"]) - torch.nan_to_num(targets.edges)).abs()
+        losses["loss_edges"] = (error * known).sum() / known.sum().clamp(min=1)
     valid = torch.isfinite(targets.depth) & (targets.depth > 0)
     log_depth = up(pixel["depth"])[:, 0]  # predicts log metres
     safe = torch.where(valid, targets.depth, torch.ones_like(targets.depth)).log()
@@ -179,15 +258,31 @@ def dense_losses(pixel: dict[str, Tensor], tokens: dict[str, Tensor], targets: D
 
 
 @torch.no_grad()
-def foreground_accuracy(pixel: dict[str, Tensor], targets: DenseTargets) -> dict[str, float]:
-    """Per-pixel colour and shape accuracy on object pixels (what the card reports)."""
+def foreground_accuracy(pixel: dict[str, Tensor], objects: dict[str, Tensor], targets: DenseTargets) -> dict[str, float]:
+    """Per-pixel colour and shape accuracy on object pixels, and per-object accuracy of
+    every attribute (what the card reports)."""
     size = targets.color.shape[-2:]
     fg = targets.shape != IGNORE
     out = {}
     for name in ("color", "shape"):
         pred = F.interpolate(pixel[name], size=size, mode="bilinear", align_corners=False).argmax(1)
         out[f"acc_{name}"] = float((pred == getattr(targets, name))[fg].float().mean()) if fg.any() else 0.0
+    for column, name in enumerate(ATTRIBUTES):
+        labels = targets.labels[..., column]
+        known = labels != IGNORE
+        hits = objects[name].argmax(-1) == labels
+        out[f"acc_object_{name}"] = float(hits[known].float().mean()) if known.any() else 0.0
     return out
+
+
+def jitter_brightness(images: Tensor, amount: float, generator: torch.Generator | None = None) -> Tensor:
+    """Each image times a gain drawn from [1 - amount, 1 + amount], clipped to [0, 1]: a
+    colour's luminance then varies from scene to scene, so the luminance pathway cannot use
+    brightness as a stand-in for colour (hue, which the colour pathway reads, is kept)."""
+    if amount <= 0:
+        return images
+    gains = 1 + (torch.rand(images.shape[0], 1, 1, 1, generator=generator, device=images.device) * 2 - 1) * amount
+    return (images * gains).clamp(0, 1)
 
 
 # ---- the loop -----------------------------------------------------------------------
@@ -220,7 +315,7 @@ def pretrain_towers(cfg, resume: bool = False, progress: bool = True):
     torch.manual_seed(cfg.seed)
     vision = _with_overrides(preset(cfg.model.preset), cfg.model.overrides).vision
     encoder = DualImageEncoder(vision).set_trainable(True)
-    heads = DenseHeads(encoder.pyramid_channels, encoder.vit_width, vp.head_dim)
+    heads = DenseHeads(encoder.layout, encoder.vit_width, vp.head_dim)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = nn.ModuleDict({"encoder": encoder, "heads": heads}).to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -242,8 +337,9 @@ def pretrain_towers(cfg, resume: bool = False, progress: bool = True):
     try:
         while step < cfg.steps:
             targets = to_device(next(loader), device)
-            pixel, tokens = heads(encoder(targets.image))
-            losses = dense_losses(pixel, tokens, targets)
+            images = jitter_brightness(targets.image, vp.brightness_jitter)
+            pixel, tokens, objects = heads(encoder(images), targets.boxes)
+            losses = dense_losses(pixel, tokens, objects, targets)
             weights = vp.loss_weights
             loss = sum(weights.get(name.removeprefix("loss_"), 1.0) * value for name, value in losses.items())
             optimizer.zero_grad(set_to_none=True)
@@ -253,7 +349,7 @@ def pretrain_towers(cfg, resume: bool = False, progress: bool = True):
             scheduler.step()
             step += 1
             metrics = {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in losses.items()},
-                       **foreground_accuracy(pixel, targets), "grad_norm": grad_norm,
+                       **foreground_accuracy(pixel, objects, targets), "grad_norm": grad_norm,
                        "lr": scheduler.get_last_lr()[0], "seconds": round(time.perf_counter() - start, 3)}
             if step % cfg.log_every == 0 or step == cfg.steps:
                 logger.log(step, metrics)
@@ -291,8 +387,15 @@ def save_towers(encoder, heads: nn.Module, folder: Path) -> Path:
     from refvlm_core.atomic import atomic_write
 
     folder.mkdir(parents=True, exist_ok=True)
-    for name, module in (("vit", encoder.vit), ("convnext", encoder.convnext), ("dense_heads", heads)):
-        tensors = {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
+    # the colour pathway and object maps (if any) travel in the ConvNeXt's file: all make the pyramid
+    files = {"vit": {"": encoder.vit},
+             "convnext": {"convnext.": encoder.convnext, "colour_pathway.": encoder.colour,
+                          "object_maps.": encoder.object_maps},
+             "dense_heads": {"": heads}}
+    for name, modules in files.items():
+        tensors = {prefix + k: v.detach().cpu().contiguous().clone()
+                   for prefix, module in modules.items() if module is not None
+                   for k, v in module.state_dict().items()}
         atomic_write(folder / f"{name}.safetensors", lambda tmp, t=tensors: save_file(t, tmp))
     (folder / "vision.json").write_text(json.dumps({"vit_weights": "vit.safetensors",
                                                     "convnext_weights": "convnext.safetensors"}, indent=2))

@@ -27,11 +27,48 @@ def build_model(cfg: TrainConfig):
     torch.manual_seed(cfg.seed)
     if cfg.model.init_from:
         model = load_model(cfg.model.init_from)
+        if cfg.model.overrides:
+            model = rebuild_parts(model, _with_overrides(model.config, cfg.model.overrides))
     else:
         config = _with_overrides(preset(cfg.model.preset), cfg.model.overrides)
         model = RefVLM.from_config(config)
     apply_loss_weights(model, cfg.loss_weights)
     return model
+
+
+# What each tower's weights depend on: when these fields are unchanged and no weight file is
+# named, a rebuilt encoder keeps the trained model's weights of that tower.
+VIT_FIELDS = ("image_size", "vit_model", "vit_custom", "vit_layer", "mean", "std")
+CONVNEXT_FIELDS = ("image_size", "convnext_model", "convnext_custom", "convnext_stages", "pyramid_input",
+                   "colour_channels", "object_maps", "mean", "std")
+
+
+def rebuild_parts(model, config: ModelConfig):
+    """``model`` (a trained RefVLM) with the parts whose config differs in ``config`` built
+    afresh, the others kept with their weights: the LLM (with its adapters and TRP rows)
+    always; the projector unless the ViT's width changes; each tower unless its config
+    changes or ``config`` names a weight file for it; each decoder unless its settings or
+    the pyramid's channels change (new towers, new decoders: a decoder phase over a trained
+    LLM)."""
+    from refvlm_core.encoders import DualImageEncoder
+    from refvlm_core.model import RefVLM
+
+    old = model.config.vision
+    encoder = model.encoder
+    if config.vision != old:
+        encoder = DualImageEncoder(config.vision)
+        for name, fields, weights in (("vit", VIT_FIELDS, config.vision.vit_weights),
+                                      ("convnext", CONVNEXT_FIELDS, config.vision.convnext_weights)):
+            if not weights and all(getattr(config.vision, f) == getattr(old, f) for f in fields):
+                getattr(encoder, name).load_state_dict(getattr(model.encoder, name).state_dict())
+    rebuilt = RefVLM(config.validate(), encoder, model.llm)
+    if rebuilt.projector.net[0].in_features == model.projector.net[0].in_features:
+        rebuilt.projector.load_state_dict(model.projector.state_dict())
+    same_pyramid = encoder.pyramid_channels == model.encoder.pyramid_channels
+    for unit, decoder in rebuilt.decoders.items():
+        if same_pyramid and unit in model.decoders and config.decoders.get(unit) == model.config.decoders.get(unit):
+            decoder.load_state_dict(model.decoders[unit].state_dict())
+    return rebuilt
 
 
 def _with_overrides(config: ModelConfig, overrides: dict[str, Any]) -> ModelConfig:

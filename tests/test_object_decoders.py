@@ -1,0 +1,188 @@
+"""Decoders of kind "objects" (refvlm_core/decoders/objects.py): proposals from the towers'
+object maps, a choice among them per <REF>, and the unit's outputs from the chosen object."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from refvlm_core.decoders.base import build_decoder
+from refvlm_core.decoders.objects import box_prior, keypoint_extent, mask_extent, proposals
+from refvlm_core.geometry import box_iou, cxcywh_to_xyxy, xyxy_to_cxcywh
+from refvlm_core.router import RoutedRefs
+from refvlm_core.targets import UnitTargets
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SIDE, COLOURS, FORM = 16, 4, 6      # level-0 cells, colour channels, form channels of level 0
+LLM_DIM = 12
+
+
+def synthetic_scene(generator: torch.Generator, objects: int = 3):
+    """A level-0 map of ``objects`` boxes: exact object maps (centre logits and log edge
+    distances), a one-hot colour per object in the colour channels. Returns the pyramid
+    (level 0, plus a coarser level), the boxes [N, 4] xyxy and the colours [N]."""
+    level = torch.zeros(FORM + COLOURS + 5, SIDE, SIDE)
+    level[FORM + COLOURS] = -8.0                                         # centre logit: nothing here
+    level[FORM + COLOURS + 1:] = -4.0
+    colours = torch.randperm(COLOURS, generator=generator)[:objects]
+    boxes = []
+    cells = torch.randperm(9, generator=generator)[:objects]             # one object per 3x3 block of the map
+    for colour, cell in zip(colours.tolist(), cells.tolist()):
+        row, col = divmod(cell, 3)
+        y0, x0 = 1 + row * 5, 1 + col * 5
+        h, w = int(torch.randint(2, 5, (1,), generator=generator)), int(torch.randint(2, 5, (1,), generator=generator))
+        level[FORM + colour, y0:y0 + h, x0:x0 + w] = 1.0
+        level[:FORM, y0:y0 + h, x0:x0 + w] += 0.5
+        cy, cx = y0 + h // 2, x0 + w // 2
+        box = torch.tensor([x0, y0, x0 + w, y0 + h], dtype=torch.float32) / SIDE
+        level[FORM + COLOURS, cy, cx] = 8.0
+        centre = torch.tensor([(cx + 0.5) / SIDE, (cy + 0.5) / SIDE])
+        distances = torch.stack([centre[0] - box[0], centre[1] - box[1], box[2] - centre[0], box[3] - centre[1]])
+        level[FORM + COLOURS + 1:, cy, cx] = distances.log()
+        boxes.append(box)
+    coarse = torch.nn.functional.avg_pool2d(level[None, :FORM + COLOURS], 2)[0]
+    return [level, coarse], torch.stack(boxes), colours
+
+
+def batch(generator: torch.Generator, size: int, codes: torch.Tensor):
+    """Images with one <REF> each, asking for the object of one colour (its code as the state)."""
+    levels, targets, refs = [[], []], [], []
+    for _ in range(size):
+        pyramid, boxes, colours = synthetic_scene(generator)
+        pick = int(torch.randint(len(colours), (1,), generator=generator))
+        for i, level in enumerate(pyramid):
+            levels[i].append(level)
+        refs.append(codes[colours[pick]])
+        targets.append(UnitTargets(group_ids=torch.zeros(1, dtype=torch.long), value=xyxy_to_cxcywh(boxes[pick:pick + 1])))
+    routed = RoutedRefs(embeddings=torch.stack(refs)[:, None], valid=torch.ones(size, 1, dtype=torch.bool),
+                        ordinals=torch.zeros(size, 1, dtype=torch.long), group_ids=torch.zeros(size, 1, dtype=torch.long))
+    return [torch.stack(level) for level in levels], routed, targets
+
+
+def diagonal_keypoints(boxes: torch.Tensor) -> torch.Tensor:
+    """[M, 4] xyxy -> [M, 17, 3] keypoints spread along each box's diagonal, all labelled."""
+    along = torch.linspace(0, 1, 17)[None, :, None]
+    xy = boxes[:, None, :2] + along * (boxes[:, None, 2:] - boxes[:, None, :2])
+    return torch.cat([xy, torch.full((len(boxes), 17, 1), 2.0)], -1)
+
+
+def test_proposals_are_the_peaks_of_the_centre_map_with_their_boxes():
+    generator = torch.Generator().manual_seed(0)
+    pyramid, boxes, _ = synthetic_scene(generator)
+    found, objectness = proposals(pyramid[0][None, -5:], 5)
+    assert found.shape == (1, 5, 4) and objectness.shape == (1, 5)
+    assert (objectness[0, :3] > 0.99).all() and (objectness[0, 3:] < 0.01).all()
+    iou = box_iou(boxes, found[0, :3])
+    assert torch.allclose(iou.max(dim=1).values, torch.ones(3), atol=1e-4)
+
+
+def test_box_prior_is_zero_inside_the_box_and_very_negative_far_outside():
+    prior = box_prior(torch.tensor([[[0.25, 0.25, 0.5, 0.5]]]), 16, 16)[0, 0]
+    assert prior[6, 6] > -0.1 and prior[15, 15] < -10 and prior[0, 6] < -2
+
+
+def test_extents_of_masks_and_keypoints():
+    masks = torch.zeros(2, 8, 8)
+    masks[0, 2:4, 1:6] = 1
+    assert torch.allclose(mask_extent(masks)[0], torch.tensor([1 / 8, 2 / 8, 6 / 8, 4 / 8]))
+    assert torch.equal(mask_extent(masks)[1], torch.zeros(4))
+    points = torch.zeros(1, 17, 3)
+    points[0, :2] = torch.tensor([[0.2, 0.3, 2.0], [0.4, 0.7, 2.0]])
+    box = keypoint_extent(points, grow=0.0)[0]
+    assert torch.allclose(box, torch.tensor([0.2, 0.3, 0.4, 0.7]))
+
+
+@pytest.mark.parametrize("unit", ["box", "mask", "keypoint"])
+def test_objects_kind_builds_for_its_unit_and_refuses_towers_without_object_maps(unit):
+    decoder = build_decoder(unit, LLM_DIM, [FORM + COLOURS + 5, FORM + COLOURS], kind="objects", hidden_dim=16,
+                            num_heads=2, num_layers=1, num_objects=6)
+    refs, valid = torch.randn(2, 3, LLM_DIM), torch.ones(2, 3, dtype=torch.bool)
+    pyramid, _, _ = synthetic_scene(torch.Generator().manual_seed(1))
+    outputs = decoder.eval()(refs, valid, [torch.stack([p, p]) for p in pyramid])
+    assert all(torch.isfinite(v).all() for v in outputs.values())
+    # a training step: the unit's losses plus the choice's, finite, and the choice gets a gradient
+    generator = torch.Generator().manual_seed(2)
+    pyramid, routed, box_targets = batch(generator, 2, torch.randn(COLOURS, LLM_DIM))
+    values = {"box": lambda t: t.value,
+              "mask": lambda t: (box_prior(cxcywh_to_xyxy(t.value)[None], SIDE * 2, SIDE * 2)[0] > -1).float(),
+              "keypoint": lambda t: diagonal_keypoints(cxcywh_to_xyxy(t.value))}
+    targets = [UnitTargets(group_ids=t.group_ids, value=values[unit](t)) for t in box_targets]
+    decoder.train()
+    losses = decoder.loss(decoder(routed.embeddings, routed.valid, pyramid), routed, targets)
+    assert f"loss_{unit}_select" in losses and all(torch.isfinite(v) for v in losses.values())
+    losses[f"loss_{unit}_select"].backward()
+    assert decoder.trunk.select_query.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="object_maps"):
+        build_decoder(unit, LLM_DIM, [4, 8], kind="objects", hidden_dim=16, num_heads=2, num_layers=1)
+
+
+def test_object_box_decoder_learns_to_choose_the_asked_object():
+    """The state names a colour; after training, the box is the box of the object of that colour."""
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
+    codes = torch.randn(COLOURS, LLM_DIM) * 3
+    decoder = build_decoder("box", LLM_DIM, [FORM + COLOURS + 5, FORM + COLOURS], kind="objects", hidden_dim=32,
+                            num_heads=2, num_layers=1, num_objects=6, ref_norm="standard")
+    optimizer = torch.optim.AdamW(decoder.parameters(), lr=3e-3)
+
+    def accuracy() -> float:
+        decoder.eval()
+        pyramid, routed, targets = batch(torch.Generator().manual_seed(99), 64, codes)
+        with torch.no_grad():
+            boxes = decoder(routed.embeddings, routed.valid, pyramid)["boxes"][:, 0]
+        truth = torch.cat([t.value for t in targets])
+        iou = box_iou(cxcywh_to_xyxy(boxes), cxcywh_to_xyxy(truth)).diagonal()
+        return float((iou > 0.5).float().mean())
+
+    before = accuracy()
+    first = None
+    for _ in range(150):
+        decoder.train()
+        pyramid, routed, targets = batch(generator, 16, codes)
+        losses = decoder.loss(decoder(routed.embeddings, routed.valid, pyramid), routed, targets)
+        loss = sum(losses.values())
+        first = float(losses["loss_box_select"].detach()) if first is None else first
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert float(losses["loss_box_select"]) < first / 3
+    assert before < 0.6 and accuracy() > 0.9
+
+
+def test_select_weight_scales_the_choice_loss():
+    generator = torch.Generator().manual_seed(3)
+    pyramid, routed, targets = batch(generator, 4, torch.randn(COLOURS, LLM_DIM))
+    losses = {}
+    for weight in (1.0, 3.0):
+        torch.manual_seed(0)
+        decoder = build_decoder("box", LLM_DIM, [FORM + COLOURS + 5, FORM + COLOURS], kind="objects", hidden_dim=16,
+                                num_heads=2, num_layers=1, num_objects=6, loss_weights={"select": weight}).train()
+        losses[weight] = float(decoder.loss(decoder(routed.embeddings, routed.valid, pyramid), routed,
+                                            targets)["loss_box_select"].detach())
+    assert losses[1.0] > 0 and losses[3.0] == pytest.approx(3 * losses[1.0], rel=1e-5)
+
+
+@pytest.mark.timeout(900)
+def test_objects_model_exports_and_onnxruntime_matches_torch(tmp_path):
+    """A tiny model with split towers, object maps and "objects" decoders: every part
+    exports, and ONNX Runtime gives torch's outputs at shapes other than the export's."""
+    from refvlm_core.config import preset
+    from refvlm_core.model import RefVLM
+    from refvlm_export import parity
+    from refvlm_export.backends import OnnxRuntimeBackend
+    from refvlm_export.onnx_export import ConvNextGraph, export_model
+
+    config = preset("tiny")
+    config.vision.pyramid_input, config.vision.colour_channels, config.vision.object_maps = "luminance", 4, True
+    for unit in ("box", "mask", "keypoint"):
+        config.decoders[unit] = {**config.decoders[unit], "kind": "objects", "num_objects": 6, "ref_norm": "standard"}
+    torch.manual_seed(0)
+    model = RefVLM.from_config(config).eval()
+    export_model(model, tmp_path)
+    backend = OnnxRuntimeBackend(tmp_path, "cpu", model.config, threads=1)
+    for unit in ("box", "mask", "keypoint"):
+        for batch_size, length, num_valid, size in ((1, 7, 3, 64), (2, 2, 2, 96)):
+            report = parity.decoder_parity(model, backend, unit, batch_size, length, num_valid, size)
+            assert report.ok, str(report)
+    report = parity.onnx_part_parity(tmp_path, "convnext", ConvNextGraph(model.encoder), (torch.rand(1, 3, 96, 96),))
+    assert report.ok, str(report)

@@ -1,0 +1,135 @@
+"""`refvlm probe towers|refs`: the stage probes of refvlm_training.evaluation.probes, as
+JSON reports; registered from refvlm_training.cli. Heavy imports happen in the handlers."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+_EPILOG = """\
+examples:
+  refvlm probe towers --model models/nano --out probe-towers.json
+  refvlm probe towers --towers runs/nano/stage0/model --preset nano
+  refvlm probe refs --model models/nano --data simworld:test:40 --out probe-refs.json"""
+
+
+def register_probe(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "probe", help="measure a stage before training the next: tower linear probes, <REF> spread",
+        description="Probes of one stage's outputs, computed once: per-object linear probes of the vision "
+        "towers (colour, shape, material, size; held-out colour x shape pairs), and the spread of the "
+        "<REF> states before and after the decoders' input normalisation.",
+        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="probe_command", metavar="PROBE")
+    commands.required = True
+
+    towers = commands.add_parser("towers", help="per-object linear probes of the vision towers on SimWorld")
+    source = towers.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", metavar="M", help="model folder, or a preset name (towers as built)")
+    source.add_argument("--towers", metavar="DIR", help="stage 0 output folder (vit/convnext.safetensors)")
+    towers.add_argument("--preset", default="nano", help="preset whose towers --towers holds (default nano)")
+    towers.add_argument("--train-scenes", type=int, default=300, help="train-split scenes the probes fit on")
+    towers.add_argument("--new-train-scenes", type=int, default=100, help="other train-split scenes to score")
+    towers.add_argument("--test-scenes", type=int, default=100, help="test-split scenes to score")
+    towers.add_argument("--size", default="256x192", help="render size WxH (default 256x192)")
+    towers.add_argument("--out", metavar="FILE", default="probe-towers.json", help="JSON report")
+    towers.set_defaults(func=_towers)
+
+    refs = commands.add_parser("refs", help="spread of the teacher-forced <REF> states, raw and normalised")
+    refs.add_argument("--model", required=True, metavar="M", help="model folder, or a preset name")
+    refs.add_argument("--data", default="simworld:test:40", metavar="D",
+                      help="shard folder or simworld:SPLIT:N (default simworld:test:40)")
+    refs.add_argument("--task", default="rec", help="only samples of this task (default rec; 'all': every task)")
+    refs.add_argument("--limit", type=int, default=200, help="at most this many samples (default 200)")
+    refs.add_argument("--unit", default="box", help="whose decoder input normalisation to apply (default box)")
+    refs.add_argument("--fit-data", default=None, metavar="D",
+                      help="also standardise the states by the statistics of these samples' states (e.g. "
+                      "simworld:train:40): what ref_norm: standard would give this model")
+    refs.add_argument("--out", metavar="FILE", default="probe-refs.json", help="JSON report")
+    refs.set_defaults(func=_refs)
+
+
+def _load_model(name: str):
+    from refvlm_core.config import PRESET_NAMES, preset
+    from refvlm_core.errors import InputError
+
+    if name in PRESET_NAMES:
+        from refvlm_core.model import RefVLM
+        return RefVLM.from_config(preset(name))
+    if not Path(name).is_dir():
+        raise InputError(f"--model {name}: no such model folder and not a preset ({', '.join(PRESET_NAMES)})")
+    from refvlm_core.checkpoint import load_model
+    return load_model(name)
+
+
+def _towers(args: argparse.Namespace) -> int:
+    from refvlm_core.errors import InputError
+    from refvlm_training.evaluation.probes import tower_probes
+
+    width, height = _size(args.size)
+    if min(args.train_scenes, args.new_train_scenes, args.test_scenes) < 1:
+        raise InputError("--train-scenes, --new-train-scenes and --test-scenes must each be at least 1")
+    encoder = _stage0_encoder(args.towers, args.preset) if args.towers else _load_model(args.model).encoder
+    report = tower_probes(encoder, args.train_scenes, args.new_train_scenes, args.test_scenes, width, height,
+                          progress=True)
+    report["source"] = args.towers or args.model
+    _write(report, args.out)
+    for kind in ("mean", "grid"):
+        print(f"{kind:>5}: " + "  ".join(f"{name} {row['test']:.2f}" for name, row in report[kind].items())
+              + f"  shape on held-out pairs {report[kind]['shape']['test_held_out']}")
+    return 0
+
+
+def _stage0_encoder(folder: str, preset_name: str):
+    from refvlm_core.config import preset
+    from refvlm_core.encoders import DualImageEncoder
+    from refvlm_core.errors import InputError
+
+    root = Path(folder)
+    files = {name: root / f"{name}.safetensors" for name in ("vit", "convnext")}
+    missing = [str(p) for p in files.values() if not p.is_file()]
+    if missing:
+        raise InputError(f"--towers {folder}: missing {', '.join(missing)}; pass a stage 0 output's model/ folder")
+    vision = preset(preset_name).vision
+    vision.vit_weights, vision.convnext_weights = str(files["vit"]), str(files["convnext"])
+    return DualImageEncoder(vision)
+
+
+def _refs(args: argparse.Namespace) -> int:
+    from refvlm_core.errors import InputError
+    from refvlm_training.evaluation.probes import ref_spread
+    from refvlm_training.evaluation.runner import load_samples
+
+    model = _load_model(args.model)
+    if args.unit not in model.decoders:
+        raise InputError(f"--unit {args.unit}: the model's units are {sorted(model.decoders)}")
+    samples = [s for s in load_samples(args.data) if args.task == "all" or s.task == args.task][:args.limit]
+    if not samples:
+        raise InputError(f"--data {args.data} has no {args.task} samples")
+    fit = None
+    if args.fit_data:
+        fit = [s for s in load_samples(args.fit_data) if args.task == "all" or s.task == args.task][:args.limit]
+    report = ref_spread(model, samples, args.unit, fit, progress=True)
+    report.update(source=args.model, data=args.data, task=args.task, fit_data=args.fit_data)
+    _write(report, args.out)
+    print(f"{report['refs']} <REF> states, {report['phrases']} phrases: mean pairwise cosine "
+          f"{report['raw']['mean_pairwise_cosine']} raw, {report['normalised']['mean_pairwise_cosine']} "
+          f"after the {args.unit} decoder's {report['ref_norm']} normalisation"
+          + (f", {report['standardised']['mean_pairwise_cosine']} standardised" if fit else ""))
+    return 0
+
+
+def _size(text: str) -> tuple[int, int]:
+    from refvlm_core.errors import InputError
+
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise InputError(f"--size {text!r}: write WxH, e.g. 256x192") from None
+    return width, height
+
+
+def _write(report: dict, path: str) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"report: {path}")
