@@ -104,18 +104,13 @@ def test_infer_cli_int8(pair, tmp_path, capsys):
     assert weights == {"--quantize int8": "int8", "": "int8", "--quantize none": "none"}  # default auto: int8 on a CPU
 
 
-def _pack(weight: torch.Tensor, level: int):
-    """Per-channel symmetric packing of ``weight`` scaled to ``level``."""
-    scales = (weight.abs().amax(dim=1) / level).double()
-    q = torch.quantize_per_channel(weight, scales, torch.zeros(len(weight), dtype=torch.long), 0, torch.qint8)
-    return torch.ops.quantized.linear_prepack(q, None)
-
-
 def test_int8_linear_is_close_to_float_and_does_not_saturate():
     """Int8Linear follows its float layer on ordinary inputs, and on an input built to
     overflow fbgemm's int16 pair sums (every activation at the top of its range, every
-    weight at the top of its row): with weights scaled to 127 and 8-bit activations that
-    input gives a wrong answer, with WEIGHT_LEVEL (64) it does not."""
+    weight at the top of its row). Whether fbgemm sums pairs in int16 depends on the CPU
+    (without VNNI it does and saturates above 32767; with VNNI it sums in int32), so the
+    test asserts what holds on every CPU: the layer's answer, and the bound that keeps a
+    pair sum of 8-bit activations and WEIGHT_LEVEL weights inside int16."""
     from refvlm_core.quantize import WEIGHT_LEVEL, Int8Linear
 
     torch.manual_seed(0)
@@ -135,8 +130,9 @@ def test_int8_linear_is_close_to_float_and_does_not_saturate():
     reference = linear(x)
     int8 = Int8Linear(linear)
     assert torch.allclose(int8(x), reference, rtol=0.01)
-    full_range = torch.ops.quantized.linear_dynamic(x, _pack(linear.weight.detach(), 127), reduce_range=False)
-    assert not torch.allclose(full_range, reference, rtol=0.2)  # the saturation this layer avoids
+    int16_max, activation_max = 32767, 255
+    assert 2 * activation_max * 127 > int16_max  # weights at 127 would saturate without VNNI
+    assert 2 * activation_max * WEIGHT_LEVEL <= int16_max  # WEIGHT_LEVEL never does
 
 
 def test_default_keeps_float_and_auto_is_int8_on_cpu(pair, tmp_path):
