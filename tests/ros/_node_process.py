@@ -19,6 +19,9 @@ from typing import Any, Callable
 import torch
 
 
+LOADING = "loading the model (configure)"
+
+
 class ForcedAnswerPredictor:
     """The real Predictor, decoding a fixed TRP text instead of its random-weight choice."""
 
@@ -55,6 +58,7 @@ def main() -> None:
     from refvlm_ros.node import RefVLMNode, load_predictor, run
 
     def factory(p: Any) -> ForcedAnswerPredictor:
+        print(LOADING, flush=True)  # tests that interrupt the load wait for this line
         time.sleep(args.load_delay)
         return ForcedAnswerPredictor(load_predictor(p), args.answer, args.delay)
 

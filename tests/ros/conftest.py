@@ -61,6 +61,7 @@ def _missing_ros() -> str | None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    _scale_timeouts(items)
     ros_items = [item for item in items if item.get_closest_marker("ros")]
     if not ros_items:
         return
@@ -68,3 +69,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if reason:
         for item in ros_items:
             item.add_marker(pytest.mark.skip(reason=reason))
+
+
+def _scale_timeouts(items: list[pytest.Item]) -> None:
+    """A test's pytest timeout grows with the machine's load like the waits inside it
+    (``ros_client.scaled``), so a slow but progressing test is not cut off on busy cores."""
+    from ros_client import scaled
+
+    for item in items:
+        marker = item.get_closest_marker("timeout")
+        if marker is not None and marker.args:
+            item.add_marker(pytest.mark.timeout(scaled(marker.args[0]), *marker.args[1:], **marker.kwargs),
+                            append=False)

@@ -8,6 +8,8 @@ parameters) that the test files share.
     reply = node.ask("where is the red cube?", image=image)
     client.diagnostics_of["refvlm_node"]           # the node's latest /diagnostics values
     client.close()
+
+Waits are on conditions; their margins go through ``scaled`` (longer on a loaded machine).
 """
 from __future__ import annotations
 
@@ -17,6 +19,15 @@ import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
+
+
+def scaled(seconds: float) -> float:
+    """A wait's margin on this machine: ``seconds`` on a quiet machine, longer in proportion
+    to its load (processes wanting a core per core over the last minute), so a test on
+    shared, busy cores waits for the same condition as long as it takes there rather than
+    failing on a wait sized for a quiet one."""
+    load_per_core = os.getloadavg()[0] / (os.cpu_count() or 1)
+    return seconds * max(1.0, load_per_core)
 
 
 def spawn_node(command: list[str], log: Path) -> subprocess.Popen:
@@ -65,7 +76,9 @@ class SpinningClient:
             self.diagnostics_of[status.hardware_id] = {kv.key: kv.value for kv in status.values}
 
     def call(self, client: Any, request: Any, timeout: float = 30.0) -> Any:
-        """The service's response; fails the test when it is not there or does not answer in time."""
+        """The service's response; fails the test when it is not there or does not answer
+        in time (``timeout`` on a quiet machine, ``scaled``)."""
+        timeout = scaled(timeout)
         assert client.wait_for_service(timeout_sec=timeout), f"{client.srv_name} not available"
         future = client.call_async(request)
         done = threading.Event()
@@ -75,7 +88,9 @@ class SpinningClient:
 
     @staticmethod
     def wait_for(condition: Callable[[], Any], timeout: float, what: str, poll_s: float = 0.05) -> None:
-        deadline = time.monotonic() + timeout
+        """Until ``condition()`` is true; fails the test after ``timeout`` (on a quiet machine,
+        ``scaled``)."""
+        deadline = time.monotonic() + scaled(timeout)
         while not condition():
             assert time.monotonic() < deadline, f"timed out waiting for {what}"
             time.sleep(poll_s)

@@ -1,9 +1,11 @@
 """What one request may cost (refvlm_ros.request_limits, no ROS): the memory a large
-request freed goes back to the system; the deadline ends generation from on_token."""
+request freed goes back to the system; the deadline, and the node shutting down, end
+generation from on_token."""
 from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -50,3 +52,13 @@ def test_the_deadline_ends_generation():
     with pytest.raises(request_limits.RequestTimeout, match="max_request_s"):
         on_token(2, "ab")
     assert seen == [1] and request_limits.with_deadline(None, 0.0) is None
+
+
+def test_shutting_down_ends_generation_at_the_next_token():
+    seen, shutting_down = [], threading.Event()
+    on_token = request_limits.until(shutting_down, lambda token, text: seen.append(token))
+    on_token(1, "a")
+    shutting_down.set()
+    with pytest.raises(request_limits.ShuttingDown, match="shutting down"):
+        on_token(2, "ab")
+    assert seen == [1]

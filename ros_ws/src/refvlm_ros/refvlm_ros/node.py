@@ -144,6 +144,7 @@ class RefVLMNode(LifecycleNode):
         self._stats = InferenceStats()
         self._target: TargetFrame | None = None  # target_frame set: positions moved there (tf2)
         self._stop = threading.Event()
+        self._shutting_down = threading.Event()  # set: a running generation stops at its next token
         self._worker: threading.Thread | None = None
         self._outputs: dict[str, Any] = {}
         self._inputs: list[Any] = []
@@ -308,7 +309,9 @@ class RefVLMNode(LifecycleNode):
         gc.collect()
 
     def shutdown_cleanly(self) -> None:
-        """Stops the workers (before rclpy goes) and destroys the node."""
+        """Stops the workers (before rclpy goes; a running answer stops at its next token)
+        and destroys the node."""
+        self._shutting_down.set()
         self._queries.close()
         self._stop_worker()
         self._action.destroy()
@@ -475,8 +478,9 @@ class RefVLMNode(LifecycleNode):
             if self._predictor is None:
                 raise InputError("no model loaded: configure the node first")
             request_limits.check_prompt_tokens(self._predictor, prompt, self.p.max_prompt_tokens)
-            result = self._predictor.predict(rgb, prompt, visual_prompts=core_prompts,
-                                             on_token=request_limits.with_deadline(on_token, self.p.max_request_s))
+            on_token = request_limits.until(self._shutting_down,
+                                            request_limits.with_deadline(on_token, self.p.max_request_s))
+            result = self._predictor.predict(rgb, prompt, visual_prompts=core_prompts, on_token=on_token)
         config = LocalizationConfig(min_pixels=self.p.localization_min_pixels, max_depth_m=self.p.max_depth_m)
         msg = messages.result_to_msg(result, image.header, context, config)
         if self._target is not None:
@@ -507,6 +511,8 @@ class RefVLMNode(LifecycleNode):
             try:
                 result, msg, rgb = self.answer(frame, prompt, self._standing_visual_prompts,
                                                lambda: self._depth_context(frame, stream), camera=stream)
+            except request_limits.ShuttingDown:
+                return
             except Exception as error:  # noqa: BLE001 (log, count, keep running)
                 self._stats.count_error()
                 self.get_logger().error(f"standing prompt failed: {error}")

@@ -3,9 +3,9 @@
 A prompt's cost is its tokens, not its characters: an emoji or a rare character is
 several tokens, so 2000 characters can be 6000-8000 tokens and a minute of prefill.
 Prompts over the token limit are refused before the model sees them; generation still
-running at the deadline is stopped from the Predictor's ``on_token`` callback. A large
-request leaves freed tensors in the C heap, where glibc keeps them: ``returned_memory``
-hands them back to the system. No ROS imports.
+running at the deadline, or when the node shuts down, is stopped from the Predictor's
+``on_token`` callback. A large request leaves freed tensors in the C heap, where glibc
+keeps them: ``returned_memory`` hands them back to the system. No ROS imports.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import ctypes
 import ctypes.util
 import gc
 import os
+import threading
 import time
 from typing import Any, Callable, Iterator
 
@@ -51,6 +52,23 @@ def with_deadline(on_token: Callable | None, seconds: float) -> Callable | None:
         if time.monotonic() > deadline:
             raise RequestTimeout(f"the answer took longer than {seconds:g} s (parameter max_request_s) "
                                  "and was stopped: ask a shorter question or raise the limit")
+        if on_token is not None:
+            on_token(token_id, answer_so_far)
+
+    return checked
+
+
+class ShuttingDown(RefVLMError):
+    """Raised inside generation when the node shuts down under a running request."""
+
+
+def until(stopped: threading.Event, on_token: Callable | None) -> Callable:
+    """``on_token`` that also ends generation at the next token once ``stopped`` is set, so
+    a node asked to stop (Ctrl-C) does not first finish a long answer."""
+
+    def checked(token_id: int, answer_so_far: str) -> None:
+        if stopped.is_set():
+            raise ShuttingDown("the node is shutting down: the answer was stopped")
         if on_token is not None:
             on_token(token_id, answer_so_far)
 
