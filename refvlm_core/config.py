@@ -28,6 +28,9 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 LLM_KINDS = ("llama-random", "gguf", "hf")
 PRESET_NAMES = ("tiny", "nano", "paper")
+# How the LLM's weights are held for inference (refvlm_core.quantize, the node's `quantize`
+# parameter): auto = int8 on a CPU and float on a GPU, none = float, int8.
+QUANT_KINDS = ("auto", "none", "int8")
 # What the node and `refvlm infer` send unless told otherwise, and what training data
 # written with `--system default` carries: one prompt for every task, so the request's
 # wording alone picks the answer's form and unit.
@@ -112,12 +115,12 @@ class MatchCosts:
     separate from the loss weights so that one can change without the other; the defaults
     are the loss weights' defaults."""
 
-    box_l1: float = 5.0
-    box_giou: float = 2.0
-    mask_focal: float = 20.0
-    mask_dice: float = 1.0
-    keypoint_l1: float = 1.0
-    keypoint_visibility: float = 1.0
+    box_l1: float = LossWeights.box_l1
+    box_giou: float = LossWeights.box_giou
+    mask_focal: float = LossWeights.mask_focal
+    mask_dice: float = LossWeights.mask_dice
+    keypoint_l1: float = LossWeights.keypoint_l1
+    keypoint_visibility: float = LossWeights.keypoint_visibility
 
     @classmethod
     def coerce(cls, value: "MatchCosts | Mapping[str, float] | None") -> "MatchCosts":

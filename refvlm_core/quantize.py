@@ -34,9 +34,9 @@ import torch
 from torch import nn
 
 from refvlm_core.atomic import atomic_write
+from refvlm_core.config import QUANT_KINDS
 from refvlm_core.errors import ConfigError
 
-QUANT_KINDS = ("auto", "none", "int8")
 WEIGHT_LEVEL = 64  # |quantised weight| <= this: no int16 saturation with 8-bit activations
 CACHE_FORMAT = f"int8-per-channel-{WEIGHT_LEVEL}-v1"  # in cache keys: a new scheme misses old files
 KEPT_CACHE_FILES = 4  # quantised models kept beside a base; older ones are removed

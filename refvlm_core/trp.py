@@ -39,8 +39,6 @@ IMAGE, REGION = "<image>", "<region>"
 TRP_TAGS: tuple[str, ...] = (PHRASE_OPEN, PHRASE_CLOSE, UNIT_OPEN, UNIT_CLOSE, REF)
 # What the tokenizer adds as special tokens.
 SPECIAL_TOKENS: tuple[str, ...] = TRP_TAGS + (IMAGE, REGION)
-# Documentation and defaults only: units are an open vocabulary.
-KNOWN_UNITS = ("box", "mask", "keypoint", "depth")
 
 _TAG_RE = re.compile("|".join(re.escape(tag) for tag in TRP_TAGS))
 _INDEX_RE = re.compile(r"\[(\d+)\]")

@@ -21,7 +21,6 @@ from refvlm_core.errors import ConfigError
 class DistInfo:
     rank: int = 0
     world_size: int = 1
-    local_rank: int = 0
     device: torch.device = torch.device("cpu")
 
     @property
@@ -45,7 +44,7 @@ def init_distributed() -> DistInfo:
         if "MASTER_ADDR" not in os.environ:
             raise ConfigError("WORLD_SIZE > 1 but MASTER_ADDR is not set: launch with torchrun")
         dist.init_process_group(backend="nccl" if cuda else "gloo", rank=rank, world_size=world)
-    return DistInfo(rank, world, local, device)
+    return DistInfo(rank, world, device)
 
 
 def shutdown() -> None:

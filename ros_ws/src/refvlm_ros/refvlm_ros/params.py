@@ -10,11 +10,11 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from refvlm_core.config import QUANT_KINDS
 from refvlm_core.errors import ConfigError
 from refvlm_ros.cameras import parse_camera_names
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt", "auto")
-QUANTIZE = ("auto", "none", "int8")  # refvlm_core.quantize.QUANT_KINDS (not imported: it pulls torch)
 IMAGE_BACKENDS = ("auto", "numpy", "cv_bridge")
 RELIABILITIES = ("best_effort", "reliable")
 IMAGE_TRANSPORTS = ("raw", "compressed")
@@ -139,8 +139,8 @@ class NodeParams:
             raise ConfigError("set model_preset (tiny, nano, paper) or model_path")
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend={self.backend!r}: use one of {', '.join(BACKENDS)}")
-        if self.quantize not in QUANTIZE:
-            raise ConfigError(f"quantize={self.quantize!r}: use one of {', '.join(QUANTIZE)}")
+        if self.quantize not in QUANT_KINDS:
+            raise ConfigError(f"quantize={self.quantize!r}: use one of {', '.join(QUANT_KINDS)}")
         if self.image_backend not in IMAGE_BACKENDS:
             raise ConfigError(f"image_backend={self.image_backend!r}: use one of {', '.join(IMAGE_BACKENDS)}")
         if not 0.0 < self.rate_hz <= 100.0:
