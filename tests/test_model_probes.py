@@ -268,12 +268,14 @@ def test_probe_commands_write_their_reports_on_the_tiny_preset(tmp_path):
 
     refs = tmp_path / "refs.json"
     run = subprocess.run([sys.executable, "-m", "refvlm_cli.main", "probe", "refs", "--model", "tiny",
-                          "--data", "simworld:test:3", "--limit", "4", "--out", str(refs)],
+                          "--data", "simworld:test:3", "--fit-data", "simworld:train:3", "--limit", "4",
+                          "--out", str(refs)],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
     report = json.loads(refs.read_text())
     assert report["refs"] >= 1 and -1 <= report["raw"]["mean_pairwise_cosine"] <= 1
-    assert report["ref_norm"] == "layer"
+    assert report["ref_norm"] == "layer" and report["standardised"]["fit_refs"] >= 1
+    assert report["standardised"]["mean_pairwise_cosine"] < report["raw"]["mean_pairwise_cosine"]
 
     bad = subprocess.run([sys.executable, "-m", "refvlm_cli.main", "probe", "towers", "--towers", str(tmp_path)],
                          capture_output=True, text=True, timeout=300)

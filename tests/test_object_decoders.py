@@ -166,23 +166,54 @@ def test_select_weight_scales_the_choice_loss():
 def test_objects_model_exports_and_onnxruntime_matches_torch(tmp_path):
     """A tiny model with split towers, object maps and "objects" decoders: every part
     exports, and ONNX Runtime gives torch's outputs at shapes other than the export's."""
-    from refvlm_core.config import preset
-    from refvlm_core.model import RefVLM
     from refvlm_export import parity
-    from refvlm_export.backends import OnnxRuntimeBackend
+    from refvlm_export.runtime import OnnxRuntimeDecoders
     from refvlm_export.onnx_export import ConvNextGraph, export_model
 
-    config = preset("tiny")
-    config.vision.pyramid_input, config.vision.colour_channels, config.vision.object_maps = "luminance", 4, True
-    for unit in ("box", "mask", "keypoint"):
-        config.decoders[unit] = {**config.decoders[unit], "kind": "objects", "num_objects": 6, "ref_norm": "standard"}
-    torch.manual_seed(0)
-    model = RefVLM.from_config(config).eval()
+    model = objects_tiny_model()
     export_model(model, tmp_path)
-    backend = OnnxRuntimeBackend(tmp_path, "cpu", model.config, threads=1)
+    backend = OnnxRuntimeDecoders(tmp_path, "cpu", model.config, threads=1)
     for unit in ("box", "mask", "keypoint"):
         for batch_size, length, num_valid, size in ((1, 7, 3, 64), (2, 2, 2, 96)):
             report = parity.decoder_parity(model, backend, unit, batch_size, length, num_valid, size)
             assert report.ok, str(report)
     report = parity.onnx_part_parity(tmp_path, "convnext", ConvNextGraph(model.encoder), (torch.rand(1, 3, 96, 96),))
     assert report.ok, str(report)
+
+
+def objects_tiny_model():
+    """The tiny preset with split towers, object maps and "objects" box, mask and keypoint decoders."""
+    from refvlm_core.config import preset
+    from refvlm_core.model import RefVLM
+
+    config = preset("tiny")
+    config.vision.pyramid_input, config.vision.colour_channels, config.vision.object_maps = "luminance", 4, True
+    for unit in ("box", "mask", "keypoint"):
+        config.decoders[unit] = {**config.decoders[unit], "kind": "objects", "num_objects": 6, "ref_norm": "standard"}
+    torch.manual_seed(0)
+    return RefVLM.from_config(config).eval()
+
+
+def test_predictor_answers_in_pixels_with_objects_decoders():
+    """The Predictor routes a generated answer to the "objects" decoders and puts their
+    outputs on the objects in original pixels, the mask inside the chosen box."""
+    import numpy as np
+
+    from refvlm_core import trp
+    from refvlm_core.predictor import Predictor
+    from tests.model_samples import forced_answer_hook
+
+    model = objects_tiny_model()
+    answer = (f"{trp.format_phrase('cups', ('box',), 2)}, {trp.format_phrase('a bowl', ('mask',), 1)}, "
+              f"{trp.format_phrase('a man', ('keypoint',), 1)}")
+    image = np.random.default_rng(0).integers(0, 255, (60, 80, 3), dtype=np.uint8)
+    result = Predictor(model).predict(image, "Find things.", max_new_tokens=80,
+                                      logits_hook=forced_answer_hook(model.llm.tokenizer, answer))
+    assert result.errors == []
+    boxes = [o.box_xyxy for o in result.objects if o.box_xyxy is not None]
+    masks = [o.mask for o in result.objects if o.mask is not None]
+    points = [o.keypoints for o in result.objects if o.keypoints is not None]
+    assert len(boxes) == 2 and len(masks) == 1 and len(points) == 1
+    for box in boxes:
+        assert np.isfinite(box).all() and box[0] <= box[2] and box[1] <= box[3]
+    assert masks[0].shape == (60, 80) and points[0].shape == (17, 3)

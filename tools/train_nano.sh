@@ -8,7 +8,9 @@
 # Env: NANO_SCENES (train scenes, default 1500), NANO_TEST_SCENES (default 200), NANO_TASKS (default
 #      rec,res,keypoint,depth,ovd), NANO_EVAL_LIMIT (items per task, default 100), RUN_DIR (default
 #      runs/nano), SHIP_DIR (default models/nano; empty: do not ship), STAGE0_STEPS / STAGE2_STEPS /
-#      DECODER_STEPS (override the configs). Resumes each stage if its checkpoint exists.
+#      DECODER_STEPS (override the configs), NANO_LLM_FROM (a trained nano model folder: keep its LLM with
+#      its adapters, its ViT and projector, skip stage 2, and train the decoders over the new pyramid
+#      towers: configs/train/nano_decoders_over_llm.yaml). Resumes each stage if its checkpoint exists.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN_DIR=${RUN_DIR:-runs/nano}
@@ -42,12 +44,18 @@ stage() {  # stage config out steps
   [[ -d "$3/model" ]] || refvlm train "${args[@]}"  # a stage writes model/ when it ends
 }
 # The run's own copies of the configs: data and each stage's input where this run keeps them.
-for name in stage0 stage2 decoders; do
+# Stage 0 fine-tunes the towers of the model in models/nano: keep a copy, as shipping replaces it.
+[[ -d $RUN_DIR/previous ]] || cp -r models/nano "$RUN_DIR/previous"
+decoders=decoders
+[[ -n "${NANO_LLM_FROM:-}" ]] && decoders=decoders_over_llm
+for name in stage0 stage2 $decoders; do
   sed -e "s#runs/data/simworld#$DATA#" -e "s#runs/nano_stage\([0-9]\)/#$RUN_DIR/stage\1/#g" \
-    configs/train/nano_$name.yaml > "$RUN_DIR/$name.yaml"
+    -e "s#models/nano/model.safetensors#$RUN_DIR/previous/model.safetensors#g" \
+    -e "s#init_from: models/nano\$#init_from: ${NANO_LLM_FROM:-}#" \
+    configs/train/nano_$name.yaml > "$RUN_DIR/${name%_over_llm}.yaml"
 done
 stage 0 "$RUN_DIR/stage0.yaml" "$RUN_DIR/stage0" "${STAGE0_STEPS:-}"
-stage 2 "$RUN_DIR/stage2.yaml" "$RUN_DIR/stage2" "${STAGE2_STEPS:-}"
+[[ -n "${NANO_LLM_FROM:-}" ]] || stage 2 "$RUN_DIR/stage2.yaml" "$RUN_DIR/stage2" "${STAGE2_STEPS:-}"
 stage 2 "$RUN_DIR/decoders.yaml" "$RUN_DIR/stage2_decoders" "${DECODER_STEPS:-}"
 MODEL="$RUN_DIR/stage2_decoders/model"
 
@@ -57,7 +65,7 @@ for task in rec res keypoint depth; do
     --limit "${NANO_EVAL_LIMIT:-100}" --out "$RUN_DIR/eval-$task.json" 2>>"$RUN_DIR/eval.log"
 done
 python -m refvlm_training.engine.plots --out "$RUN_DIR/losses.png" \
-  "$RUN_DIR/stage0" "$RUN_DIR/stage2" "$RUN_DIR/stage2_decoders"
+  $(for d in stage0 stage2 stage2_decoders; do [[ -d $RUN_DIR/$d ]] && echo "$RUN_DIR/$d"; done)
 python -m refvlm_training.evaluation.model_card --run "$RUN_DIR" --out "$RUN_DIR/MODEL_CARD.md" \
   --wall-min $(( ($(date +%s) - start) / 60 )) \
   --command "NANO_SCENES=$SCENES NANO_TEST_SCENES=$TEST_SCENES tools/train_nano.sh" \

@@ -130,9 +130,9 @@ def render_card(run: Path, command: str, wall_min: float, data: str, title: str 
               "Every metric per task, with each answer, is in `eval-<task>.json`."]
     if (run / "box_decoders.png").is_file():  # tools/compare_box_decoders.py
         lines += ["", "## Box decoders side by side", "",
-                  "The DETR-style regressor (the decoder before) and the heatmap decoder (now), the same",
-                  "batches and steps over the stage-0 towers, the phrase embedded by a bag of words in place of",
-                  "the LLM (`tools/compare_box_decoders.py`); test-split REC Acc@0.5:", "",
+                  "Box decoders trained on the same batches for the same steps over the stage-0 towers, the",
+                  "phrase embedded by a bag of words in place of the LLM (`tools/compare_box_decoders.py`);",
+                  "test-split REC Acc@0.5:", "",
                   "![box decoders](box_decoders.png)"]
     if notes:
         lines += ["", notes.strip()]

@@ -74,8 +74,8 @@ def _towers(args: argparse.Namespace) -> int:
                           progress=True)
     report["source"] = args.towers or args.model
     _write(report, args.out)
-    for kind in ("mean", "grid"):
-        print(f"{kind:>5}: " + "  ".join(f"{name} {row['test']:.2f}" for name, row in report[kind].items())
+    for kind in [k for k in ("mean", "grid", "pathways") if k in report]:
+        print(f"{kind:>8}: " + "  ".join(f"{name} {row['test']:.2f}" for name, row in report[kind].items())
               + f"  shape on held-out pairs {report[kind]['shape']['test_held_out']}")
     return 0
 

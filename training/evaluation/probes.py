@@ -34,8 +34,10 @@ ATTRIBUTES = ("color", "shape", "material", "size")
 class ObjectSet:
     """Visible objects of some scenes: features and labels, one row an object."""
 
-    mean: torch.Tensor        # [N, sum C] box means of the pyramid levels
-    grid: torch.Tensor        # [N, 9 * sum C] 3 x 3 ROI grids
+    mean: torch.Tensor        # [N, sum C] box means of the pyramid levels (object maps left out)
+    grid: torch.Tensor        # [N, 9 * sum C] 3 x 3 ROI grids of the same channels
+    form: torch.Tensor        # [N, 9 * sum C_form] ROI grids of the ConvNeXt's channels alone
+    colour: torch.Tensor      # [N, 9 * sum C_colour] ROI grids of the colour pathway's (empty without one)
     labels: torch.Tensor      # [N, 4] long: colour, shape, material, size
     held_out: torch.Tensor    # [N] bool: a rigid object of a held-out colour x shape pair
     person: torch.Tensor      # [N] bool
@@ -54,7 +56,9 @@ def object_features(encoder, split: str, scenes: Iterable[int], width: int = 256
     world = SimWorld(SimWorldConfig(seed=seed, width=width, height=height), split)
     encoder = encoder.eval()
     size = encoder.cfg.image_size
-    parts: dict[str, list[torch.Tensor]] = {"mean": [], "grid": [], "labels": [], "held_out": [], "person": []}
+    parts: dict[str, list[torch.Tensor]] = {name: [] for name in ("mean", "grid", "form", "colour", "labels",
+                                                                   "held_out", "person")}
+    layout = encoder.layout
     indices = list(scenes)
     chunks = [indices[i:i + batch] for i in range(0, len(indices), batch)]
     if progress:
@@ -63,13 +67,16 @@ def object_features(encoder, split: str, scenes: Iterable[int], width: int = 256
     for chunk in chunks:
         rendered = [world.scene(i) for i in chunk]
         targets = [dense_targets(scene, size) for scene in rendered]
-        pyramid = encoder(torch.stack([t.image for t in targets])).pyramid
+        form, colour, _ = layout.split(encoder(torch.stack([t.image for t in targets])).pyramid)
+        pyramid = [torch.cat([f, c], dim=1) for f, c in zip(form, colour)] if colour else form
         boxes = torch.stack([t.boxes for t in targets])                      # [B, K, 4]
         labels = torch.stack([t.labels for t in targets])                    # [B, K, 4]
         pixels = [_visible_pixels(scene, t) for scene, t in zip(rendered, targets)]
         keep = (labels[..., 0] != IGNORE) & (torch.stack(pixels) >= min_pixels)
         parts["mean"].append(roi_mean(pyramid, boxes)[keep])
         parts["grid"].append(roi_grid(pyramid, boxes)[keep])
+        parts["form"].append(roi_grid(form, boxes)[keep])
+        parts["colour"].append(roi_grid(colour, boxes)[keep] if colour else torch.zeros(int(keep.sum()), 0))
         parts["labels"].append(labels[keep])
         pairs = [[_pair(scene, k) for k in range(boxes.shape[1])] for scene in rendered]
         parts["held_out"].append(torch.tensor([[p in HELD_OUT_COLOR_SHAPE for p in row] for row in pairs])[keep])
@@ -130,9 +137,11 @@ def probe_accuracy(probe, x: torch.Tensor, y: torch.Tensor) -> float | None:
 
 def tower_probes(encoder, train_scenes: int = 300, new_train_scenes: int = 100, test_scenes: int = 100,
                  width: int = 256, height: int = 192, seed: int = 0, progress: bool = False) -> dict[str, Any]:
-    """Per-object linear probes (see the module doc): per feature kind (box mean, ROI grid) and
-    attribute, accuracy on the train objects it was fit on, on new train-split scenes, on the
-    test split, and (shape, colour) on test objects of held-out pairs."""
+    """Per-object linear probes (see the module doc): per feature kind and attribute, accuracy
+    on the train objects it was fit on, on new train-split scenes, on the test split, and
+    (shape, colour) on test objects of held-out and of seen pairs. Kinds: ``mean`` (box mean of
+    the pyramid), ``grid`` (3 x 3 ROI grid) and, for towers with a colour pathway,
+    ``pathways`` (colour read from the colour pathway's grid, the rest from the ConvNeXt's)."""
     from refvlm_simworld.splits import COLOR_NAMES
     from refvlm_simworld.world import CATEGORIES, MATERIALS, SIZES
 
@@ -145,18 +154,21 @@ def tower_probes(encoder, train_scenes: int = 300, new_train_scenes: int = 100, 
     }
     report: dict[str, Any] = {"objects": {name: int(len(s.labels)) for name, s in sets.items()},
                               "test_held_out_objects": int(sets["test"].held_out.sum())}
-    for kind in ("mean", "grid"):
+    kinds = {"mean": dict.fromkeys(ATTRIBUTES, "mean"), "grid": dict.fromkeys(ATTRIBUTES, "grid")}
+    if sets["train"].colour.shape[1]:
+        kinds["pathways"] = {**dict.fromkeys(ATTRIBUTES, "form"), "color": "colour"}
+    for kind, features in kinds.items():
         rows = {}
         for column, name in enumerate(ATTRIBUTES):
-            train = sets["train"]
-            probe = fit_linear_probe(getattr(train, kind), train.labels[:, column], classes[name])
-            row = {split: probe_accuracy(probe, getattr(s, kind), s.labels[:, column]) for split, s in sets.items()}
+            field, train = features[name], sets["train"]
+            probe = fit_linear_probe(getattr(train, field), train.labels[:, column], classes[name])
+            row = {split: probe_accuracy(probe, getattr(s, field), s.labels[:, column]) for split, s in sets.items()}
             if name in ("shape", "color"):
                 test, rigid = sets["test"], ~sets["test"].person
-                row["test_held_out"] = probe_accuracy(probe, getattr(test, kind)[test.held_out],
+                row["test_held_out"] = probe_accuracy(probe, getattr(test, field)[test.held_out],
                                                       test.labels[test.held_out, column])
                 seen = rigid & ~test.held_out
-                row["test_seen_pairs"] = probe_accuracy(probe, getattr(test, kind)[seen], test.labels[seen, column])
+                row["test_seen_pairs"] = probe_accuracy(probe, getattr(test, field)[seen], test.labels[seen, column])
             rows[name] = row
         report[kind] = rows
     return report
