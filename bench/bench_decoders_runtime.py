@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from refvlm_export.backends import OnnxRuntimeBackend, TorchBackend
+from refvlm_export.runtime import OnnxRuntimeDecoders
 from refvlm_export.onnx_export import export_model, load_export_model, pyramid_strides
 from refvlm_export.parity import decoder_inputs
 
@@ -46,8 +46,7 @@ def main() -> None:
     folder = args.onnx or tempfile.mkdtemp(prefix="refvlm_bench_")
     if args.onnx is None:
         export_model(model, folder, encoders=False)
-    torch_backend = TorchBackend(model.decoders)
-    ort_backend = OnnxRuntimeBackend(folder, "cpu", model.config, threads=args.threads)
+    ort_decoders = OnnxRuntimeDecoders(folder, "cpu", model.config, threads=args.threads)
     size = model.config.vision.image_size
     print(f"model {model.config.name}, image {size}px, CPU {platform.processor() or platform.machine()}, "
           f"{args.threads} thread(s), torch {torch.__version__}, onnxruntime "
@@ -58,8 +57,9 @@ def main() -> None:
         for length in (int(v) for v in args.lengths.split(",")):
             inputs = decoder_inputs(model.llm.hidden_size, model.encoder.pyramid_channels, pyramid_strides(model),
                                     1, length, length, size)
-            t_torch = median_ms(lambda: torch_backend.run(unit, *inputs), args.repeats)
-            t_ort = median_ms(lambda: ort_backend.run(unit, *inputs), args.repeats)
+            with torch.no_grad():
+                t_torch = median_ms(lambda: model.decoders[unit](*inputs), args.repeats)
+            t_ort = median_ms(lambda: ort_decoders.run(unit, *inputs), args.repeats)
             print(f"| {unit} | {length} | {t_torch:.2f} | {t_ort:.2f} | {t_torch / t_ort:.2f} |")
 
 

@@ -37,6 +37,7 @@ import torch
 
 from refvlm_core import trp
 from refvlm_core.router import RoutedRefs
+from refvlm_core.runtime import TorchRuntime
 
 TASKS = ("rec", "res", "keypoint", "depth")
 VARIANTS = ("today", "+merged", "+named", "+grammar", "+jump", "+prefix", "+int8")
@@ -44,11 +45,8 @@ CONSTRAINED = ("+grammar", "+jump", "+prefix", "+int8")  # [1:]: with jump-forwa
 PREFIX_CACHES: dict[int, object] = {}  # id(predictor) -> its prompt-prefix cache
 
 
-class EveryDecoder:
+class EveryDecoder(TorchRuntime):
     """Today's routing: every registered decoder runs, also those with no <REF>."""
-
-    def __init__(self, model):
-        self.model = model
 
     def run_decoders(self, routed, pyramid):
         full = dict(routed)
@@ -118,14 +116,14 @@ def run_variant(variant: str, predictors, item, answers: str):
     PREFIX_CACHES.setdefault(id(predictor), predictor.prefix_cache)
     predictor.prefix_cache = PREFIX_CACHES[id(predictor)] if variant in ("+prefix", "+int8") else None
     old_routing = variant in ("today", "+merged")
-    predictor.set_decoder_backend(EveryDecoder(predictor.model) if old_routing else None)
+    predictor.set_runtime(EveryDecoder(predictor.model) if old_routing else None)
     hook = forced(predictor.model.llm.tokenizer, item.answer.text) if answers == "reference" else None
     start = time.perf_counter()
     result = predictor.predict(item.sample.image, item.prompt, item.visual_prompts, logits_hook=hook,
                                system=item.sample.system, constrained=variant in CONSTRAINED,
                                jump_forward=variant in CONSTRAINED[1:])
     result.timings["total"] = time.perf_counter() - start
-    predictor.set_decoder_backend(None)
+    predictor.set_runtime(None)
     return result
 
 

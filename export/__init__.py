@@ -1,1 +1,1 @@
-"""refvlm_export (folder export/): ONNX export, TensorRT engines, runtime backends, parity."""
+"""refvlm_export (folder export/): ONNX export, TensorRT engines, the exported runtimes, parity."""

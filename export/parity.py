@@ -70,16 +70,17 @@ def decoder_inputs(llm_dim: int, channels: Sequence[int], strides: Sequence[int]
     return embeddings, valid, pyramid
 
 
-def decoder_parity(model: Any, backend: Any, unit: str, batch: int, length: int, num_valid: int, size: int,
+def decoder_parity(model: Any, decoders: Any, unit: str, batch: int, length: int, num_valid: int, size: int,
                    atol: float = ATOL, rtol: float = RTOL) -> ParityReport:
-    """torch decoder vs ``backend.run`` on the same random inputs."""
+    """torch decoder vs ``decoders.run`` (refvlm_export.runtime's OnnxRuntimeDecoders,
+    TensorRTDecoders) on the same random inputs."""
     from refvlm_export.onnx_export import pyramid_strides
 
     inputs = decoder_inputs(model.llm.hidden_size, model.encoder.pyramid_channels, pyramid_strides(model),
                             batch, length, num_valid, size)
     with torch.no_grad():
         reference = model.decoders[unit](*inputs)
-    candidate = backend.run(unit, *inputs)
+    candidate = decoders.run(unit, *inputs)
     shapes = {"ref_embeddings": tuple(inputs[0].shape), "pyramid_0": tuple(inputs[2][0].shape)}
     return compare(f"decoder_{unit} (valid={num_valid})", reference, candidate, atol, rtol, shapes)
 

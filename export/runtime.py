@@ -1,34 +1,47 @@
-"""Exported vision runtimes for the Predictor (refvlm_core.runtime's interface): the ViT,
-the ConvNeXt pyramid, the projector and every unit decoder from one export folder. The
+"""Exported runtimes for the Predictor (the ``refvlm_core.runtime.Runtime`` interface): the
+ViT, the ConvNeXt pyramid, the projector and every unit decoder from one export folder. The
 LLM stays in torch; the ViT token pooling (``config.llm_image_pool``) stays in torch too
 (RefVLM.image_tokens), so the graphs are the same whatever the pool.
 
 ``select_runtime(kind, model, export_dir, device, model_arg, build_engines)`` is what the
-node calls: ``torch``, ``onnxruntime``, ``tensorrt`` or ``auto`` (tensorrt, else ONNX
-Runtime CUDA, else ONNX Runtime CPU, else torch), and returns the reason for its choice.
-An export that is missing or stale (another config, other weights) is refused with the
-command that rebuilds it; so is a missing or stale TensorRT engine (another GPU, TensorRT,
-ONNX file or profile) unless ``build_engines``, which builds it into ``<export>/engines``
-for the node's profile (``ProfileConfig.for_node``). ``auto`` logs each refusal and moves on.
+node, the demo and the benchmarks call: a kind of ``RUNTIME_KINDS`` (``torch``,
+``onnxruntime``, ``tensorrt`` or ``auto``: tensorrt, else ONNX Runtime CUDA, else ONNX
+Runtime CPU, else torch), and the reason for its choice; ``Predictor.set_runtime`` runs it.
+``check_export`` is the one check of an export folder: an export that is missing or stale
+(another config, other weights, parts missing) is refused with the command that rebuilds
+it; so is a missing or stale TensorRT engine (another GPU, TensorRT, ONNX file or profile)
+unless ``build_engines``, which builds it into ``<export>/engines`` for the node's profile
+(``ProfileConfig.for_node``). ``auto`` logs each refusal and moves on.
+
+The runtimes' decoders are ``OnnxRuntimeDecoders`` and ``TensorRTDecoders``:
+``run(unit, ref_embeddings, ref_valid, pyramid)`` for one unit (parity checks and
+benchmarks use them alone, also on a decoders-only export) and ``run_decoders(routed,
+pyramid)`` like ``RefVLM.run_decoders``. Every ONNX Runtime session asserts the provider
+actually in use (onnxruntime-gpu falls back to CPU silently: that is refused).
 """
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
+from torch import Tensor
 
+from refvlm_core.config import RUNTIME_KINDS
 from refvlm_core.errors import CheckpointError, ConfigError
 from refvlm_core.features import ImageFeatures
 from refvlm_core.runtime import TorchRuntime
-from refvlm_export.backends import ORT_PROVIDERS, OnnxRuntimeBackend, _ort_session
-from refvlm_export.onnx_export import MANIFEST, Manifest, config_hash, weights_sha256
+from refvlm_export.onnx_export import MANIFEST, Manifest, PartSpec, config_hash, resolve_shape, weights_sha256
 
 log = logging.getLogger(__name__)
 
-RUNTIME_KINDS = ("torch", "onnxruntime", "tensorrt", "auto")
+__all__ = ["RUNTIME_KINDS", "ORT_PROVIDERS", "check_export", "select_runtime", "OnnxRuntimeVision",
+           "TensorRTVision", "OnnxRuntimeDecoders", "TensorRTDecoders"]
+
+ORT_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
+                 "tensorrt": "TensorrtExecutionProvider"}
 VISION_PARTS = ("vit", "convnext", "projector")
 ENGINE_DIR = "engines"  # the TensorRT engine cache inside an export folder
 
@@ -37,15 +50,20 @@ def export_command(model_arg: str, folder: str | Path) -> str:
     return f"refvlm export onnx --model {model_arg} --out {folder}"
 
 
-def check_export(folder: str | Path, model: Any, model_arg: str = "M") -> Manifest:
-    """The folder's manifest, once it is known to hold every part of ``model`` as it is now."""
+def check_export(folder: str | Path, model: Any = None, model_arg: str = "M", config: Any = None) -> Manifest:
+    """The folder's manifest, once it is known to be an export of ``model`` as it is now
+    (its config, its weights, every part), or, given only ``config``, of a model of that
+    config (a decoders-only export passes). Refusals name the command that rebuilds it."""
     rebuild = f"rebuild it with `{export_command(model_arg, folder)}`"
     if not (Path(folder) / MANIFEST).is_file():
         raise CheckpointError(f"{folder} holds no export (no {MANIFEST}): build it with "
                               f"`{export_command(model_arg, folder)}`")
     manifest = Manifest.load(folder)
-    if manifest.config_hash != config_hash(model.config):
+    config = model.config if model is not None else config
+    if config is not None and manifest.config_hash != config_hash(config):
         raise CheckpointError(f"the export in {folder} was made from another model config: {rebuild}")
+    if model is None:
+        return manifest
     if manifest.model_sha256 != weights_sha256(model):
         raise CheckpointError(f"the export in {folder} is stale (made from other weights"
                               f"{'' if manifest.model_sha256 else ', or before weights were recorded'}): {rebuild}")
@@ -54,6 +72,129 @@ def check_export(folder: str | Path, model: Any, model_arg: str = "M") -> Manife
     if missing:
         raise CheckpointError(f"the export in {folder} lacks {missing} (made with --decoders-only?): {rebuild}")
     return manifest
+
+
+def ort_session(ort: Any, path: Path, options: Any, provider: str) -> Any:
+    """An ONNX Runtime session of ``path`` on ``provider`` (an ORT_PROVIDERS value), refused
+    when the file is missing or corrupt, or when ONNX Runtime fell back to another provider."""
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: rebuild it with `{export_command('M', path.parent)}`")
+    try:
+        session = ort.InferenceSession(str(path), options, providers=list(dict.fromkeys([provider, "CPUExecutionProvider"])))
+    except Exception as error:  # onnxruntime raises its own untyped errors for corrupt files
+        raise CheckpointError(f"{path} cannot be loaded ({str(error)[:200]}): rebuild it with "
+                              f"`{export_command('M', path.parent)}`") from error
+    in_use = session.get_providers()
+    if in_use[0] != provider:  # silent fallback: refuse it
+        raise ConfigError(f"onnxruntime fell back to {in_use} instead of {provider} for {path.name}: check the "
+                          "CUDA/TensorRT install, or pick provider 'cpu'")
+    return session
+
+
+def _session_options(ort: Any, threads: int) -> Any:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    return options
+
+
+class _Decoders:
+    """Runs the exported decoders of each unit; ``run_decoders`` as ``RefVLM.run_decoders``."""
+
+    units: tuple[str, ...] = ()
+
+    def run(self, unit: str, ref_embeddings: Tensor, ref_valid: Tensor, pyramid: Sequence[Tensor]) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def run_decoders(self, routed: dict[str, Any], pyramid: Sequence[Tensor]) -> dict[str, dict[str, Tensor]]:
+        """routed: unit -> RoutedRefs (embeddings [B, L, D], valid [B, L] bool)."""
+        return {unit: self.run(unit, refs.embeddings, refs.valid, pyramid) for unit, refs in routed.items()}
+
+
+class OnnxRuntimeDecoders(_Decoders):
+    """The exported decoder graphs under ONNX Runtime (``units``: only these)."""
+
+    def __init__(self, onnx_dir: str | Path, provider: str = "cpu", config: Any | None = None,
+                 units: Sequence[str] | None = None, threads: int = 0) -> None:
+        import onnxruntime as ort
+
+        if provider not in ORT_PROVIDERS:
+            raise ConfigError(f"onnxruntime provider {provider!r}: use one of {list(ORT_PROVIDERS)}")
+        self.folder = Path(onnx_dir)
+        self.manifest = check_export(self.folder, config=config)
+        wanted = ORT_PROVIDERS[provider]
+        if wanted not in ort.get_available_providers():
+            raise ConfigError(f"onnxruntime here has no {wanted} (has {ort.get_available_providers()}): install "
+                              "onnxruntime-gpu (extra ort-gpu) or pick provider 'cpu'")
+        options = _session_options(ort, threads)
+        self.sessions: dict[str, Any] = {}
+        self.specs: dict[str, PartSpec] = {}
+        for spec in self.manifest.parts:
+            if spec.unit is None or (units and spec.unit not in units):
+                continue
+            self.sessions[spec.unit] = ort_session(ort, self.folder / spec.file, options, wanted)
+            self.specs[spec.unit] = spec
+        self.units = tuple(self.sessions)
+        self.provider = wanted
+
+    def run(self, unit: str, ref_embeddings: Tensor, ref_valid: Tensor, pyramid: Sequence[Tensor]) -> dict[str, Tensor]:
+        if unit not in self.sessions:
+            raise ConfigError(f"the export in {self.folder} has no decoder for unit {unit!r} (has {list(self.units)})")
+        spec = self.specs[unit]
+        arrays = [ref_embeddings, ref_valid.float(), *pyramid]
+        feeds = {t.name: a.detach().float().cpu().numpy() for t, a in zip(spec.inputs, arrays)}
+        outputs = self.sessions[unit].run([t.name for t in spec.outputs], feeds)
+        device = ref_embeddings.device
+        return {t.name: torch.from_numpy(np.asarray(o)).to(device) for t, o in zip(spec.outputs, outputs)}
+
+
+class TensorRTDecoders(_Decoders):
+    """Native TensorRT engines; torch CUDA tensors bound by address on the current stream
+    (no host copies)."""
+
+    def __init__(self, engine_dir: str | Path, onnx_dir: str | Path, config: Any | None = None,
+                 trt: Any | None = None) -> None:
+        from refvlm_export.tensorrt_build import check_engine, device_identity, import_tensorrt
+
+        if not torch.cuda.is_available():
+            raise ConfigError("TensorRT needs a CUDA GPU: pick onnxruntime or torch")
+        self.trt = trt or import_tensorrt()
+        self.manifest = check_export(onnx_dir, config=config)
+        identity = device_identity(self.trt)
+        self.runtime = self.trt.Runtime(self.trt.Logger(self.trt.Logger.WARNING))
+        self.engines, self.contexts, self.specs = {}, {}, {}
+        for spec in self.manifest.parts:
+            if spec.unit is None:
+                continue
+            path = check_engine(engine_dir, spec.part, self.trt, identity)
+            engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
+            if engine is None:
+                raise CheckpointError(f"{path} is corrupt: rebuild it with `refvlm export tensorrt --onnx {onnx_dir} "
+                                      f"--out {engine_dir}`")
+            self.engines[spec.unit], self.specs[spec.unit] = engine, spec
+            self.contexts[spec.unit] = engine.create_execution_context()
+        self.units = tuple(self.engines)
+
+    @torch.no_grad()
+    def run(self, unit: str, ref_embeddings: Tensor, ref_valid: Tensor, pyramid: Sequence[Tensor]) -> dict[str, Tensor]:
+        spec, context = self.specs[unit], self.contexts[unit]
+        # Kept referenced until the call returns: the engine reads them by address.
+        inputs = [t.to("cuda", torch.float32).contiguous() for t in (ref_embeddings, ref_valid.float(), *pyramid)]
+        dims = {"batch": ref_embeddings.shape[0], "L": ref_embeddings.shape[1],
+                "size": pyramid[0].shape[-1] * int(spec.inputs[2].shape[-1].split("/")[1])}
+        for tensor_spec, tensor in zip(spec.inputs, inputs):
+            context.set_input_shape(tensor_spec.name, tuple(tensor.shape))
+            context.set_tensor_address(tensor_spec.name, tensor.data_ptr())
+        outputs = {}
+        for tensor_spec in spec.outputs:
+            out = torch.empty(resolve_shape(tensor_spec.shape, dims), device="cuda", dtype=torch.float32)
+            context.set_tensor_address(tensor_spec.name, out.data_ptr())
+            outputs[tensor_spec.name] = out
+        stream = torch.cuda.current_stream()
+        if not context.execute_async_v3(stream.cuda_stream):
+            raise CheckpointError(f"TensorRT engine of unit {unit!r} failed to run with shapes "
+                                  f"{[tuple(t.shape) for t in inputs]}: outside its profile? rebuild with --profiles")
+        return outputs
 
 
 class OnnxRuntimeVision:
@@ -67,13 +208,11 @@ class OnnxRuntimeVision:
 
         self.folder = Path(folder)
         self.manifest = check_export(self.folder, model, model_arg)
-        self.decoders = OnnxRuntimeBackend(self.folder, provider, model.config, threads=threads)
+        self.decoders: _Decoders = OnnxRuntimeDecoders(self.folder, provider, model.config, threads=threads)
         self.provider = self.decoders.provider  # the provider each session reported in use
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.log_severity_level = 3
-        self.sessions = {part: _ort_session(ort, self.folder / self.manifest.part(part).file, options,
-                                            self.provider) for part in VISION_PARTS}
+        options = _session_options(ort, threads)
+        self.sessions = {part: ort_session(ort, self.folder / self.manifest.part(part).file, options,
+                                           self.provider) for part in VISION_PARTS}
         self.device = next(model.parameters()).device
 
     def _run(self, part: str, *inputs: torch.Tensor) -> list[torch.Tensor]:
@@ -109,7 +248,6 @@ class TensorRTVision(OnnxRuntimeVision):
                  trt: Any = None) -> None:
         import onnxruntime as ort
 
-        from refvlm_export.backends import TensorRTBackend
         from refvlm_export.tensorrt_build import device_identity, import_tensorrt
 
         if not torch.cuda.is_available():
@@ -121,7 +259,7 @@ class TensorRTVision(OnnxRuntimeVision):
         available = ort.get_available_providers()
         provider = "tensorrt" if ORT_PROVIDERS["tensorrt"] in available else "cuda"
         super().__init__(folder, model, provider, model_arg)
-        self.decoders = TensorRTBackend(self.engine_dir, folder, model.config, trt=trt)
+        self.decoders = TensorRTDecoders(self.engine_dir, folder, model.config, trt=trt)
 
     def describe(self) -> dict[str, str]:
         return {**super().describe(), "backend": "tensorrt", "decoders": "tensorrt engines",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from refvlm_core.config import RUNTIME_KINDS
 from refvlm_core.errors import ConfigError, RefVLMError
 
 
@@ -26,7 +27,7 @@ def register(subparsers) -> None:
     parser.add_argument("--timeout", type=float, default=100.0,
                         help="give up after this many seconds (default 100; an export made first "
                              "does not count)")
-    parser.add_argument("--backend", default="torch", choices=("torch", "onnxruntime", "tensorrt", "auto"),
+    parser.add_argument("--backend", default="torch", choices=RUNTIME_KINDS,
                         help="what runs the node's encoders, projector and decoders (default torch); "
                              "the others run the model's export, made on first use and cached")
     parser.add_argument("--export-cache", type=Path, default=None, metavar="DIR",

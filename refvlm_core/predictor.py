@@ -25,7 +25,7 @@ from refvlm_core.prefix_cache import PromptPrefixCache
 from refvlm_core.model import RefVLM
 from refvlm_core.results import ReferredObject, Result
 from refvlm_core.router import routing_problems
-from refvlm_core.runtime import TorchRuntime, VisionRuntime
+from refvlm_core.runtime import Runtime, TorchRuntime
 from refvlm_core.visual_prompts import VisualPrompt, validate
 
 
@@ -35,8 +35,7 @@ class Predictor:
         self.model = model.to(self.device).eval()
         self.processor = model.processor
         self.config: ModelConfig = model.config
-        self.decoder_backend = None  # None: the runtime's decoders
-        self.runtime: VisionRuntime = TorchRuntime(self.model)  # encoders, projector, decoders
+        self.runtime: Runtime = TorchRuntime(self.model)  # encoders, projector, decoders
         self.runtime_reason = "default"  # why this runtime (diagnostics)
         self._grammar: TrpGrammar | None = None
         self.load_s: float | None = None  # seconds from_pretrained took (diagnostics)
@@ -47,14 +46,9 @@ class Predictor:
         self.prefix_cache: PromptPrefixCache | None = (
             PromptPrefixCache((llm.image_id, llm.region_id)) if llm.tokenizer is not None else None)
 
-    def set_decoder_backend(self, backend) -> None:
-        """Run the unit decoders through ``backend`` (``run_decoders(routed, pyramid)``, e.g. a
-        refvlm_export.backends backend: onnxruntime, tensorrt); None restores the model's modules."""
-        self.decoder_backend = backend
-
-    def set_runtime(self, runtime: VisionRuntime | None, reason: str = "") -> None:
+    def set_runtime(self, runtime: Runtime | None, reason: str = "") -> None:
         """Run encoders, projector and decoders through ``runtime`` (e.g. an ONNX Runtime
-        export from refvlm_export.runtime); None restores the model's modules."""
+        export: refvlm_export.runtime.select_runtime); None restores the model's modules."""
         self.runtime = runtime or TorchRuntime(self.model)
         self.runtime_reason = reason or ("set" if runtime else "default")
 
@@ -171,8 +165,7 @@ class Predictor:
         errors += routing_problems(units, tuple(self.model.decoders), self.config.router_length)
         routed = self.model.route_refs([states], units, groups)
         named = {unit: refs for unit, refs in routed.items() if refs.num_refs}  # only those the answer names
-        runner = self.decoder_backend or self.runtime
-        outputs = runner.run_decoders(named, pyramid)
+        outputs = self.runtime.run_decoders(named, pyramid)
         decoded: dict[int, dict[str, dict[str, Any]]] = {}
         for unit in named:
             for item in self.model.decoders[unit].postprocess(outputs[unit], named[unit])[0]:

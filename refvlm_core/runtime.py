@@ -1,10 +1,12 @@
-"""Vision runtimes: what runs the image encoders, the projector and the unit decoders
-for the Predictor. The LLM always runs in torch.
+"""Runtimes: what runs the image encoders, the projector and the unit decoders for the
+Predictor (``Predictor.set_runtime``). The LLM always runs in torch.
 
-A runtime has ``name``, ``encode_images(images [B, 3, S, S] in [0, 1]) -> ImageFeatures``,
-``project(features [B, N, Dv]) -> [B, N, D]``, ``run_decoders(routed, pyramid)`` and
-``describe() -> {str: str}`` (what runs, for logs and diagnostics). ``TorchRuntime`` is the
-model's own modules; exported runtimes (ONNX Runtime, TensorRT) live in refvlm_export.
+A ``Runtime`` has ``name``, ``encode_images(images [B, 3, S, S] in [0, 1]) -> ImageFeatures``,
+``project(features [B, N, Dv]) -> [B, N, D]``, ``run_decoders(routed, pyramid)`` (only the
+units the answer names are routed) and ``describe() -> {str: str}`` (what runs, for logs and
+diagnostics). ``TorchRuntime`` is the model's own modules; the exported runtimes (ONNX
+Runtime, TensorRT) and the choice among the kinds (``config.RUNTIME_KINDS``) are in
+``refvlm_export.runtime``.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import torch
 from refvlm_core.features import ImageFeatures
 
 
-class VisionRuntime(Protocol):
+class Runtime(Protocol):
     name: str
 
     def encode_images(self, images: torch.Tensor) -> ImageFeatures: ...

@@ -199,26 +199,26 @@ def test_only_named_decoders_run(predictor):
     assert all(o.box_xyxy is not None for o in result.objects[:2]) and result.objects[2].mask is not None
 
 
-def test_decoder_backends_get_the_same_routing(predictor):
-    """The export backends (ONNX Runtime, TensorRT) share run_decoders with the torch one:
-    they are asked only for the units the answer names."""
-    from refvlm_export.backends import TorchBackend
+def test_runtimes_get_the_same_routing(predictor):
+    """Every runtime (torch, ONNX Runtime, TensorRT: Predictor.set_runtime) is asked only
+    for the units the answer names."""
+    from refvlm_core.runtime import TorchRuntime
 
-    class Recording(TorchBackend):
-        def run(self, unit, ref_embeddings, ref_valid, pyramid):
-            self.asked.append((unit, int(ref_valid.sum())))
-            return super().run(unit, ref_embeddings, ref_valid, pyramid)
+    class Recording(TorchRuntime):
+        def run_decoders(self, routed, pyramid):
+            self.asked += [(unit, int(refs.valid.sum())) for unit, refs in routed.items()]
+            return super().run_decoders(routed, pyramid)
 
-    backend = Recording(predictor.model.decoders)
-    backend.asked = []
-    predictor.set_decoder_backend(backend)
+    runtime = Recording(predictor.model)
+    runtime.asked = []
+    predictor.set_runtime(runtime)
     try:
         answer = f"{trp.format_phrase('a man', ('keypoint',), 2)} and {trp.format_phrase('depth', ('depth',), 1)}"
         result = predictor.predict(IMAGE, "Find things.", max_new_tokens=40,
                                    logits_hook=forced_answer_hook(predictor.model.llm.tokenizer, answer))
     finally:
-        predictor.set_decoder_backend(None)
-    assert sorted(backend.asked) == [("depth", 1), ("keypoint", 2)]
+        predictor.set_runtime(None)
+    assert sorted(runtime.asked) == [("depth", 1), ("keypoint", 2)]
     assert result.objects[0].keypoints is not None and result.objects[2].depth is not None
 
 

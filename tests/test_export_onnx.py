@@ -1,7 +1,7 @@
 """ONNX export of the tiny model: every part passes the full checker and carries its
 metadata; ONNX Runtime CPU matches torch at shapes other than the export shapes
 (L = 100, all refs padded, another batch and image size); the Predictor gives the same
-boxes and masks with the torch and onnxruntime decoder backends; bad files are clear errors."""
+boxes and masks with the torch and onnxruntime runtimes; bad files are clear errors."""
 from __future__ import annotations
 
 import json
@@ -14,8 +14,9 @@ import torch
 from refvlm_core import trp
 from refvlm_core.decoders import registered_units
 from refvlm_core.errors import CheckpointError, ConfigError
+from refvlm_core.runtime import TorchRuntime
 from refvlm_export import parity
-from refvlm_export.backends import OnnxRuntimeBackend, TorchBackend, make_backend
+from refvlm_export.runtime import OnnxRuntimeDecoders, OnnxRuntimeVision, select_runtime
 from refvlm_export.onnx_export import ConvNextGraph, Manifest, VitGraph, config_hash
 from tests.export_helpers import tiny_export
 from tests.model_samples import forced_answer_hook
@@ -30,9 +31,9 @@ def exported():
 
 
 @pytest.fixture(scope="module")
-def ort_backend(exported):
+def ort_decoders(exported):
     model, folder = exported
-    return OnnxRuntimeBackend(folder, "cpu", model.config, threads=1)
+    return OnnxRuntimeDecoders(folder, "cpu", model.config, threads=1)
 
 
 def test_every_part_exported_checked_and_labelled(exported):
@@ -60,10 +61,10 @@ def test_every_part_exported_checked_and_labelled(exported):
     (3, 1, 1, 96),       # other batch, single query, larger feature maps
     (1, 13, 4, 32),      # partly padded, smaller maps
 ])
-def test_decoders_onnxruntime_match_torch(exported, ort_backend, batch, length, num_valid, size):
+def test_decoders_onnxruntime_match_torch(exported, ort_decoders, batch, length, num_valid, size):
     model, _ = exported
     for unit in model.decoders:
-        report = parity.decoder_parity(model, ort_backend, unit, batch, length, num_valid, size)
+        report = parity.decoder_parity(model, ort_decoders, unit, batch, length, num_valid, size)
         assert report.ok, str(report)
 
 
@@ -78,22 +79,22 @@ def test_encoders_and_projector_match_torch(exported):
         assert report.ok, str(report)
 
 
-def test_predictor_same_result_with_onnxruntime_decoders(exported, ort_backend):
+def test_predictor_same_result_with_the_onnxruntime_runtime(exported):
     from refvlm_core.predictor import Predictor
 
-    model, _ = exported
+    model, folder = exported
     predictor = Predictor(model)
     answer = (f"{trp.format_phrase('cups', ('box',), 2)}, {trp.format_phrase('a bowl', ('mask', 'box'), 1)}, "
               f"{trp.format_phrase('a man', ('keypoint',), 1)}, {trp.format_phrase('floor', ('depth',), 1)}")
     image = np.random.default_rng(0).integers(0, 255, (60, 80, 3), dtype=np.uint8)
     reference = predictor.predict(image, "Find things.", max_new_tokens=80,
                                   logits_hook=forced_answer_hook(model.llm.tokenizer, answer))
-    predictor.set_decoder_backend(ort_backend)
+    predictor.set_runtime(OnnxRuntimeVision(folder, model, "cpu", threads=1))
     try:
         candidate = predictor.predict(image, "Find things.", max_new_tokens=80,
                                       logits_hook=forced_answer_hook(model.llm.tokenizer, answer))
     finally:
-        predictor.set_decoder_backend(None)
+        predictor.set_runtime(None)
     assert reference.errors == [] and candidate.trp_text == reference.trp_text
     assert sum(o.box_xyxy is not None for o in candidate.objects) == 3
     assert sum(o.mask is not None for o in candidate.objects) == 1
@@ -109,31 +110,31 @@ def test_predictor_same_result_with_onnxruntime_decoders(exported, ort_backend):
 def test_missing_corrupt_and_mismatched_files(exported, tmp_path):
     model, folder = exported
     with pytest.raises(CheckpointError, match="refvlm export onnx"):
-        OnnxRuntimeBackend(tmp_path, "cpu")
+        OnnxRuntimeDecoders(tmp_path, "cpu")
     for item in folder.iterdir():
         (tmp_path / item.name).write_bytes(item.read_bytes())
     (tmp_path / "decoder_mask.onnx").write_bytes(b"not an onnx file")
     with pytest.raises(CheckpointError, match="decoder_mask.onnx.*refvlm export onnx"):
-        OnnxRuntimeBackend(tmp_path, "cpu")
+        OnnxRuntimeDecoders(tmp_path, "cpu")
     (tmp_path / "decoder_mask.onnx").unlink()
     with pytest.raises(CheckpointError, match="decoder_mask.onnx is missing"):
-        OnnxRuntimeBackend(tmp_path, "cpu")
+        OnnxRuntimeDecoders(tmp_path, "cpu")
     other = model.config.from_dict(model.config.to_dict())
     other.router_length = 9
     with pytest.raises(CheckpointError, match="another model config"):
-        OnnxRuntimeBackend(folder, "cpu", other)
+        OnnxRuntimeDecoders(folder, "cpu", other)
 
 
-def test_backend_choice(exported):
+def test_runtime_choice(exported):
     model, folder = exported
-    assert isinstance(make_backend("torch", model), TorchBackend)
-    auto = make_backend("auto", model, onnx_dir=folder)
+    assert isinstance(select_runtime("torch", model, None)[0], TorchRuntime)
+    auto, _ = select_runtime("auto", model, folder)
     assert auto.name == ("onnxruntime" if not torch.cuda.is_available() else auto.name)
-    assert isinstance(make_backend("auto", model), TorchBackend)  # nothing exported: torch
+    assert isinstance(select_runtime("auto", model, None)[0], TorchRuntime)  # nothing exported: torch
     with pytest.raises(ConfigError, match="use one of"):
-        make_backend("tflite", model)
-    with pytest.raises(ConfigError, match="needs the export folder"):
-        make_backend("onnxruntime", model)
+        select_runtime("tflite", model, None)
+    with pytest.raises(ConfigError, match="needs an export"):
+        select_runtime("onnxruntime", model, None)
 
 
 def test_cpu_build_refuses_silent_fallback(exported):
@@ -143,4 +144,4 @@ def test_cpu_build_refuses_silent_fallback(exported):
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("onnxruntime-gpu is installed: the CUDA provider exists")
     with pytest.raises(ConfigError, match="CUDAExecutionProvider"):
-        OnnxRuntimeBackend(folder, "cuda")
+        OnnxRuntimeDecoders(folder, "cuda")

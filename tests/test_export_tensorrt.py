@@ -179,7 +179,7 @@ def test_stale_engines_are_rebuilt_or_refused_with_the_reason(node_export):
 @pytest.mark.gpu
 @pytest.mark.skipif(not has_cuda(), reason="needs an NVIDIA GPU")
 def test_tensorrt_backend_matches_torch(tmp_path):
-    from refvlm_export.backends import TensorRTBackend
+    from refvlm_export.runtime import TensorRTDecoders
 
     trt = import_tensorrt("tensorrt")
     model, folder = tiny_export()
@@ -188,7 +188,7 @@ def test_tensorrt_backend_matches_torch(tmp_path):
         out = tmp_path / f"fp16_{fp16}"
         build_engines(folder, out, ProfileConfig.for_manifest(Manifest.load(folder)).override("batch=1/1/2"),
                       fp16=fp16, trt=trt)
-        backend = TensorRTBackend(out, folder, model.config, trt=trt)
+        backend = TensorRTDecoders(out, folder, model.config, trt=trt)
         for unit in model.decoders:
             for length, valid in ((100, 100), (5, 0)):
                 report = parity.decoder_parity(model.cpu(), _OnDevice(backend), unit, 1, length, valid, 64,
@@ -201,12 +201,12 @@ def test_tensorrt_backend_matches_torch(tmp_path):
 def test_onnxruntime_cuda_provider_matches_torch():
     import onnxruntime as ort
 
-    from refvlm_export.backends import OnnxRuntimeBackend
+    from refvlm_export.runtime import OnnxRuntimeDecoders
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         pytest.skip("onnxruntime-gpu is not installed (extra ort-gpu)")
     model, folder = tiny_export()
-    backend = OnnxRuntimeBackend(folder, "cuda", model.config)
+    backend = OnnxRuntimeDecoders(folder, "cuda", model.config)
     assert backend.sessions["box"].get_providers()[0] == "CUDAExecutionProvider"
     for unit in model.decoders:
         report = parity.decoder_parity(model, backend, unit, 1, 100, 37, 64, atol=1e-3, rtol=1e-3)

@@ -137,7 +137,7 @@ def test_stage3_external_decoder_trains_saves_loads_predicts_and_exports(tmp_pat
     from model_samples import forced_answer_hook
     from refvlm_core.checkpoint import load_model
     from refvlm_core.predictor import Predictor
-    from refvlm_export.backends import OnnxRuntimeBackend
+    from refvlm_export.runtime import OnnxRuntimeDecoders
     from refvlm_export.onnx_export import export_model
     from refvlm_training.engine.trainer import Trainer
 
@@ -172,7 +172,7 @@ def test_stage3_external_decoder_trains_saves_loads_predicts_and_exports(tmp_pat
     obj = found.objects[0]
     assert (obj.box_xyxy if unit == "box" else obj.mask) is not None, found.errors
     export_model(loaded, tmp_path / f"{kind}_onnx", units=[unit], encoders=False)
-    backend = OnnxRuntimeBackend(tmp_path / f"{kind}_onnx", config=loaded.config, units=[unit])
+    backend = OnnxRuntimeDecoders(tmp_path / f"{kind}_onnx", config=loaded.config, units=[unit])
     with torch.no_grad():
         pyramid = loaded.encode_images(torch.rand(1, 3, *[loaded.config.vision.image_size] * 2)).pyramid
         refs, valid = torch.randn(1, 3, loaded.llm.hidden_size), torch.tensor([[True, True, False]])

@@ -10,11 +10,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from refvlm_core.config import QUANT_KINDS
+from refvlm_core.config import QUANT_KINDS, RUNTIME_KINDS
 from refvlm_core.errors import ConfigError
 from refvlm_ros.cameras import parse_camera_names
 
-BACKENDS = ("torch", "onnxruntime", "tensorrt", "auto")
 IMAGE_BACKENDS = ("auto", "numpy", "cv_bridge")
 RELIABILITIES = ("best_effort", "reliable")
 IMAGE_TRANSPORTS = ("raw", "compressed")
@@ -137,8 +136,8 @@ class NodeParams:
     def validate(self) -> "NodeParams":
         if not self.model_path and not self.model_preset:
             raise ConfigError("set model_preset (tiny, nano, paper) or model_path")
-        if self.backend not in BACKENDS:
-            raise ConfigError(f"backend={self.backend!r}: use one of {', '.join(BACKENDS)}")
+        if self.backend not in RUNTIME_KINDS:
+            raise ConfigError(f"backend={self.backend!r}: use one of {', '.join(RUNTIME_KINDS)}")
         if self.quantize not in QUANT_KINDS:
             raise ConfigError(f"quantize={self.quantize!r}: use one of {', '.join(QUANT_KINDS)}")
         if self.image_backend not in IMAGE_BACKENDS:
