@@ -27,9 +27,11 @@ MAX_PENDING = 6
 BURST = 20
 
 
-def start_node(log: Path, *ros_params: str, delay: float = 0.05, load_delay: float = 0.0):
+def start_node(log: Path, *ros_params: str, delay: float = 0.05, load_delay: float = 0.0,
+               token_delay: float = 0.0):
     command = [sys.executable, str(SCRIPT), "--answer", ANSWER, "--delay", str(delay),
-               "--load-delay", str(load_delay), "--ros-args", "-p", "model_preset:=tiny"]
+               "--load-delay", str(load_delay), "--token-delay", str(token_delay),
+               "--ros-args", "-p", "model_preset:=tiny"]
     for param in ros_params:
         command += ["-p", param]
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -262,6 +264,33 @@ def test_ctrl_c_during_the_autostart_configure_exits_0(tmp_path):
         log = process.log.read_text()
         assert code == 0 and "Traceback" not in log, log[-3000:]
     finally:
+        stop(process)
+
+
+def test_ctrl_c_while_answering_exits_0_as_quickly_as_when_idle(tmp_path):
+    """The answer generating when Ctrl-C comes stops at its next token: with 0.5 s a token
+    the forced answer would take about 10 s more, and `ros2 launch` escalates to SIGTERM
+    after 5 s."""
+    from refvlm_interfaces.action import Ground
+    process = start_node(tmp_path / "node.log", "autostart:=true", token_delay=0.5)
+    client = Client()
+    try:
+        assert client.state(timeout=90) == "active", process.log.read_text()[-3000:]
+        client.start_camera(CAMERA_HZ)
+        client.wait_for(lambda: client.diagnostics.get("frames_received", "0") != "0", 30, "frames")
+        decoding = threading.Event()
+        assert client.ground.wait_for_server(timeout_sec=scaled(10))
+        client.ground.send_goal_async(Ground.Goal(prompt="where is the red cube?"),
+                                      feedback_callback=lambda f: f.feedback.stage == "decode" and decoding.set())
+        assert decoding.wait(scaled(30)), "the answer did not start generating"
+        start = time.monotonic()
+        code = interrupt(process)
+        took = time.monotonic() - start
+        log = process.log.read_text()
+        assert code == 0 and "Traceback" not in log, log[-3000:]
+        assert took < 5.0, f"the node took {took:.1f} s to exit on Ctrl-C while answering"
+    finally:
+        client.close()
         stop(process)
 
 
