@@ -51,7 +51,7 @@ class VisionConfig:
     convnext_custom: dict | None = None       # timm ConvNeXt kwargs (depths, dims) of a tower built in code
     convnext_stages: tuple[int, ...] = (1, 2, 3)  # stages kept in the pyramid (paper Table XI)
     convnext_weights: str | None = None       # also holds the colour pathway (keys "colour_pathway.")
-    pyramid_input: str = "rgb"                # what the ConvNeXt sees: "rgb", or "luminance" (shape cannot lean on colour)
+    pyramid_input: str = "rgb"                # what the ConvNeXt sees: "rgb", or "luminance" (no colour shortcut)
     colour_channels: int = 0                  # per-pixel colour features appended to every pyramid level (0: none)
     object_maps: bool = False                 # class-agnostic object centres and box edges appended to level 0
     mean: tuple[float, float, float] = CLIP_MEAN

@@ -160,7 +160,8 @@ def test_overrides_on_init_from_rebuild_only_the_changed_parts():
     assert isinstance(rebuilt.decoders["box"], ObjectBoxDecoder)
     assert rebuilt.encoder.pyramid_channels != model.encoder.pyramid_channels
     old_depth, new_depth = model.decoders["depth"].state_dict(), rebuilt.decoders["depth"].state_dict()
-    assert any(old_depth[k].shape != new_depth[k].shape or not torch.equal(old_depth[k], new_depth[k]) for k in old_depth)
+    assert any(old_depth[k].shape != new_depth[k].shape or not torch.equal(old_depth[k], new_depth[k])
+               for k in old_depth)
     # only the box decoder changes: the towers and the other decoders are kept as they are
     detr = {**preset("tiny").decoders, "box": {"kind": "detr", "hidden_dim": 16, "num_heads": 2, "num_layers": 1}}
     same_towers = rebuild_parts(model, _with_overrides(model.config, {"decoders": detr}))
@@ -179,7 +180,8 @@ def test_roi_grid_reads_the_inside_of_the_box_cell_by_cell():
     mean = roi_mean([level], box)
     assert mean.shape == (1, 1, 1) and abs(float(mean) - 0.5) < 0.05
     grid = roi_grid([level], box, grid=2).view(2, 2)
-    assert torch.allclose(grid[:, 0], torch.zeros(2), atol=0.05) and torch.allclose(grid[:, 1], torch.ones(2), atol=0.05)
+    assert torch.allclose(grid[:, 0], torch.zeros(2), atol=0.05)
+    assert torch.allclose(grid[:, 1], torch.ones(2), atol=0.05)
     levels = [torch.randn(2, 3, 8, 8), torch.randn(2, 5, 4, 4)]
     assert roi_grid(levels, torch.rand(2, 6, 4).sort(-1).values).shape == (2, 6, roi_channels([3, 5]))
 

@@ -53,9 +53,11 @@ def batch(generator: torch.Generator, size: int, codes: torch.Tensor):
         for i, level in enumerate(pyramid):
             levels[i].append(level)
         refs.append(codes[colours[pick]])
-        targets.append(UnitTargets(group_ids=torch.zeros(1, dtype=torch.long), value=xyxy_to_cxcywh(boxes[pick:pick + 1])))
+        targets.append(UnitTargets(group_ids=torch.zeros(1, dtype=torch.long),
+                                   value=xyxy_to_cxcywh(boxes[pick:pick + 1])))
     routed = RoutedRefs(embeddings=torch.stack(refs)[:, None], valid=torch.ones(size, 1, dtype=torch.bool),
-                        ordinals=torch.zeros(size, 1, dtype=torch.long), group_ids=torch.zeros(size, 1, dtype=torch.long))
+                        ordinals=torch.zeros(size, 1, dtype=torch.long),
+                        group_ids=torch.zeros(size, 1, dtype=torch.long))
     return [torch.stack(level) for level in levels], routed, targets
 
 

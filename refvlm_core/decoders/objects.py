@@ -178,8 +178,15 @@ def _chooser(decoder, llm_dim, pyramid_channels, hidden_dim, num_heads, num_laye
                          num_objects, roi_grid_size, decoder.ref_norm, pixel_dim)
 
 
-def _targets_xyxy(values: list[Tensor | None], like: Tensor, to_boxes) -> list[Tensor]:
-    return [to_boxes(v.to(like)) if v is not None and len(v) else like.new_zeros(0, 4) for v in values]
+def choice_loss(decoder: UnitDecoder, outputs: dict[str, Tensor], routed: RoutedRefs, targets: list[UnitTargets],
+                extent) -> dict[str, Tensor]:
+    """``{"loss_<unit>_select": ...}`` for a mask or keypoint decoder: the choice towards the
+    proposal covering each target's ``extent`` (its box, xyxy)."""
+    like = outputs["selection_logits"]
+    boxes = [extent(t.value.to(like)) if t.value is not None and len(t.value) else like.new_zeros(0, 4)
+             for t in targets]
+    loss = decoder.weights.select * _select_by_iou(outputs, routed, targets, boxes)
+    return {f"loss_{decoder.unit}_select": loss + connected_zero(outputs)}
 
 
 @register_decoder("box", kind="objects")
@@ -255,11 +262,7 @@ class ObjectMaskDecoder(MaskDecoder):
         return outputs
 
     def loss(self, outputs: dict[str, Tensor], routed: RoutedRefs, targets: list[UnitTargets]) -> dict[str, Tensor]:
-        losses = super().loss(outputs, routed, targets)
-        masks = [t.value for t in targets]
-        losses["loss_mask_select"] = self.weights.select * _select_by_iou(
-            outputs, routed, targets, _targets_xyxy(masks, outputs["mask_logits"], mask_extent)) + connected_zero(outputs)
-        return losses
+        return {**super().loss(outputs, routed, targets), **choice_loss(self, outputs, routed, targets, mask_extent)}
 
 
 @register_decoder("keypoint", kind="objects")
@@ -291,10 +294,7 @@ class ObjectKeypointDecoder(KeypointDecoder):
 
     def loss(self, outputs: dict[str, Tensor], routed: RoutedRefs, targets: list[UnitTargets]) -> dict[str, Tensor]:
         losses = super().loss(outputs, routed, targets)
-        points = [t.value for t in targets]
-        losses["loss_keypoint_select"] = self.weights.select * _select_by_iou(
-            outputs, routed, targets, _targets_xyxy(points, outputs["keypoints"], keypoint_extent)) + connected_zero(outputs)
-        return losses
+        return {**losses, **choice_loss(self, outputs, routed, targets, keypoint_extent)}
 
 
 def mask_extent(masks: Tensor) -> Tensor:

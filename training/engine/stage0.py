@@ -221,7 +221,8 @@ class DenseHeads(nn.Module):
         tokens = tokens.transpose(1, 2).unflatten(-1, (grid, grid))
         colour_rois = roi_grid(colour or form, boxes, self.roi_grid_size)
         form_rois = roi_grid(form, boxes, self.roi_grid_size)
-        objects = {name: head(colour_rois if name == "color" else form_rois) for name, head in self.object_heads.items()}
+        objects = {name: head(colour_rois if name == "color" else form_rois)
+                   for name, head in self.object_heads.items()}
         return (pixel, dict(zip(self.token_sizes, tokens.split(list(self.token_sizes.values()), dim=1))), objects)
 
 
@@ -258,7 +259,8 @@ def dense_losses(pixel: dict[str, Tensor], tokens: dict[str, Tensor], objects: d
 
 
 @torch.no_grad()
-def foreground_accuracy(pixel: dict[str, Tensor], objects: dict[str, Tensor], targets: DenseTargets) -> dict[str, float]:
+def foreground_accuracy(pixel: dict[str, Tensor], objects: dict[str, Tensor],
+                        targets: DenseTargets) -> dict[str, float]:
     """Per-pixel colour and shape accuracy on object pixels, and per-object accuracy of
     every attribute (what the card reports)."""
     size = targets.color.shape[-2:]

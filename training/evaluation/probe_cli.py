@@ -66,7 +66,9 @@ def _towers(args: argparse.Namespace) -> int:
     from refvlm_core.errors import InputError
     from refvlm_training.evaluation.probes import tower_probes
 
-    width, height = _size(args.size)
+    from refvlm_training.cli import parse_size
+
+    width, height = parse_size(args.size)
     if min(args.train_scenes, args.new_train_scenes, args.test_scenes) < 1:
         raise InputError("--train-scenes, --new-train-scenes and --test-scenes must each be at least 1")
     encoder = _stage0_encoder(args.towers, args.preset) if args.towers else _load_model(args.model).encoder
@@ -117,16 +119,6 @@ def _refs(args: argparse.Namespace) -> int:
           f"after the {args.unit} decoder's {report['ref_norm']} normalisation"
           + (f", {report['standardised']['mean_pairwise_cosine']} standardised" if fit else ""))
     return 0
-
-
-def _size(text: str) -> tuple[int, int]:
-    from refvlm_core.errors import InputError
-
-    try:
-        width, height = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise InputError(f"--size {text!r}: write WxH, e.g. 256x192") from None
-    return width, height
 
 
 def _write(report: dict, path: str) -> None:
