@@ -37,7 +37,7 @@ def test_service_and_action_types():
     request, response = Query.Request(), Query.Response()
     assert {"prompt", "visual_prompts", "use_image", "image"} <= set(request.get_fields_and_field_types())
     assert {"success", "error", "result"} <= set(response.get_fields_and_field_types())
-    assert set(Ground.Goal.get_fields_and_field_types()) == {"prompt", "visual_prompts"}
+    assert set(Ground.Goal.get_fields_and_field_types()) == {"prompt", "visual_prompts", "camera"}
     assert set(Ground.Result.get_fields_and_field_types()) == {"success", "error", "result"}
     assert set(Ground.Feedback.get_fields_and_field_types()) == {"stage", "partial_answer"}
 
