@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import gc
-import os
 import signal
 import threading
 import time
@@ -112,18 +111,6 @@ def backend_status(predictor: Any) -> dict[str, str]:
     runtime = getattr(predictor, "runtime", None)
     described = runtime.describe() if runtime is not None else {"backend": "torch"}
     return {**described, "backend_reason": str(getattr(predictor, "runtime_reason", "default"))}
-
-
-def rss_mb() -> float:
-    """Resident memory of this process (Linux), for /diagnostics."""
-    try:
-        with open(f"/proc/{os.getpid()}/status") as status:
-            for line in status:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return float("nan")
 
 
 class RefVLMNode(LifecycleNode):
@@ -662,7 +649,7 @@ class RefVLMNode(LifecycleNode):
             "own_threads": str(sum(not t.name.startswith("ThreadPoolExecutor")
                                    for t in threading.enumerate())),
             "inference_threads": str(sum(t.name == WORKER_NAME for t in threading.enumerate())),
-            "rss_mb": f"{rss_mb():.1f}",
+            "rss_mb": f"{request_limits.rss_mb():.1f}",
             **(self._backend if self._predictor is not None else {}),
             **(self._load if self._predictor is not None else {}),
             **(self._target.diagnostics() if self._target is not None else {}),
