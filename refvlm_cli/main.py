@@ -1,6 +1,6 @@
-"""The `refvlm` command. Each package contributes its subcommands through a
-``register(subparsers)`` function in its ``cli`` module; those modules import nothing
-heavy at import time so that ``refvlm --help`` stays fast."""
+"""The `refvlm` command. Each subcommand is one ``<name>_command`` module with a
+``register(subparsers)`` function, in the package whose work it runs; those modules import
+nothing heavy at import time so that ``refvlm --help`` stays fast."""
 from __future__ import annotations
 
 import argparse
@@ -12,12 +12,16 @@ from refvlm_core.errors import RefVLMError
 # refvlm_ros (the `bringup` command) is installed by `make setup` from ros_ws/ and is
 # absent where only the library is installed.
 COMMAND_MODULES = [
-    "refvlm_core.cli",
-    "refvlm_training.cli",
-    "refvlm_export.cli",
-    "refvlm_ros.cli",
-    "refvlm_cli.demo",
-    "refvlm_mcp.cli",
+    "refvlm_cli.trp_command",
+    "refvlm_cli.infer_command",
+    "refvlm_training.data_command",
+    "refvlm_training.engine.train_command",
+    "refvlm_training.evaluation.eval_command",
+    "refvlm_training.evaluation.probe_command",
+    "refvlm_export.export_command",
+    "refvlm_ros.bringup_command",
+    "refvlm_cli.demo_command",
+    "refvlm_mcp.mcp_command",
 ]
 
 

@@ -88,13 +88,19 @@ class Predictor:
         return self._grammar
 
     # ---- input checks -----------------------------------------------------------------
-    def check_inputs(self, image: Any, prompt: Any, visual_prompts: Sequence[VisualPrompt]) -> np.ndarray:
+    def check_inputs(self, image: Any, prompt: Any, visual_prompts: Sequence[VisualPrompt],
+                     max_prompt_chars: int = 0, limit_name: str = "max_prompt_chars") -> np.ndarray:
+        """The rules every caller's input meets (the CLI's, the node's, the MCP server's);
+        raises InputError saying what to change. ``max_prompt_chars``: a caller's own tighter
+        limit, named ``limit_name`` in the error (0: the model's, ModelConfig.max_prompt_chars)."""
         image = validate_image(image)
         if not isinstance(prompt, str) or not prompt.strip():
             raise InputError("the prompt is empty: ask a question, e.g. 'Find the red cup.'")
-        if len(prompt) > self.config.max_prompt_chars:
-            raise InputError(f"the prompt has {len(prompt)} characters; the limit is "
-                             f"{self.config.max_prompt_chars} (ModelConfig.max_prompt_chars)")
+        limit, name = self.config.max_prompt_chars, "ModelConfig.max_prompt_chars"
+        if 0 < max_prompt_chars < limit:
+            limit, name = max_prompt_chars, limit_name
+        if len(prompt) > limit:
+            raise InputError(f"the prompt has {len(prompt)} characters; the limit is {limit} ({name}): shorten it")
         for prompt_ in visual_prompts:
             if not isinstance(prompt_, VisualPrompt):
                 raise InputError(f"visual prompts must be VisualPrompt objects, got {type(prompt_).__name__}")
@@ -118,7 +124,7 @@ class Predictor:
         masks = self.processor.region_masks(visual_prompts, letterbox).to(self.device)
         ids = self.processor.prompt_ids(prompt, len(visual_prompts), system).to(self.device)
         features = self.runtime.encode_images(pixels[None].to(self.device))
-        project = None if isinstance(self.runtime, TorchRuntime) else self.runtime.project
+        project = self.runtime.project  # the model's projector under TorchRuntime, an export's otherwise
         embeds = self.model.llm.embed_multimodal(
             ids, self.model.image_tokens(features, project),
             self.model.region_tokens(features, masks, [len(masks)], project))

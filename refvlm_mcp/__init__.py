@@ -7,7 +7,7 @@
     ros_perception.py    ROS mode: the running node's ~/query, camera and /diagnostics
     ros_cameras.py       ROS mode: which topics are the node's cameras, their recent frames
     local_perception.py  library mode: a Predictor in this process, an image file as camera
-    cli.py               `refvlm mcp`
+    mcp_command.py       `refvlm mcp`
 
 Only ros_perception imports rclpy, and only when ROS mode is chosen.
 """

@@ -39,7 +39,7 @@ def test_a_write_that_completes_replaces_the_file_and_creates_its_folder(tmp_pat
 KILLED_SAVE = textwrap.dedent("""
     import os, signal, sys
     from pathlib import Path
-    from refvlm_training.engine import checkpoint as ckpt
+    from refvlm_training.engine import train_state as ckpt
 
     class KilledWhilePickled:
         def __reduce__(self):
@@ -51,7 +51,7 @@ KILLED_SAVE = textwrap.dedent("""
 
 
 def test_a_training_checkpoint_killed_mid_write_leaves_the_previous_one_loadable(tmp_path):
-    from refvlm_training.engine import checkpoint as ckpt
+    from refvlm_training.engine import train_state as ckpt
 
     path = ckpt.checkpoint_path(tmp_path)
     weights = {"w": torch.arange(6.0)}
@@ -65,7 +65,7 @@ def test_a_training_checkpoint_killed_mid_write_leaves_the_previous_one_loadable
 
 def test_a_torn_training_checkpoint_is_refused_by_name(tmp_path):
     """What a non-atomic writer would leave behind: the loader says what to do with it."""
-    from refvlm_training.engine import checkpoint as ckpt
+    from refvlm_training.engine import train_state as ckpt
 
     path = ckpt.checkpoint_path(tmp_path)
     path.parent.mkdir(parents=True)

@@ -144,7 +144,7 @@ def test_overrides_on_init_from_rebuild_only_the_changed_parts():
     projector and the unchanged tower keep their weights; changed parts are new."""
     from refvlm_core.decoders.objects import ObjectBoxDecoder
     from refvlm_core.model import RefVLM
-    from refvlm_training.engine.stages import _with_overrides, rebuild_parts
+    from refvlm_training.engine.stages import with_overrides, rebuild_parts
 
     torch.manual_seed(0)
     model = RefVLM.from_config(preset("tiny"))
@@ -152,7 +152,7 @@ def test_overrides_on_init_from_rebuild_only_the_changed_parts():
                  "decoders": {**preset("tiny").decoders,
                               "box": {"kind": "objects", "hidden_dim": 16, "num_heads": 2, "num_layers": 1}}}
     torch.manual_seed(5)
-    rebuilt = rebuild_parts(model, _with_overrides(model.config, overrides))
+    rebuilt = rebuild_parts(model, with_overrides(model.config, overrides))
     assert rebuilt.llm is model.llm
     for part in ("projector", "encoder.vit"):
         old, new = model.get_submodule(part).state_dict(), rebuilt.get_submodule(part).state_dict()
@@ -164,7 +164,7 @@ def test_overrides_on_init_from_rebuild_only_the_changed_parts():
                for k in old_depth)
     # only the box decoder changes: the towers and the other decoders are kept as they are
     detr = {**preset("tiny").decoders, "box": {"kind": "detr", "hidden_dim": 16, "num_heads": 2, "num_layers": 1}}
-    same_towers = rebuild_parts(model, _with_overrides(model.config, {"decoders": detr}))
+    same_towers = rebuild_parts(model, with_overrides(model.config, {"decoders": detr}))
     assert same_towers.encoder is model.encoder
     for unit in ("mask", "keypoint", "depth"):
         old, new = model.decoders[unit].state_dict(), same_towers.decoders[unit].state_dict()

@@ -77,7 +77,7 @@ def single(data_dir, tmp_path_factory):
 
 def test_two_process_fsdp_equals_one_process(tmp_path, data_dir, single):
     from refvlm_core.checkpoint import load_model
-    from refvlm_training.engine.checkpoint import checkpoint_path, load_checkpoint
+    from refvlm_training.engine.train_state import checkpoint_path, load_checkpoint
 
     cfg_path = tmp_path / "fsdp.yaml"
     cfg_path.write_text(yaml.safe_dump(tiny_train_config(data_dir, tmp_path / "fsdp", lr=LR, grad_accum=1, strategy="fsdp").to_dict()))

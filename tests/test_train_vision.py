@@ -84,11 +84,17 @@ def test_short_stage0_lowers_its_loss_and_its_towers_load_in_stage1(tmp_path):
 
 
 def test_stage0_resumes_after_a_kill_on_the_same_curve(tmp_path):
+    """The same loop as stage 2 (loop.fit): the same metrics file, brightness jitter included
+    (a resumed run draws the same gains as an unbroken one)."""
     from refvlm_training.engine.stage0 import pretrain_towers
 
-    pretrain_towers(stage0_config(tmp_path / "ref", steps=8), progress=False)
+    def config(out):
+        return stage0_config(out, steps=8, vision_pretrain={"scenes": 8, "width": 96, "height": 64, "head_dim": 16,
+                                                            "brightness_jitter": 0.5})
+
+    pretrain_towers(config(tmp_path / "ref"), progress=False)
     cfg_path = tmp_path / "kill.yaml"
-    cfg_path.write_text(yaml.safe_dump(stage0_config(tmp_path / "kill", steps=8).to_dict()))
+    cfg_path.write_text(yaml.safe_dump(config(tmp_path / "kill").to_dict()))
     command = train_command(0, cfg_path)
     assert kill_after_checkpoint(command, 4) == -signal.SIGKILL and not (tmp_path / "kill" / "model").exists()
     resumed = resume(command)

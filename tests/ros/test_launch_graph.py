@@ -16,7 +16,7 @@ LAUNCH_DIR = REPO / "launch"
 LAUNCH_FILES = {"sim": LAUNCH_DIR / "sim.launch.py", "camera": LAUNCH_DIR / "refvlm.launch.py"}
 
 graph_module = pytest.importorskip("refvlm_ros.graph")
-from refvlm_ros.cli import parse_launch_arguments  # noqa: E402 (after the skip)
+from refvlm_ros.bringup_command import parse_launch_arguments  # noqa: E402 (after the skip)
 
 
 def load_launch_file(path: Path) -> types.ModuleType:

@@ -104,7 +104,7 @@ def test_params_validation():
     for change, message in [({"rate_hz": 0.0}, "rate_hz"), ({"backend": "tflite"}, "backend"),
                             ({"image_topic": ""}, "image_topic"), ({"depth_scale": -1.0}, "depth_scale"),
                             ({"model_preset": "", "model_path": ""}, "model_preset"),
-                            ({"max_prompt_chars": 0}, "max_prompt_chars")]:
+                            ({"max_prompt_chars": -1}, "max_prompt_chars")]:
         with pytest.raises(ConfigError, match=message):
             dataclasses.replace(NodeParams(), **change).validate()
 

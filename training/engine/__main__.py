@@ -3,7 +3,7 @@ import argparse
 import sys
 
 from refvlm_core.errors import RefVLMError
-from refvlm_training.engine.cli import add_arguments, run
+from refvlm_training.engine.train_command import add_arguments, run
 
 
 def main() -> int:

@@ -23,7 +23,6 @@ import functools
 import json
 import logging
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -283,11 +282,11 @@ def jitter_brightness(images: Tensor, amount: float, generator: torch.Generator 
     brightness as a stand-in for colour (hue, which the colour pathway reads, is kept)."""
     if amount <= 0:
         return images
-    gains = 1 + (torch.rand(images.shape[0], 1, 1, 1, generator=generator, device=images.device) * 2 - 1) * amount
-    return (images * gains).clamp(0, 1)
+    gains = 1 + (torch.rand(images.shape[0], 1, 1, 1, generator=generator) * 2 - 1) * amount
+    return (images * gains.to(images.device)).clamp(0, 1)
 
 
-# ---- the loop -----------------------------------------------------------------------
+# ---- the stage's step (loop.fit runs it) ---------------------------------------------
 
 @functools.lru_cache(maxsize=2)
 def _epoch_order(scenes: int, seed: int, epoch: int) -> np.ndarray:
@@ -301,75 +300,97 @@ def _scene_order(scenes: int, seed: int, step: int, batch: int) -> list[int]:
             for position in range(start, start + batch)]
 
 
+class TowerPretrainer:
+    """Stage 0's ``StageRunner``: the towers and dense heads, one step per batch of rendered
+    scenes; its checkpoint holds both, the optimizer and the scheduler; scenes and brightness gains
+    are pure functions of the step, so a resumed run takes the same steps as an unbroken one."""
+
+    def __init__(self, cfg) -> None:
+        from refvlm_core.config import preset
+        from refvlm_core.encoders import DualImageEncoder
+        from refvlm_training.engine.optim import build_optimizer, build_scheduler
+        from refvlm_training.engine.stages import with_overrides
+
+        if cfg.model.preset is None:
+            raise ConfigError("stage 0 builds the towers from model.preset (+ overrides); set model.preset")
+        self.cfg, self.out, self.step = cfg, Path(cfg.out), 0
+        torch.manual_seed(cfg.seed)
+        vision = with_overrides(preset(cfg.model.preset), cfg.model.overrides).vision
+        self.encoder = DualImageEncoder(vision).set_trainable(True)
+        self.heads = DenseHeads(self.encoder.layout, self.encoder.vit_width, cfg.vision_pretrain.head_dim)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = nn.ModuleDict({"encoder": self.encoder, "heads": self.heads}).to(self.device).train()
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(self.params, cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.steps)
+        self.data = SceneTargets(cfg.vision_pretrain.scenes, cfg.vision_pretrain.width, cfg.vision_pretrain.height,
+                                 vision.image_size, cfg.seed)
+        self._batches = None  # started at the first step, from the (resumed) step on
+
+    def resume(self) -> int:
+        from refvlm_training.engine import train_state as ckpt
+        from refvlm_training.engine.loop import resume_metrics
+
+        state = ckpt.load_checkpoint(ckpt.checkpoint_path(self.out))
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])  # moments follow the parameters' device
+        self.scheduler.load_state_dict(state["scheduler"])
+        ckpt.set_rng_state(state["rng"][0])
+        self.step = int(state["step"])
+        resume_metrics(self.out, self.step)
+        return self.step
+
+    def train_step(self) -> dict[str, float]:
+        from refvlm_training.engine.trainer import to_device
+
+        if self._batches is None:
+            self._batches = _prefetch(self.data, self.cfg, self.step)
+        vp = self.cfg.vision_pretrain
+        targets = to_device(next(self._batches), self.device)
+        # gains drawn from the step's own stream, as the scenes are: a resumed run draws the same
+        generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.step)
+        images = jitter_brightness(targets.image, vp.brightness_jitter, generator)
+        pixel, tokens, objects = self.heads(self.encoder(images), targets.boxes)
+        losses = dense_losses(pixel, tokens, objects, targets)
+        loss = sum(vp.loss_weights.get(name.removeprefix("loss_"), 1.0) * value for name, value in losses.items())
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip or float("inf")))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        return {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in losses.items()},
+                **foreground_accuracy(pixel, objects, targets), "grad_norm": grad_norm,
+                "lr": self.scheduler.get_last_lr()[0]}
+
+    def save_checkpoint(self) -> None:
+        from refvlm_training.engine import train_state as ckpt
+
+        ckpt.save_checkpoint(ckpt.checkpoint_path(self.out), step=self.step, model_sd=self.model.state_dict(),
+                             optim_sd=self.optimizer.state_dict(), scheduler_sd=self.scheduler.state_dict(),
+                             rng_states=[ckpt.rng_state()], loader_states=[{"step": self.step}],
+                             extra={"config": self.cfg.to_dict()})
+        print(f"checkpoint step {self.step}", flush=True)
+
+    def save_model(self) -> Path:
+        from refvlm_training.engine.loop import MODEL_DIR
+
+        return save_towers(self.encoder, self.heads, self.out / MODEL_DIR)
+
+
+def _bar_postfix(metrics: dict[str, float]) -> dict[str, str]:
+    return {"loss": f"{metrics['loss']:.3g}", "color": f"{metrics['acc_color']:.2f}",
+            "shape": f"{metrics['acc_shape']:.2f}"}
+
+
 def pretrain_towers(cfg, resume: bool = False, progress: bool = True):
     """Run (or resume) stage 0 as configured by a TrainConfig (stage 0)."""
-    from refvlm_core.config import preset
-    from refvlm_core.encoders import DualImageEncoder
-    from refvlm_training.engine import checkpoint as ckpt
-    from refvlm_training.engine.optim import build_optimizer, build_scheduler
-    from refvlm_training.engine.stages import _with_overrides
-    from refvlm_training.engine.trainer import (METRICS_FILE, TrainResult, _MetricsLogger, _progress,
-                                                _truncate_metrics, to_device)
+    from refvlm_training.engine.loop import fit
 
-    if cfg.model.preset is None:
-        raise ConfigError("stage 0 builds the towers from model.preset (+ overrides); set model.preset")
-    vp = cfg.vision_pretrain
-    torch.manual_seed(cfg.seed)
-    vision = _with_overrides(preset(cfg.model.preset), cfg.model.overrides).vision
-    encoder = DualImageEncoder(vision).set_trainable(True)
-    heads = DenseHeads(encoder.layout, encoder.vit_width, vp.head_dim)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = nn.ModuleDict({"encoder": encoder, "heads": heads}).to(device).train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(params, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.optim, cfg.steps)
-    data = SceneTargets(vp.scenes, vp.width, vp.height, vision.image_size, cfg.seed)
-    out, step = Path(cfg.out), 0
-    path = ckpt.checkpoint_path(out)
+    runner = TowerPretrainer(cfg)
     if resume:
-        state = ckpt.load_checkpoint(path)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])  # moments follow the parameters' device
-        scheduler.load_state_dict(state["scheduler"])
-        step = int(state["step"])
-        _truncate_metrics(out / METRICS_FILE, step)
-    loader = _prefetch(data, cfg, step)
-    logger, bar = _MetricsLogger(out, cfg), _progress(cfg.steps, step, progress)
-    start = time.perf_counter()
-    try:
-        while step < cfg.steps:
-            targets = to_device(next(loader), device)
-            images = jitter_brightness(targets.image, vp.brightness_jitter)
-            pixel, tokens, objects = heads(encoder(images), targets.boxes)
-            losses = dense_losses(pixel, tokens, objects, targets)
-            weights = vp.loss_weights
-            loss = sum(weights.get(name.removeprefix("loss_"), 1.0) * value for name, value in losses.items())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf")))
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            metrics = {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in losses.items()},
-                       **foreground_accuracy(pixel, objects, targets), "grad_norm": grad_norm,
-                       "lr": scheduler.get_last_lr()[0], "seconds": round(time.perf_counter() - start, 3)}
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                logger.log(step, metrics)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{metrics['loss']:.3g}", color=f"{metrics['acc_color']:.2f}",
-                                shape=f"{metrics['acc_shape']:.2f}", refresh=False)
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                ckpt.save_checkpoint(path, step=step, model_sd=model.state_dict(), optim_sd=optimizer.state_dict(),
-                                     scheduler_sd=scheduler.state_dict(), rng_states=[ckpt.rng_state()],
-                                     loader_states=[{"step": step}], extra={"config": cfg.to_dict()})
-                print(f"checkpoint step {step}", flush=True)
-    finally:
-        if bar is not None:
-            bar.close()
-        logger.close()
-    folder = save_towers(encoder, heads, out / "model")
-    return TrainResult(out, folder, step, [], time.perf_counter() - start)
+        runner.resume()
+    return fit(runner, cfg, progress=progress, postfix=_bar_postfix)
 
 
 def _prefetch(data: SceneTargets, cfg, step: int):

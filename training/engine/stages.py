@@ -28,9 +28,9 @@ def build_model(cfg: TrainConfig):
     if cfg.model.init_from:
         model = load_model(cfg.model.init_from)
         if cfg.model.overrides:
-            model = rebuild_parts(model, _with_overrides(model.config, cfg.model.overrides))
+            model = rebuild_parts(model, with_overrides(model.config, cfg.model.overrides))
     else:
-        config = _with_overrides(preset(cfg.model.preset), cfg.model.overrides)
+        config = with_overrides(preset(cfg.model.preset), cfg.model.overrides)
         model = RefVLM.from_config(config)
     apply_loss_weights(model, cfg.loss_weights)
     return model
@@ -71,7 +71,7 @@ def rebuild_parts(model, config: ModelConfig):
     return rebuilt
 
 
-def _with_overrides(config: ModelConfig, overrides: dict[str, Any]) -> ModelConfig:
+def with_overrides(config: ModelConfig, overrides: dict[str, Any]) -> ModelConfig:
     if not overrides:
         return config
     merged = config.to_dict()

@@ -1,6 +1,7 @@
-"""The training loop: data stream -> processor -> model losses -> AdamW step, with gradient
-accumulation, clipping, bf16 autocast on GPU, logs (tqdm, TensorBoard, JSON lines) and
-atomic resumable checkpoints.
+"""The step of stages 1-3: data stream -> processor -> model losses -> AdamW step, with gradient
+accumulation, clipping, bf16 autocast on GPU, and its atomic resumable checkpoints (model,
+optimizer, scheduler, RNG and data position of every process). ``loop.fit`` runs it, as it
+runs stage 0's step: logs, progress and checkpoint cadence are the loop's.
 
 The objective of one optimizer step is the mean of the losses of its
 ``world_size * grad_accum`` micro-batches, so a run on N processes takes the same steps
@@ -10,12 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import random
-import time
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,25 +24,15 @@ from torch import nn
 from refvlm_core.errors import InputError
 from refvlm_core.sample import Sample
 
-from refvlm_training.engine import checkpoint as ckpt
+from refvlm_training.engine import train_state as ckpt
 from refvlm_training.engine.config import TrainConfig
 from refvlm_training.engine.distributed import (DistInfo, all_reduce_mean, barrier, gather_objects,
                                                 init_distributed, unwrap, wrap_model)
+from refvlm_training.engine.loop import MODEL_DIR, TrainResult, fit, resume_metrics
 from refvlm_training.engine.optim import build_optimizer, build_scheduler
 from refvlm_training.engine.stages import build_model, configure_stage, count_trainable
 
 log = logging.getLogger(__name__)
-METRICS_FILE = "metrics.jsonl"
-MODEL_DIR = "model"
-
-
-@dataclass
-class TrainResult:
-    out: Path
-    model_dir: Path | None
-    steps: int
-    history: list[dict[str, float]] = field(default_factory=list)  # one entry per logged step
-    seconds: float = 0.0
 
 
 class SampleStream:
@@ -206,7 +194,7 @@ class Trainer:
         self.skipped = Counter(state["extra"].get("skipped", {}))
         self.step = int(state["step"])
         if self.info.is_main:
-            _truncate_metrics(self.out / METRICS_FILE, self.step)
+            resume_metrics(self.out, self.step)
         return self.step
 
     # ---- one optimizer step -----------------------------------------------------------
@@ -268,30 +256,7 @@ class Trainer:
 
     # ---- the loop ---------------------------------------------------------------------
     def fit(self) -> TrainResult:
-        start = time.perf_counter()
-        history: list[dict[str, float]] = []
-        logger = _MetricsLogger(self.out, self.cfg) if self.info.is_main else None
-        bar = _progress(self.cfg.steps, self.step, self.info.is_main and self.progress)
-        try:
-            while self.step < self.cfg.steps:
-                metrics = self.train_step()
-                metrics["seconds"] = round(time.perf_counter() - start, 3)
-                history.append({"step": self.step, **metrics})
-                if logger is not None and (self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps):
-                    logger.log(self.step, metrics)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix({k.removeprefix("loss_"): f"{v:.3g}" for k, v in metrics.items()
-                                     if k.startswith("loss")}, refresh=False)
-                if self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps:
-                    self.save_checkpoint()
-        finally:
-            if bar is not None:
-                bar.close()
-            if logger is not None:
-                logger.close()
-        model_dir = self.save_model()
-        return TrainResult(self.out, model_dir, self.step, history, time.perf_counter() - start)
+        return fit(self, self.cfg, is_main=self.info.is_main, progress=self.progress)
 
     def save_model(self) -> Path | None:
         """The trained model as a model folder (config.json + model.safetensors)."""
@@ -342,49 +307,6 @@ def _tied_aliases(model: nn.Module) -> set[str]:
     for name, param in model.named_parameters(remove_duplicate=False):
         names[id(param)].append(name)
     return {name for group in names.values() for name in sorted(group)[1:]}
-
-
-def _progress(total: int, initial: int, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop log lines past the checkpoint: the resumed run writes those steps again."""
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept))
-
-
-class _MetricsLogger:
-    """JSON lines (one object per step) and TensorBoard scalars, on the main process."""
-
-    def __init__(self, out: Path, cfg: TrainConfig) -> None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-        self.handle = open(out / METRICS_FILE, "a")
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(out / "tensorboard"))
-        except ImportError:  # tensorboard is optional at run time
-            self.writer = None
-
-    def log(self, step: int, metrics: dict[str, float]) -> None:
-        self.handle.write(json.dumps({"step": step, **metrics}) + "\n")
-        self.handle.flush()
-        if self.writer is not None:
-            for name, value in metrics.items():
-                self.writer.add_scalar(f"train/{name}", value, step)
-
-    def close(self) -> None:
-        self.handle.close()
-        if self.writer is not None:
-            self.writer.close()
 
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> TrainResult:

@@ -74,6 +74,29 @@ class Intrinsics:
                           (self.cx + 0.5) * sx - 0.5, (self.cy + 0.5) * sy - 0.5)
 
 
+def check_alignment(image_hw: tuple[int, int], depth_hw: tuple[int, int], info_hw: tuple[int, int],
+                    sent: bool = False) -> None:
+    """Depth and CameraInfo must describe the image's pixels; raises InputError saying what to
+    fix. A size of (0, 0) is not known (a compressed image before decoding, a CameraInfo
+    without size) and matches any. ``sent``: the three came with one request (the fix is to
+    send them aligned), else from the camera's topics (to publish them aligned)."""
+    act, depth_name, info_name = ("send", "the request depth", "the request camera_info") if sent else \
+        ("publish", "the depth image", "the CameraInfo")
+
+    def size(hw: tuple[int, int]) -> str:
+        return f"{hw[1]}x{hw[0]}"
+
+    if image_hw[0] and depth_hw != image_hw:
+        raise InputError(f"{depth_name} is {size(depth_hw)} but the image is {size(image_hw)}: "
+                         f"{act} depth aligned to the image")
+    if image_hw[0] and info_hw[0] and info_hw != image_hw:
+        raise InputError(f"{info_name} is for {size(info_hw)} but the image is {size(image_hw)}: "
+                         f"{act} the image's own CameraInfo")
+    if info_hw[0] and info_hw != depth_hw:
+        raise InputError(f"{info_name} is for {size(info_hw)} but the depth image is {size(depth_hw)}: "
+                         f"{act} depth aligned to the camera")
+
+
 @dataclass(frozen=True)
 class LocalizationConfig:
     min_pixels: int = 20                          # fewer valid depth pixels -> no position

@@ -44,7 +44,6 @@ from refvlm_core import load_timing, trp
 from refvlm_core.errors import ConfigError, InputError, RefVLMError
 from refvlm_core.overlay import draw_result
 from refvlm_core.results import Result
-from refvlm_core.visual_prompts import validate as validate_visual_prompt
 from refvlm_interfaces.action import Ground
 from refvlm_interfaces.msg import RefResult
 from refvlm_interfaces.msg import VisualPrompt as VisualPromptMsg
@@ -53,7 +52,7 @@ from refvlm_ros import messages, params, request_limits
 from refvlm_ros.cameras import Cameras, CameraStream, parse_camera_names
 from refvlm_ros.frames import InferenceStats
 from refvlm_ros.image_conversions import array_to_image, compressed_to_rgb, depth_to_metres, image_to_rgb
-from refvlm_ros.localization import Intrinsics, LocalizationConfig
+from refvlm_ros.localization import Intrinsics, LocalizationConfig, check_alignment
 from refvlm_ros.query_queue import QueryQueue
 from refvlm_ros.transport import use_camera_profile
 from refvlm_ros.tracking import Tracker, assign_track_ids
@@ -71,6 +70,11 @@ def input_qos(reliability: str, depth: int) -> QoSProfile:
 
 def stamp_seconds(header: Any) -> float:
     return header.stamp.sec + header.stamp.nanosec * 1e-9
+
+
+def _size(msg: Any) -> tuple[int, int]:
+    """(height, width) of an Image or CameraInfo; (0, 0) where it has none (CompressedImage)."""
+    return int(getattr(msg, "height", 0)), int(getattr(msg, "width", 0))
 
 
 class GoalCanceled(Exception):
@@ -119,6 +123,8 @@ class RefVLMNode(LifecycleNode):
                  **kwargs: Any) -> None:
         super().__init__(node_name, **kwargs)
         params.declare(self)
+        startup = params.read(self, validate=False)  # what construction reads; configure reads all
+        self.autostart = startup.autostart
         self._predictor_factory = predictor_factory
         self.p: params.NodeParams | None = None
         self._predictor: Any = None
@@ -139,9 +145,8 @@ class RefVLMNode(LifecycleNode):
         self._request_group = ReentrantCallbackGroup()
         # Requests and diagnostics are served in every state: an agent asking an
         # unconfigured node gets an error it can act on, a monitor sees its state.
-        self._queries = QueryQueue(self._run_request, self._refuse_request,
-                                   self.get_parameter("max_pending_queries").value)
-        query_qos = QoSProfile(depth=self.get_parameter("query_queue_depth").value)
+        self._queries = QueryQueue(self._run_request, self._refuse_request, startup.max_pending_queries)
+        query_qos = QoSProfile(depth=startup.query_queue_depth)
         self._queries.install(self.create_service(
             Query, "~/query", self._queries.submit, qos_profile=query_qos,
             callback_group=self._request_group))
@@ -364,14 +369,6 @@ class RefVLMNode(LifecycleNode):
         self._standing_visual_prompts = [msg] if msg.kind else []
 
     # ---- inference ---------------------------------------------------------------------
-    def _check_prompt(self, prompt: str) -> str:
-        if not prompt.strip():
-            raise InputError("the prompt is empty: ask a question, e.g. 'where is the red cube?'")
-        if len(prompt) > self.p.max_prompt_chars:
-            raise InputError(f"the prompt has {len(prompt)} characters; the limit is "
-                             f"{self.p.max_prompt_chars} (parameter max_prompt_chars): shorten it")
-        return prompt  # the Predictor neutralises tags and special tokens (one code path with the CLI)
-
     def _check_image_size(self, image: Any) -> None:
         """Bounds the work per image before it is converted (a 1x100000 image is 300 KB)."""
         height, width = int(getattr(image, "height", 0)), int(getattr(image, "width", 0))
@@ -403,24 +400,10 @@ class RefVLMNode(LifecycleNode):
         if depth is None:
             return None
         try:
-            self._check_geometry(image, depth, info)
+            check_alignment(_size(image), _size(depth), _size(info))
             return self._make_depth_context(depth, info)
         except InputError as error:  # the answer stands; only its 3D part is missing
             return messages.DepthContext.missing(f"no 3D: {error}")
-
-    @staticmethod
-    def _check_geometry(image: Any, depth: Image, info: CameraInfo) -> None:
-        """Topic depth and CameraInfo must describe the image's pixels."""
-        size = (int(getattr(image, "height", 0)), int(getattr(image, "width", 0)))  # 0: compressed
-        if size[0] and (depth.height, depth.width) != size:
-            raise InputError(f"the depth image is {depth.width}x{depth.height} but the image is "
-                             f"{size[1]}x{size[0]}: publish depth aligned to the image")
-        if size[0] and info.height and (info.height, info.width) != size:
-            raise InputError(f"the CameraInfo is for {info.width}x{info.height} but the image is "
-                             f"{size[1]}x{size[0]}: publish the image's own CameraInfo")
-        if info.height and (info.height, info.width) != (depth.height, depth.width):
-            raise InputError(f"the CameraInfo is for {info.width}x{info.height} but the depth image "
-                             f"is {depth.width}x{depth.height}: publish depth aligned to the camera")
 
     def _make_depth_context(self, depth: Image, info: CameraInfo) -> messages.DepthContext:
         intrinsics = Intrinsics.from_k(info.k).check_plausible(depth.width, depth.height)
@@ -432,15 +415,10 @@ class RefVLMNode(LifecycleNode):
         """Depth sent with a request image: None when absent, InputError when it cannot fit."""
         if not depth.data:
             return None
-        if (depth.height, depth.width) != (image.height, image.width):
-            raise InputError(f"the request depth is {depth.width}x{depth.height} but the image is "
-                             f"{image.width}x{image.height}: send depth aligned to the image")
         if len(info.k) != 9 or info.k[0] <= 0 or info.k[4] <= 0:
             raise InputError("the request has depth but its camera_info has no intrinsics (k): "
                              "send the image's CameraInfo with the depth")
-        if info.height and (info.height, info.width) != (image.height, image.width):
-            raise InputError(f"the request camera_info is for {info.width}x{info.height} but the "
-                             f"image is {image.width}x{image.height}: send the image's CameraInfo")
+        check_alignment(_size(image), _size(depth), _size(info), sent=True)
         return self._make_depth_context(depth, info)
 
     def _image_backend(self) -> str | None:
@@ -456,10 +434,12 @@ class RefVLMNode(LifecycleNode):
         Raises RefVLMError for input the caller can fix."""
         t0 = time.perf_counter()
         rgb = self._to_rgb(image)
-        prompt = self._check_prompt(prompt)
         core_prompts = [messages.visual_prompt_from_msg(m, self._image_backend()) for m in visual_prompts]
-        for vp in core_prompts:
-            validate_visual_prompt(vp, rgb.shape[0], rgb.shape[1])
+        predictor = self._predictor
+        if predictor is None:
+            raise InputError("no model loaded: configure the node first")
+        # the library's rules (the Predictor also neutralises tags and special tokens)
+        predictor.check_inputs(rgb, prompt, core_prompts, self.p.max_prompt_chars, "parameter max_prompt_chars")
         context = depth()
         with self._model_lock, request_limits.returned_memory():
             if self._predictor is None:
@@ -677,7 +657,7 @@ def run(node: RefVLMNode) -> None:
     executor = MultiThreadedExecutor(num_threads=4)
     executor.add_node(node)
     try:
-        if node.get_parameter("autostart").value:
+        if node.autostart:
             if node.trigger_configure() == TransitionCallbackReturn.SUCCESS:
                 node.trigger_activate()
         executor.spin()

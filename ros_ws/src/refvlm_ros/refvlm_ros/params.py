@@ -84,8 +84,9 @@ class NodeParams:
         "Operator prompt (std_msgs/String): becomes the standing prompt; empty string stops it"))
     visual_prompt_topic: str = field(default="visual_prompt", metadata=_describe(
         "Standing visual prompt (refvlm_interfaces/VisualPrompt); an empty kind clears it"))
-    max_prompt_chars: int = field(default=2000, metadata=_describe(
-        "Longer prompts are refused with an error reply"))
+    max_prompt_chars: int = field(default=0, metadata=_describe(
+        "Longer prompts are refused with an error reply; 0 = the model's own limit "
+        "(ModelConfig.max_prompt_chars), which a larger value cannot raise"))
     max_prompt_tokens: int = field(default=1000, metadata=_describe(
         "Prompts of more LLM tokens are refused with an error reply before they reach the "
         "model (an emoji or a rare character costs several tokens, so max_prompt_chars alone "
@@ -144,8 +145,8 @@ class NodeParams:
             raise ConfigError(f"image_backend={self.image_backend!r}: use one of {', '.join(IMAGE_BACKENDS)}")
         if not 0.0 < self.rate_hz <= 100.0:
             raise ConfigError(f"rate_hz={self.rate_hz}: use a rate in (0, 100]")
-        if self.max_prompt_chars < 1:
-            raise ConfigError(f"max_prompt_chars={self.max_prompt_chars}: must be >= 1")
+        if self.max_prompt_chars < 0:
+            raise ConfigError(f"max_prompt_chars={self.max_prompt_chars}: must be >= 0 (0: the model's limit)")
         if self.depth_scale <= 0.0:
             raise ConfigError(f"depth_scale={self.depth_scale}: must be > 0 (0.001 for millimetres)")
         if self.sync_tolerance_s < 0.0 or self.diagnostics_period_s <= 0.0:
@@ -192,10 +193,11 @@ def declare(node: Any) -> None:
                                ParameterDescriptor(description=f.metadata["description"]))
 
 
-def read(node: Any) -> NodeParams:
-    """Current parameter values -> validated NodeParams (ConfigError when invalid)."""
+def read(node: Any, validate: bool = True) -> NodeParams:
+    """Current parameter values -> NodeParams, validated (ConfigError when invalid) unless
+    ``validate`` is False (construction: the rest is validated, and refused, at configure)."""
     values = {f.name: node.get_parameter(f.name).value for f in dataclasses.fields(NodeParams)}
-    return NodeParams(**values).validate()
+    return NodeParams(**values).validate() if validate else NodeParams(**values)
 
 
 def markdown_table() -> str:

@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def register_train(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("train", help="train REF-VLM (stage 0, 1, 2 or 3); also runs under torchrun",
                                    description="Staged training on torch.distributed: "
                                    "torchrun --nproc_per_node N -m refvlm_training.engine takes the same arguments.")

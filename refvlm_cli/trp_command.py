@@ -71,9 +71,6 @@ def register(subparsers) -> None:
     format_parser.add_argument("spec", metavar="JSON", help="the JSON spec, or '-' to read it from stdin")
     format_parser.set_defaults(func=run_format)
 
-    from refvlm_core import infer_cli  # `refvlm infer`: the model on one image (imports lazily)
-    infer_cli.register(subparsers)
-
 
 def _read(argument: str) -> str:
     return sys.stdin.read() if argument == "-" else argument

@@ -1,5 +1,5 @@
 """`refvlm infer IMAGE PROMPT`: run the model on one picture, print the result and
-optionally write an overlay. Registered from refvlm_core.cli; imports lazily."""
+optionally write an overlay. Imports lazily."""
 from __future__ import annotations
 
 import argparse

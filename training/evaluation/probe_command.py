@@ -1,5 +1,5 @@
 """`refvlm probe towers|refs`: the stage probes of refvlm_training.evaluation.probes, as
-JSON reports; registered from refvlm_training.cli. Heavy imports happen in the handlers."""
+JSON reports; heavy imports happen in the handlers."""
 from __future__ import annotations
 
 import argparse
@@ -13,7 +13,7 @@ examples:
   refvlm probe refs --model models/nano --data simworld:test:40 --out probe-refs.json"""
 
 
-def register_probe(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "probe", help="measure a stage before training the next: tower linear probes, <REF> spread",
         description="Probes of one stage's outputs, computed once: per-object linear probes of the vision "
@@ -66,7 +66,7 @@ def _towers(args: argparse.Namespace) -> int:
     from refvlm_core.errors import InputError
     from refvlm_training.evaluation.probes import tower_probes
 
-    from refvlm_training.cli import parse_size
+    from refvlm_training.data_command import parse_size
 
     width, height = parse_size(args.size)
     if min(args.train_scenes, args.new_train_scenes, args.test_scenes) < 1:

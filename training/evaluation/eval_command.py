@@ -1,5 +1,5 @@
 """`refvlm eval --task T --model M --data D [--out FILE] [--limit N]`: run a model on an
-evaluation set and print the task's metrics; registered from refvlm_training.cli.
+evaluation set and print the task's metrics; heavy imports happen in the handler.
 Heavy imports happen in the handler."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ examples:
   refvlm eval --task depth --model tiny --data simworld:test:5 --limit 3"""
 
 
-def register_eval(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "eval", help="evaluate a model on a task with the paper's metrics",
         description="Runs the model with the task's evaluation prompt over the samples of --data, "

@@ -1,5 +1,5 @@
-"""`refvlm data`, `eval`, `probe` and `train` subcommands: one ``register_<group>`` function
-per group; heavy imports happen inside the handlers."""
+"""`refvlm data ...`: convert public datasets, render SimWorld, show and count shards; heavy
+imports happen inside the handlers."""
 from __future__ import annotations
 
 import argparse
@@ -8,16 +8,6 @@ from refvlm_core.errors import InputError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    register_data(subparsers)
-    from refvlm_training.evaluation.cli import register_eval  # argparse only: cheap
-    register_eval(subparsers)
-    from refvlm_training.evaluation.probe_cli import register_probe  # argparse only: cheap
-    register_probe(subparsers)
-    from refvlm_training.engine.cli import register_train  # argparse only: cheap
-    register_train(subparsers)
-
-
-def register_data(subparsers: argparse._SubParsersAction) -> None:
     data = subparsers.add_parser("data", help="build and inspect VT-Instruct data (convert, simworld, show, stats)",
                                  description="Build VT-Instruct tar shards and look at them.")
     commands = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
