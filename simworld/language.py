@@ -136,6 +136,17 @@ SUPERLATIVES = {  # word -> (key, largest-wins)
 }
 
 
+def expression_kind(phrase: str) -> str:
+    """Which kind of referring expression ``phrase`` is: "relation" ("the cube left of the
+    sphere"), "superlative" ("the largest cone") or "attribute" ("the red metal cube")."""
+    padded = f" {phrase.lower()} "
+    if any(f" {relation} " in padded for relation in RELATIONS):
+        return "relation"
+    if any(f" {word} " in padded for word in SUPERLATIVES):
+        return "superlative"
+    return "attribute"
+
+
 def superlative_expressions(target: Seen, seen: list[Seen]) -> list[str]:
     """"the largest sphere", "the cube nearest to the camera" among >= 2 of its kind."""
     kind = [s for s in seen if s.obj.category == target.obj.category]

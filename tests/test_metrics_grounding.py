@@ -128,3 +128,18 @@ def test_gcg_ap50_equals_pycocotools():
         ev.evaluate(), ev.accumulate(), ev.summarize()
     assert gcg_metrics(images, BagOfWordsEmbedder())["ap50"] == pytest.approx(ev.stats[1])
     assert 0 < ev.stats[1] < 1
+
+
+def test_rec_metrics_per_kind_of_expression():
+    from refvlm_simworld.language import expression_kind
+
+    phrases = ["the red metal cube", "the cube left of the blue sphere", "the largest cone",
+               "the sphere nearest to the camera", "the small cylinder behind the cube"]
+    kinds = [expression_kind(p) for p in phrases]
+    assert kinds == ["attribute", "relation", "superlative", "superlative", "relation"]
+    gt = [np.array([0, 0, 10, 10])] * 5
+    hit, miss = np.array([0, 0, 10, 10]), np.array([50, 50, 60, 60])
+    out = grounding.rec_metrics([hit, hit, miss, hit, miss], gt, kinds=kinds)
+    assert out["acc@0.5"] == pytest.approx(0.6)
+    assert (out["acc@0.5/attribute"], out["acc@0.5/relation"], out["acc@0.5/superlative"]) == (1.0, 0.5, 0.5)
+    assert (out["count/attribute"], out["count/relation"], out["count/superlative"]) == (1, 2, 2)

@@ -202,9 +202,12 @@ def _pope(task, items, results, embedder) -> dict[str, float]:
 
 
 def _rec(task, items, results, embedder) -> dict[str, float]:
+    from refvlm_simworld.language import expression_kind
+
     from .metrics.grounding import rec_metrics
 
-    return rec_metrics([_first(r, "box_xyxy") for r in results], [i.answer.targets[0].boxes[0] for i in items])
+    return rec_metrics([_first(r, "box_xyxy") for r in results], [i.answer.targets[0].boxes[0] for i in items],
+                       kinds=[expression_kind(i.answer.targets[0].phrase) for i in items])
 
 
 def _res(task, items, results, embedder) -> dict[str, float]:

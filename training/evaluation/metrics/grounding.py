@@ -58,12 +58,18 @@ def _pairs(preds: Sequence, gts: Sequence, kind: str) -> list[tuple[float, float
 
 
 def rec_metrics(pred_boxes: Sequence[np.ndarray | None], gt_boxes: Sequence[np.ndarray],
-                threshold: float = 0.5) -> dict[str, float]:
-    """{"acc@0.5", "miou"} over referring expressions (one box each)."""
-    ious = [iou(*pair) for pair in _pairs(pred_boxes, gt_boxes, "box")]
-    if not ious:
+                threshold: float = 0.5, kinds: Sequence[str] | None = None) -> dict[str, float]:
+    """{"acc@0.5", "miou"} over referring expressions (one box each); with ``kinds`` (each
+    expression's kind, e.g. "relation") also "acc@0.5/<kind>" and "count/<kind>"."""
+    ious = np.array([iou(*pair) for pair in _pairs(pred_boxes, gt_boxes, "box")])
+    if not len(ious):
         return {"acc@0.5": 0.0, "miou": 0.0}
-    return {"acc@0.5": float(np.mean([v >= threshold for v in ious])), "miou": float(np.mean(ious))}
+    out = {"acc@0.5": float(np.mean(ious >= threshold)), "miou": float(np.mean(ious))}
+    for kind in sorted(set(kinds or ())):
+        chosen = np.array([k == kind for k in kinds])
+        out[f"acc@0.5/{kind}"] = float(np.mean(ious[chosen] >= threshold))
+        out[f"count/{kind}"] = int(chosen.sum())
+    return out
 
 
 def ciou_giou(pairs: list[tuple[float, float]]) -> dict[str, float]:
