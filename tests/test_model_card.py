@@ -60,3 +60,20 @@ def test_wall_seconds_adds_the_segments_of_a_resumed_run():
     steps = [{"seconds": 10.0}, {"seconds": 20.0}, {"seconds": 5.0}, {"seconds": 15.0}]  # resumed after 20 s
     assert wall_seconds(steps) == 35.0
     assert wall_seconds([{"seconds": 3.0}]) == 3.0
+
+
+def test_card_reports_rec_per_kind_and_the_stage_gates(tmp_path):
+    _write_stage(tmp_path, "stage2", 2, 2)
+    metrics = {"acc@0.5": 0.8, "miou": 0.6, "valid_trp": 1.0, "acc@0.5/attribute": 0.96, "count/attribute": 50,
+               "acc@0.5/relation": 0.6, "count/relation": 30}
+    EvalReport("rec", metrics, 80, 1.0).write_json(tmp_path / "eval-rec.json")
+    towers = {"pathways": {"color": {"test": 0.97}, "shape": {"test": 0.91, "test_held_out": 0.85},
+                           "material": {"test": 0.8}, "size": {"test": 0.93}}}
+    (tmp_path / "probe-towers.json").write_text(json.dumps(towers))
+    (tmp_path / "probe-refs.json").write_text(json.dumps({"normalised": {"mean_pairwise_cosine": 0.01}}))
+    card = render_card(tmp_path, "c", 1, "d")
+    assert "| rec, attribute (50) | acc@0.5 | 0.960 | >= 0.95 | met |" in card
+    assert "| rec, relation (30) | acc@0.5 | 0.600 |  |  |" in card
+    assert "| towers | pathways / shape / test_held_out | 0.850 | >= 0.9 | **short** |" in card
+    assert "| towers | pathways / color / test | 0.970 | >= 0.95 | met |" in card
+    assert "| refs | normalised / mean_pairwise_cosine | 0.010 | <= 0.5 | met |" in card

@@ -40,6 +40,17 @@ NANO_TARGETS = (
     Target("depth", "absrel", "<=", 0.15),
 )
 VALID_TRP_TARGET = 0.99   # fraction of answers that parse as TRP, every task
+REC_KIND_TARGETS = {"attribute": 0.95}  # REC Acc@0.5 per kind of expression (relation, superlative: reported)
+# Gates of the stages before the decoders: (probe report, path in it, better, value); the
+# towers read per pathway (colour from the colour pathway, the rest from the ConvNeXt's).
+GATES = (
+    ("towers", ("pathways", "color", "test"), ">=", 0.95),
+    ("towers", ("pathways", "shape", "test"), ">=", 0.90),
+    ("towers", ("pathways", "shape", "test_held_out"), ">=", 0.90),
+    ("towers", ("pathways", "material", "test"), ">=", 0.90),
+    ("towers", ("pathways", "size", "test"), ">=", 0.90),
+    ("refs", ("normalised", "mean_pairwise_cosine"), "<=", 0.5),  # by the decoder's own input norm
+)
 
 
 def read_reports(run: Path) -> dict[str, dict]:
@@ -84,11 +95,36 @@ def metrics_table(reports: dict[str, dict], targets=NANO_TARGETS) -> list[str]:
         value = report["metrics"][target.metric]
         verdict = "met" if target.met(value) else "**short**"
         rows.append(f"| {target.task} | {target.metric} | {value:.3f} | {target.better} {target.value} | {verdict} |")
+    rec = reports.get("rec", {}).get("metrics", {})
+    for kind in ("attribute", "relation", "superlative"):
+        if f"acc@0.5/{kind}" in rec:
+            value, goal = rec[f"acc@0.5/{kind}"], REC_KIND_TARGETS.get(kind)
+            verdict = "" if goal is None else ("met" if value >= goal else "**short**")
+            rows.append(f"| rec, {kind} ({int(rec[f'count/{kind}'])}) | acc@0.5 | {value:.3f} | "
+                        f"{'' if goal is None else f'>= {goal}'} | {verdict} |")
     for task, report in reports.items():
         valid = report["metrics"]["valid_trp"]
         verdict = "met" if valid >= VALID_TRP_TARGET else "**short**"
         rows.append(f"| {task} | valid TRP ({report['count']} answers) | {valid:.3f} | >= {VALID_TRP_TARGET} | {verdict} |")
     return rows
+
+
+def gates_table(run: Path) -> list[str]:
+    """Markdown rows of the stage gates measured by `refvlm probe` (RUN/probe-<name>.json)."""
+    rows = []
+    for name, path, better, goal in GATES:
+        report = run / f"probe-{name}.json"
+        if not report.is_file():
+            continue
+        value = json.loads(report.read_text())
+        for key in path:
+            value = value.get(key, {}) if isinstance(value, dict) else {}
+        if not isinstance(value, (int, float)):
+            continue
+        met = value >= goal if better == ">=" else value <= goal
+        rows.append(f"| {name} | {' / '.join(path)} | {value:.3f} | {better} {goal} | "
+                    f"{'met' if met else '**short**'} |")
+    return ["| probe | measure | measured | gate | |", "|---|---|---|---|---|", *rows] if rows else []
 
 
 def cpu_name() -> str:
@@ -128,6 +164,10 @@ def render_card(run: Path, command: str, wall_min: float, data: str, title: str 
               "## Metrics (SimWorld test split: novel attribute-relation combinations)", "",
               *metrics_table(reports), "",
               "Every metric per task, with each answer, is in `eval-<task>.json`."]
+    gates = gates_table(run)
+    if gates:
+        lines += ["", "## Stage gates (`refvlm probe`: linear probes of the towers, spread of the <REF> states)", "",
+                  *gates, "", "The probe reports are `probe-<name>.json`; docs/model_probes.md says how they are read."]
     if (run / "box_decoders.png").is_file():  # tools/compare_box_decoders.py
         lines += ["", "## Box decoders side by side", "",
                   "Box decoders trained on the same batches for the same steps over the stage-0 towers, the",
