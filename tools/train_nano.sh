@@ -55,11 +55,17 @@ for name in stage0 stage2 $decoders; do
     configs/train/nano_$name.yaml > "$RUN_DIR/${name%_over_llm}.yaml"
 done
 stage 0 "$RUN_DIR/stage0.yaml" "$RUN_DIR/stage0" "${STAGE0_STEPS:-}"
+# The towers' gate (per-object linear probes, held-out pairs) before anything trains on them.
+[[ -f $RUN_DIR/probe-towers.json ]] || refvlm probe towers --towers "$RUN_DIR/stage0/model" --preset nano \
+  --out "$RUN_DIR/probe-towers.json"
 [[ -n "${NANO_LLM_FROM:-}" ]] || stage 2 "$RUN_DIR/stage2.yaml" "$RUN_DIR/stage2" "${STAGE2_STEPS:-}"
 stage 2 "$RUN_DIR/decoders.yaml" "$RUN_DIR/stage2_decoders" "${DECODER_STEPS:-}"
 MODEL="$RUN_DIR/stage2_decoders/model"
 
-# The targets: REC Acc@0.5, RES cIoU, keypoint PCK@0.1, depth AbsRel, valid TRP rate.
+# The <REF> states' gate: their spread at the decoders' input.
+[[ -f $RUN_DIR/probe-refs.json ]] || refvlm probe refs --model "$MODEL" --data "$DATA/nano-test" --limit 120 \
+  --out "$RUN_DIR/probe-refs.json"
+# The targets: REC Acc@0.5 (and per kind of expression), RES cIoU, keypoint PCK@0.1, depth AbsRel, valid TRP rate.
 for task in rec res keypoint depth; do
   refvlm eval --task $task --model "$MODEL" --data "$DATA/nano-test" \
     --limit "${NANO_EVAL_LIMIT:-100}" --out "$RUN_DIR/eval-$task.json" 2>>"$RUN_DIR/eval.log"
@@ -73,6 +79,6 @@ python -m refvlm_training.evaluation.model_card --run "$RUN_DIR" --out "$RUN_DIR
 
 if [[ -n "$SHIP_DIR" ]]; then
   rm -rf "$SHIP_DIR" && mkdir -p "$SHIP_DIR"
-  cp "$MODEL"/* "$RUN_DIR"/MODEL_CARD.md "$RUN_DIR"/losses.png "$RUN_DIR"/eval-*.json "$SHIP_DIR"/
+  cp "$MODEL"/* "$RUN_DIR"/MODEL_CARD.md "$RUN_DIR"/losses.png "$RUN_DIR"/eval-*.json "$RUN_DIR"/probe-*.json "$SHIP_DIR"/
 fi
 echo "done: $MODEL, card $RUN_DIR/MODEL_CARD.md${SHIP_DIR:+, shipped to $SHIP_DIR}"
