@@ -2,7 +2,10 @@
 
 ``point``: one (x, y) point per <REF> (the centre of the referred object), regressed from
 the REF embedding. Ground truth comes from the block's boxes (or masks); the result goes to
-``ReferredObject.outputs["point_xy"]`` in original pixels.
+``ReferredObject.outputs["point_xy"]`` in original pixels. Its loss weight comes with it, as
+its constructor's setting (``ModelConfig.decoders["point"]["l1_weight"]``), and so does its
+matching cost (one L1 term: no weight to set): LossWeights and MatchCosts hold the built-in
+units' terms only, and a plug-in edits neither.
 """
 from __future__ import annotations
 
@@ -27,8 +30,10 @@ UNIT = "point"
 
 
 class PointDecoder(UnitDecoder):
-    def __init__(self, llm_dim: int, pyramid_channels: Sequence[int], hidden_dim: int = 32, **kwargs: Any) -> None:
+    def __init__(self, llm_dim: int, pyramid_channels: Sequence[int], hidden_dim: int = 32,
+                 l1_weight: float = 1.0, **kwargs: Any) -> None:
         super().__init__(llm_dim, pyramid_channels, **kwargs)
+        self.l1_weight = float(l1_weight)  # the unit's own loss weight
         self.head = torch.nn.Sequential(torch.nn.Linear(llm_dim, hidden_dim), torch.nn.ReLU(),
                                         torch.nn.Linear(hidden_dim, 2))
 
@@ -44,7 +49,7 @@ class PointDecoder(UnitDecoder):
         cost = torch.cdist(pred.detach(), pad_stack(goals), p=1)                      # [B, L, Mmax]
         matches = grouped_hungarian(cost, routed.group_ids, pad_groups([t.group_ids for t in targets]))
         error = (matched_predictions(pred, matches) - matched_targets(goals, matches)).abs().sum(-1)
-        return {"loss_point": error.mean() + zero}
+        return {"loss_point": self.l1_weight * error.mean() + zero}
 
     def postprocess(self, outputs: dict[str, Tensor], routed: RoutedRefs) -> list[list[dict[str, Any]]]:
         points = outputs["points"].detach().float().cpu().numpy()

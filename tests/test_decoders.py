@@ -196,6 +196,25 @@ def test_a_registered_unit_routes_and_builds_without_other_changes(point_unit):
     assert len(decoders["point"].postprocess(outputs["point"], routed["point"])[0]) == 2
 
 
+def test_a_plugin_units_loss_weight_comes_with_its_decoder(point_unit):
+    """Set in the model config like any decoder setting; config.py is not edited for it."""
+    from refvlm_core.config import preset
+    from refvlm_core.model import RefVLM
+
+    config = preset("tiny")
+    config.decoders["point"] = {"l1_weight": 3.0}
+    model = RefVLM.from_config(config.validate())
+    assert model.decoders["point"].l1_weight == 3.0
+    routed = route([torch.randn(1, LLM_DIM)], [[("point",)]], [[0]], units=[point_unit], router_length=2)
+    plain = build_decoder("point", LLM_DIM, CHANNELS)
+    heavy = build_decoder("point", LLM_DIM, CHANNELS, l1_weight=3.0)
+    heavy.load_state_dict(plain.state_dict())
+    target = [UnitTargets(group_ids=torch.tensor([0]), value=torch.rand(1, 2))]
+    losses = [d.loss(d(routed["point"].embeddings, routed["point"].valid, make_pyramid(batch=1)), routed["point"],
+                     target)["loss_point"] for d in (plain, heavy)]
+    assert float(losses[1]) == pytest.approx(3 * float(losses[0]), rel=1e-5) and float(losses[0]) > 0
+
+
 def test_registry_errors_and_replacement(point_unit):
     class OtherPoint(PointDecoder):
         pass
