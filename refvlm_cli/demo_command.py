@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from refvlm_core.config import RUNTIME_KINDS
-from refvlm_core.errors import ConfigError, RefVLMError
+from refvlm_core.errors import RefVLMError
 
 
 def register(subparsers) -> None:
@@ -36,14 +36,6 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def _size(text: str) -> tuple[int, int]:
-    try:
-        width, height = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise ConfigError(f"--size {text!r}: write WIDTHxHEIGHT, e.g. 320x240") from None
-    return width, height
-
-
 def run(args) -> int:
     try:
         import rclpy  # noqa: F401
@@ -55,7 +47,9 @@ def run(args) -> int:
             f"the ROS 2 parts of the demo are missing ({error}). Run `make setup` (installs "
             "rclpy from PyPI and builds the interfaces with ros_ws/build.sh), or source a ROS "
             "2 Jazzy install. `refvlm trp parse` and the library work without ROS.") from error
-    width, height = _size(args.size)
+    from refvlm_core.geometry import parse_size
+
+    width, height = parse_size(args.size)
     questions = demo.DEFAULT_QUESTIONS
     if args.ask:
         questions = tuple(demo.DemoQuestion(q, target="") for q in args.ask)

@@ -322,3 +322,12 @@ def validate_image(image: Any) -> np.ndarray:
     if image.shape[0] == 0 or image.shape[1] == 0:
         raise InputError(f"expected a non-empty RGB image, got {described}")
     return np.ascontiguousarray(image)
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """A command line's image size: "320x240" -> (width, height) = (320, 240)."""
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise InputError(f"--size must be WIDTHxHEIGHT such as 320x240, got {text!r}") from None
+    return width, height

@@ -65,18 +65,10 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def parse_size(text: str) -> tuple[int, int]:
-    """"320x240" -> (320, 240)."""
-    try:
-        width, height = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise InputError(f"--size must be WxH such as 320x240, got {text!r}") from None
-    return width, height
-
-
 def _simworld(args: argparse.Namespace) -> int:
     from refvlm_training.data.templates import TASKS
     from refvlm_simworld import SimWorldConfig
+    from refvlm_core.geometry import parse_size
     from refvlm_training.data.simworld import write_split
 
     width, height = parse_size(args.size)

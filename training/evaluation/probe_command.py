@@ -64,9 +64,8 @@ def _load_model(name: str):
 
 def _towers(args: argparse.Namespace) -> int:
     from refvlm_core.errors import InputError
+    from refvlm_core.geometry import parse_size
     from refvlm_training.evaluation.probes import tower_probes
-
-    from refvlm_training.data_command import parse_size
 
     width, height = parse_size(args.size)
     if min(args.train_scenes, args.new_train_scenes, args.test_scenes) < 1:
