@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from ros_client import spawn_node, stop_nodes
+from ros_client import scaled, spawn_node, stop_nodes
 
 from test_node import ANSWER, Client, rss_mb
 
@@ -87,7 +87,8 @@ def test_concurrent_ground_goals_queue_and_the_node_keeps_answering(client):
         reply, seconds["query"] = _timed(lambda: client.ask("where is the red cube?", timeout=60))
         client.diagnostics = {}
         _, seconds["diagnostics"] = _timed(lambda: client.wait_for(lambda: client.diagnostics, 60, "/diagnostics"))
-        assert max(seconds.values()) < 3.0, f"while goals were queued the node answered after {seconds} s"
+        # a margin that grows with the machine's load: the same condition on shared cores
+        assert max(seconds.values()) < scaled(3.0), f"while goals were queued the node answered after {seconds} s"
         assert state == "active"
         assert not reply.success and "busy" in reply.error, reply.error   # the queue is full
         time.sleep(0.2)
