@@ -2,7 +2,7 @@
 VENV   := .venv
 BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
-BACKEND ?=
+RUNTIME ?=
 
 .PHONY: setup test demo bench clean
 
@@ -13,7 +13,7 @@ test: setup
 	@bash tools/run_tests.sh $(PYTEST_ARGS)
 
 demo: setup
-	@$(BIN)/refvlm demo $(if $(BACKEND),--backend $(BACKEND))
+	@$(BIN)/refvlm demo $(if $(RUNTIME),--runtime $(RUNTIME))
 
 bench: setup
 	@for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

@@ -234,7 +234,7 @@ class OnnxRuntimeVision:
         return self.decoders.run_decoders(routed, pyramid)
 
     def describe(self) -> dict[str, str]:
-        return {"backend": "onnxruntime", "onnx_provider": self.provider, "export_dir": str(self.folder)}
+        return {"runtime": "onnxruntime", "onnx_provider": self.provider, "export_dir": str(self.folder)}
 
 
 class TensorRTVision(OnnxRuntimeVision):
@@ -251,7 +251,7 @@ class TensorRTVision(OnnxRuntimeVision):
         from refvlm_export.tensorrt_build import device_identity, import_tensorrt
 
         if not torch.cuda.is_available():
-            raise ConfigError("backend tensorrt needs a CUDA GPU: pick onnxruntime or torch")
+            raise ConfigError("runtime tensorrt needs a CUDA GPU: pick onnxruntime or torch")
         trt = trt or import_tensorrt()
         self.engine_dir = Path(folder) / ENGINE_DIR
         ensure_node_engines(folder, check_export(folder, model, model_arg), trt, device_identity(trt),
@@ -262,7 +262,7 @@ class TensorRTVision(OnnxRuntimeVision):
         self.decoders = TensorRTDecoders(self.engine_dir, folder, model.config, trt=trt)
 
     def describe(self) -> dict[str, str]:
-        return {**super().describe(), "backend": "tensorrt", "decoders": "tensorrt engines",
+        return {**super().describe(), "runtime": "tensorrt", "decoders": "tensorrt engines",
                 "engine_dir": str(self.engine_dir)}
 
 
@@ -290,19 +290,19 @@ def select_runtime(kind: str, model: Any, export_dir: Path | None, device: str =
     """(runtime, why it was chosen). Explicit kinds raise a clear error when they cannot run.
     ``build_engines``: tensorrt (also tried by auto) builds missing or stale engines at once."""
     if kind not in RUNTIME_KINDS:
-        raise ConfigError(f"backend={kind!r}: use one of {', '.join(RUNTIME_KINDS)}")
+        raise ConfigError(f"runtime={kind!r}: use one of {', '.join(RUNTIME_KINDS)}")
     if kind == "torch":
-        return TorchRuntime(model), "backend:=torch"
+        return TorchRuntime(model), "runtime:=torch"
     if kind == "auto":
         return _auto(model, export_dir, device, model_arg, build_engines)
     if export_dir is None:
-        raise ConfigError(f"backend:={kind} needs an export: build one with `{export_command(model_arg, 'DIR')}` "
+        raise ConfigError(f"runtime:={kind} needs an export: build one with `{export_command(model_arg, 'DIR')}` "
                           "and set export_dir:=DIR")
     if kind == "tensorrt":
-        return TensorRTVision(export_dir, model, model_arg, build_engines), "backend:=tensorrt"
+        return TensorRTVision(export_dir, model, model_arg, build_engines), "runtime:=tensorrt"
     provider = "cuda" if str(device).startswith("cuda") else "cpu"
     return (OnnxRuntimeVision(export_dir, model, provider, model_arg, cpu_threads()),
-            f"backend:=onnxruntime on device {device}")
+            f"runtime:=onnxruntime on device {device}")
 
 
 def cpu_threads() -> int:
@@ -329,7 +329,7 @@ def _auto(model: Any, export_dir: Path | None, device: str, model_arg: str,
             runtime = build()
         except (ConfigError, CheckpointError, ImportError) as error:
             refusals.append(f"{label}: {error}")
-            log.info("backend auto: %s unusable (%s)", label, error)
+            log.info("runtime auto: %s unusable (%s)", label, error)
             continue
         return runtime, f"auto: {label}" + (f" ({'; '.join(refusals)})" if refusals else "")
     return TorchRuntime(model), "auto: torch (" + "; ".join(refusals) + ")"

@@ -27,7 +27,7 @@ def register(subparsers) -> None:
     parser.add_argument("--timeout", type=float, default=100.0,
                         help="give up after this many seconds (default 100; an export made first "
                              "does not count)")
-    parser.add_argument("--backend", default="torch", choices=RUNTIME_KINDS,
+    parser.add_argument("--runtime", default="torch", choices=RUNTIME_KINDS,
                         help="what runs the node's encoders, projector and decoders (default torch); "
                              "the others run the model's export, made on first use and cached")
     parser.add_argument("--export-cache", type=Path, default=None, metavar="DIR",
@@ -54,7 +54,7 @@ def run(args) -> int:
     if args.ask:
         questions = tuple(demo.DemoQuestion(q, target="") for q in args.ask)
     config = demo.DemoConfig(out_dir=args.out, questions=questions, width=width, height=height,
-                             layout_index=args.layout, timeout_s=args.timeout, backend=args.backend,
+                             layout_index=args.layout, timeout_s=args.timeout, runtime=args.runtime,
                              export_cache=args.export_cache)
     rows = demo.run_demo(config)
     return 0 if all(row.success for row in rows) else 1

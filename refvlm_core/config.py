@@ -32,7 +32,7 @@ PRESET_NAMES = ("tiny", "nano", "paper")
 # parameter): auto = int8 on a CPU and float on a GPU, none = float, int8.
 QUANT_KINDS = ("auto", "none", "int8")
 # What runs the image encoders, the projector and the unit decoders (refvlm_core.runtime,
-# refvlm_export.runtime.select_runtime; the node's `backend` parameter). The LLM is torch.
+# refvlm_export.runtime.select_runtime; the node's `runtime` parameter). The LLM is torch.
 RUNTIME_KINDS = ("torch", "onnxruntime", "tensorrt", "auto")
 # What the node and `refvlm infer` send unless told otherwise, and what training data
 # written with `--system default` carries: one prompt for every task, so the request's

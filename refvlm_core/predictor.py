@@ -145,7 +145,7 @@ class Predictor:
                                      "prefix_reused": generation.prefix_reused,
                                      "constrained": constrained, "load_s": self.load_s,
                                      "quantize": self.quantize,
-                                     "backend": self.runtime.name})
+                                     "runtime": self.runtime.name})
         if not generation.stopped:
             result.errors.append(f"the answer was cut at max_new_tokens={max_new_tokens or self.config.llm.max_new_tokens}")
 

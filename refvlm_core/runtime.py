@@ -50,4 +50,4 @@ class TorchRuntime:
 
     def describe(self) -> dict[str, str]:
         device = next(self.model.parameters()).device
-        return {"backend": "torch", "device": str(device)}
+        return {"runtime": "torch", "device": str(device)}

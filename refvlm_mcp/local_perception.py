@@ -128,7 +128,7 @@ class LocalPerception:
         times = self._latencies
         return {"mode": self.mode, "state": "ready", "model": self.model_name,
                 "device": str(getattr(self.predictor, "device", "cpu")),
-                "backend": runtime.describe().get("backend", "torch") if runtime is not None else "torch",
+                "runtime": runtime.describe().get("runtime", "torch") if runtime is not None else "torch",
                 "llm_weights": str(getattr(self.predictor, "quantize", "none")),
                 "mean_model_latency_ms": round(1e3 * sum(times) / len(times), 1) if times else None}
 

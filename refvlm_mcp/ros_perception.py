@@ -220,7 +220,7 @@ class RosPerception:
             return self._parameters
         from rcl_interfaces.srv import GetParameters
 
-        names = ["model_path", "model_preset", "device", "backend", "quantize"]
+        names = ["model_path", "model_preset", "device", "runtime", "quantize"]
         client = self.node.create_client(GetParameters, f"{self.node_name}/get_parameters")
         try:
             if client.wait_for_service(timeout_sec=1.0):
@@ -259,7 +259,7 @@ class RosPerception:
                                      else "not running"),
             "model": parameters.get("model_path") or parameters.get("model_preset"),
             "device": parameters.get("device"),
-            "backend": diagnostics.get("backend", parameters.get("backend")),
+            "runtime": diagnostics.get("runtime", parameters.get("runtime")),
             "llm_weights": diagnostics.get("llm_weights"),
             "mean_model_latency_ms": float(diagnostics["latency_ms"]) if "latency_ms" in diagnostics else None,
             "queries_waiting": int(diagnostics["queries_waiting"]) if "queries_waiting" in diagnostics else None,

@@ -252,7 +252,7 @@ def build_server(perception: Perception, name: str = "refvlm") -> MCPServer:
 
     @server.resource("refvlm://status", name="status", mime_type="application/json", description=(
         "Whether perception is ready and how fast: mode (ros or library), node state, model, "
-        "backend, the model's mean latency, the latency of tool calls as an agent sees it."))
+        "runtime, the model's mean latency, the latency of tool calls as an agent sees it."))
     def status() -> str:
         return json.dumps({**perception.status(), **times.summary()})
 

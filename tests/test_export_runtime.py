@@ -72,7 +72,7 @@ def test_onnxruntime_runtime_reports_its_provider_and_matches_torch(exported):
     region = [VisualPrompt.box(10, 10, 50, 40)]  # region tokens go through the exported projector
     reference, candidate = predict_both(model, runtime, "What is in the region?", region)
     assert reference.errors == candidate.errors == [] and candidate.trp_text == reference.trp_text
-    assert candidate.diagnostics["backend"] == "onnxruntime"
+    assert candidate.diagnostics["runtime"] == "onnxruntime"
     scores = parity.result_parity(reference, candidate)
     assert scores["max_box_error_px"] <= 1.0 and scores["min_mask_iou"] >= parity.MASK_IOU_MIN
     [ref_depth] = [o.depth for o in reference.objects if o.depth is not None]
@@ -124,14 +124,14 @@ def test_select_runtime_explicit_and_auto(exported, tmp_path):
     assert runtime.name == "onnxruntime" and "onnxruntime" in reason
     with pytest.raises(ConfigError, match="needs an export.*refvlm export onnx --model tiny"):
         select_runtime("onnxruntime", model, None, model_arg="tiny")
-    with pytest.raises(ConfigError, match="backend='tflite'"):
+    with pytest.raises(ConfigError, match="runtime='tflite'"):
         select_runtime("tflite", model, folder)
     runtime, reason = select_runtime("auto", model, folder)
     if not has_cuda():
         assert runtime.describe()["onnx_provider"] == "CPUExecutionProvider"
         assert reason.startswith("auto: onnxruntime cpu") and "no CUDA GPU" in reason
-        assert "tensorrt: backend tensorrt needs a CUDA GPU" in reason  # why TensorRT was passed over
-        with pytest.raises(ConfigError, match="backend tensorrt needs a CUDA GPU: pick onnxruntime or torch"):
+        assert "tensorrt: runtime tensorrt needs a CUDA GPU" in reason  # why TensorRT was passed over
+        with pytest.raises(ConfigError, match="runtime tensorrt needs a CUDA GPU: pick onnxruntime or torch"):
             select_runtime("tensorrt", model, folder)
     runtime, reason = select_runtime("auto", model, tmp_path / "missing", model_arg="tiny")
     assert isinstance(runtime, TorchRuntime) and "refvlm export onnx --model tiny" in reason
@@ -176,6 +176,6 @@ def test_tensorrt_runtime_builds_the_node_engines_on_configure_and_matches_torch
         f"decoder_{u}.engine" for u in model.decoders)
     TensorRTVision(target, model, "tiny", build_engines=False, trt=trt)  # the cache now matches
     reference, candidate = predict_both(model, runtime)
-    assert candidate.trp_text == reference.trp_text and candidate.diagnostics["backend"] == "tensorrt"
+    assert candidate.trp_text == reference.trp_text and candidate.diagnostics["runtime"] == "tensorrt"
     scores = parity.result_parity(reference, candidate)
     assert scores["max_box_error_px"] <= 1.0 and scores["min_mask_iou"] >= parity.MASK_IOU_MIN

@@ -128,8 +128,8 @@ def test_demo_runs_end_to_end(tmp_path):
     assert "untrained" in output
 
 
-def test_demo_backend_runs_the_export_from_the_cache(tmp_path):
-    """--backend onnxruntime: the node runs the model's cached export (a broken one fails
+def test_demo_runtime_runs_the_export_from_the_cache(tmp_path):
+    """--runtime onnxruntime: the node runs the model's cached export (a broken one fails
     configure, the real one answers); the cache entry is found, not exported again."""
     import shutil
 
@@ -142,7 +142,7 @@ def test_demo_backend_runs_the_export_from_the_cache(tmp_path):
     entry.mkdir(parents=True)
     (entry / "manifest.json").write_text("{}")
     config = demo.DemoConfig(out_dir=tmp_path / "out", width=160, height=120, timeout_s=100.0,
-                             questions=demo.DEFAULT_QUESTIONS[:1], backend="onnxruntime",
+                             questions=demo.DEFAULT_QUESTIONS[:1], runtime="onnxruntime",
                              export_cache=tmp_path / "cache",
                              model=demo.ModelChoice({"model_preset": "tiny"}, "tiny", False))
     with pytest.raises(RefVLMError, match="failed to configure"):
@@ -154,4 +154,4 @@ def test_demo_backend_runs_the_export_from_the_cache(tmp_path):
     assert row.success, row.error
     assert f"export of tiny: reusing {entry}" in lines
     assert json.loads((tmp_path / "out" / "answers.json").read_text())["model"].endswith(
-        f"backend onnxruntime, export {entry}")
+        f"runtime onnxruntime, export {entry}")

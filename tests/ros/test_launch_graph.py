@@ -104,7 +104,7 @@ def launched_actions(graph_name: str, arguments: dict[str, str]) -> list:
         argument.execute(context)  # fills in the defaults
     names = {argument.name for argument in declared}
     assert {"params_file", "autostart", "namespace", "model_path", "model_preset", "device",
-            "backend", "image_topic", "depth_topic", "camera_info_topic", "use_sim_time"} <= names
+            "runtime", "image_topic", "depth_topic", "camera_info_topic", "use_sim_time"} <= names
     [opaque] = [e for e in description.entities if isinstance(e, OpaqueFunction)]
     return opaque.execute(context), context
 
@@ -145,7 +145,7 @@ def test_launch_arguments_apply_to_the_perception_node_and_the_namespace_to_all(
     graph = graph_module.load_graph("sim")
     changed = graph_module.with_arguments(graph, {
         "namespace": "/robot1/", "model_path": "models/x", "device": "cuda", "use_sim_time": "true",
-        "image_topic": "/cam/image", "model_preset": "", "backend": ""})
+        "image_topic": "/cam/image", "model_preset": "", "runtime": ""})
     camera, node = changed.node("sim_camera"), changed.node("refvlm_node")
     assert camera.namespace == node.namespace == "robot1"
     assert camera.parameters == {"use_sim_time": True}

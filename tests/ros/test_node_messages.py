@@ -101,7 +101,7 @@ def test_visual_prompts_from_messages():
 def test_params_validation():
     from refvlm_ros.params import NodeParams
     NodeParams().validate()
-    for change, message in [({"rate_hz": 0.0}, "rate_hz"), ({"backend": "tflite"}, "backend"),
+    for change, message in [({"rate_hz": 0.0}, "rate_hz"), ({"runtime": "tflite"}, "runtime"),
                             ({"image_topic": ""}, "image_topic"), ({"depth_scale": -1.0}, "depth_scale"),
                             ({"model_preset": "", "model_path": ""}, "model_preset"),
                             ({"max_prompt_chars": -1}, "max_prompt_chars")]:
@@ -115,8 +115,8 @@ def test_readme_lists_every_parameter():
     assert markdown_table() in readme, "regenerate the README's 'Node parameters' table with params.markdown_table()"
 
 
-def test_exported_backend_without_an_export_names_the_command_that_builds_it():
+def test_exported_runtime_without_an_export_names_the_command_that_builds_it():
     from refvlm_ros.node import load_predictor
     from refvlm_ros.params import NodeParams
     with pytest.raises(ConfigError, match="refvlm export onnx --model tiny --out DIR"):
-        load_predictor(NodeParams(model_preset="tiny", backend="onnxruntime").validate())
+        load_predictor(NodeParams(model_preset="tiny", runtime="onnxruntime").validate())

@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.ros, pytest.mark.timeout(180)]
 ROOT = Path(__file__).resolve().parents[2]
 HERE = "tests/ros/test_param_effects.py"
 ROBUST = "tests/ros/test_node_robustness.py"
-BACKENDS = "tests/ros/test_node_backends.py"
+RUNTIMES = "tests/ros/test_node_runtimes.py"
 ANSWER = "<Phrase>red cube</Phrase> (<Unit>box, mask</Unit>[0]<REF>)"
 
 
@@ -38,10 +38,11 @@ PARAM_REGISTRY: dict[str, str | tuple[str, ...]] = {
     "model_preset": here("test_model_preset_and_model_path_pick_the_model"),
     "model_path": here("test_model_preset_and_model_path_pick_the_model"),
     "device": here("test_device_is_where_the_model_runs"),
-    "backend": f"{BACKENDS}::test_diagnostics_say_which_backend_and_provider_run",
+    "runtime": (f"{RUNTIMES}::test_diagnostics_say_which_runtime_and_provider_run",
+                here("test_a_renamed_parameter_fails_configure_naming_its_new_name")),  # was backend
     "quantize": "tests/ros/test_node_load.py::test_quantize_picks_the_llm_weights",
-    "export_dir": (f"{BACKENDS}::test_empty_export_fails_configure_naming_the_command_then_the_export_runs",
-                   here("test_export_dir_with_the_torch_backend_says_it_is_unused")),
+    "export_dir": (f"{RUNTIMES}::test_empty_export_fails_configure_naming_the_command_then_the_export_runs",
+                   here("test_export_dir_with_the_torch_runtime_says_it_is_unused")),
     # TensorRT only (a GPU): without it no engine is built and configure fails naming the command
     "build_engines": "tests/test_export_runtime.py::test_tensorrt_runtime_builds_the_node_engines_on_configure_and_matches_torch",
     "standing_prompt": here("test_standing_prompt_rate_and_depth_pairing_over_dds"),
@@ -211,14 +212,24 @@ def test_model_preset_and_model_path_pick_the_model(predictor, tmp_path):
     assert all(torch.equal(state[k], v) for k, v in expected.items())
 
 
-def test_export_dir_with_the_torch_backend_says_it_is_unused(nodes, tmp_path, capfd):
-    """export_dir is for the exported backends (their effect: tests/ros/test_node_backends.py);
-    with backend:=torch configure says it is not read."""
+def test_export_dir_with_the_torch_runtime_says_it_is_unused(nodes, tmp_path, capfd):
+    """export_dir is for the exported runtimes (their effect: tests/ros/test_node_runtimes.py);
+    with runtime:=torch configure says it is not read."""
     capfd.readouterr()
     nodes.configured("refvlm_export_default")
     assert "export_dir" not in capfd.readouterr().err
     nodes.configured("refvlm_export_unused", export_dir=str(tmp_path))
-    assert f"export_dir={str(tmp_path)!r} is not read with backend:=torch" in capfd.readouterr().err
+    assert f"export_dir={str(tmp_path)!r} is not read with runtime:=torch" in capfd.readouterr().err
+
+
+def test_a_renamed_parameter_fails_configure_naming_its_new_name(nodes, capfd):
+    """backend is now runtime: a params file or launch line with the old name is not ignored."""
+    from rclpy.lifecycle import TransitionCallbackReturn
+
+    capfd.readouterr()
+    node = nodes.make("refvlm_old_name", backend="onnxruntime")
+    assert node.trigger_configure() == TransitionCallbackReturn.FAILURE
+    assert "backend:=onnxruntime is not read: the parameter is now runtime (runtime:=onnxruntime)" in capfd.readouterr().err
 
 
 def test_device_is_where_the_model_runs():

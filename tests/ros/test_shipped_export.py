@@ -1,9 +1,9 @@
 """The shipped model through its export, over DDS, as a fresh clone runs it: models/nano is
 exported on first use (refvlm_export.cache; once per test session, found again when asked
-again), then one refvlm_node runs backend:=torch and one backend:=onnxruntime on that
+again), then one refvlm_node runs runtime:=torch and one runtime:=onnxruntime on that
 export. The demo's SimWorld questions (a box, a mask, a depth map) give the same TRP answers
 on both, boxes within 1 px, masks IoU >= 0.99, depth within 1e-3 relative. Both nodes run
-the LLM with float weights (quantize:=none), the same on both backends.
+the LLM with float weights (quantize:=none), the same on both runtimes.
 
 The export takes minutes on a CPU; with REFVLM_EXPORT_CACHE set, the test uses (and fills)
 that cache instead of a fresh one.
@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from backend_parity import assert_same_result
+from runtime_parity import assert_same_result
 from ros_client import NodeHandle, SpinningClient, spawn_node, stop_nodes
 
 pytestmark = [pytest.mark.ros, pytest.mark.slow, pytest.mark.timeout(1800)]
@@ -41,12 +41,12 @@ def nano_export(tmp_path_factory):
     return folder
 
 
-def start_node(name: str, backend: str, export_dir: Path, log: Path) -> subprocess.Popen:
+def start_node(name: str, runtime: str, export_dir: Path, log: Path) -> subprocess.Popen:
     command = [sys.executable, "-m", "refvlm_ros.node", "--ros-args", "-r", f"__node:={name}",
-               "-p", f"model_path:={MODEL}", "-p", f"backend:={backend}", "-p", f"export_dir:={export_dir}",
+               "-p", f"model_path:={MODEL}", "-p", f"runtime:={runtime}", "-p", f"export_dir:={export_dir}",
                "-p", "publish_overlay:=false", "-p", "autostart:=true",
-               # float LLM weights (the default, pinned): the backends differ in the vision parts
-               # only, and int8 weights empty some of these short answers on either backend
+               # float LLM weights (the default, pinned): the runtimes differ in the vision parts
+               # only, and int8 weights empty some of these short answers on either runtime
                "-p", "quantize:=none"]
     return spawn_node(command, log)
 
@@ -54,8 +54,8 @@ def start_node(name: str, backend: str, export_dir: Path, log: Path) -> subproce
 @pytest.fixture(scope="module")
 def nodes(nano_export, tmp_path_factory):
     logs = tmp_path_factory.mktemp("nano_nodes")
-    processes = {name: start_node(name, backend, nano_export, logs / f"{name}.log")
-                 for name, backend in NODES.items()}
+    processes = {name: start_node(name, runtime, nano_export, logs / f"{name}.log")
+                 for name, runtime in NODES.items()}
     client = SpinningClient("shipped_export_client")
     handles = {name: NodeHandle(client, name) for name in NODES}
     try:
@@ -81,8 +81,8 @@ def demo_image():
 
 def test_the_exported_nano_node_answers_like_the_torch_node(nodes):
     ort = nodes["nano_ort"].diagnostics
-    assert ort["backend"] == "onnxruntime" and ort["onnx_provider"] == "CPUExecutionProvider"
-    assert nodes["nano_torch"].diagnostics["backend"] == "torch"
+    assert ort["runtime"] == "onnxruntime" and ort["onnx_provider"] == "CPUExecutionProvider"
+    assert nodes["nano_torch"].diagnostics["runtime"] == "torch"
     image = demo_image()
     units = set()
     for prompt in QUESTIONS:

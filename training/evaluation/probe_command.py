@@ -48,6 +48,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     refs.add_argument("--out", metavar="FILE", default="probe-refs.json", help="JSON report")
     refs.set_defaults(func=_refs)
 
+    choice = commands.add_parser("choice", help="an objects decoder's answers: target found by a proposal vs chosen")
+    choice.add_argument("--model", required=True, metavar="M", help="model folder with 'objects' decoders")
+    choice.add_argument("--data", default="simworld:test:40", metavar="D",
+                        help="shard folder or simworld:SPLIT:N (default simworld:test:40)")
+    choice.add_argument("--task", default="rec", help="only samples of this task (default rec)")
+    choice.add_argument("--limit", type=int, default=200, help="at most this many samples (default 200)")
+    choice.add_argument("--unit", default="box", help="whose decoder's choice (default box)")
+    choice.add_argument("--out", metavar="FILE", default="probe-choice.json", help="JSON report")
+    choice.set_defaults(func=_choice)
+
 
 def _load_model(name: str):
     from refvlm_core.config import PRESET_NAMES, preset
@@ -99,17 +109,16 @@ def _stage0_encoder(folder: str, preset_name: str):
 def _refs(args: argparse.Namespace) -> int:
     from refvlm_core.errors import InputError
     from refvlm_training.evaluation.probes import ref_spread
-    from refvlm_training.evaluation.runner import load_samples
 
     model = _load_model(args.model)
     if args.unit not in model.decoders:
         raise InputError(f"--unit {args.unit}: the model's units are {sorted(model.decoders)}")
-    samples = [s for s in load_samples(args.data) if args.task == "all" or s.task == args.task][:args.limit]
+    samples = _task_samples(args.data, args.task, args.limit)
     if not samples:
         raise InputError(f"--data {args.data} has no {args.task} samples")
     fit = None
     if args.fit_data:
-        fit = [s for s in load_samples(args.fit_data) if args.task == "all" or s.task == args.task][:args.limit]
+        fit = _task_samples(args.fit_data, args.task, args.limit)
     report = ref_spread(model, samples, args.unit, fit, progress=True)
     report.update(source=args.model, data=args.data, task=args.task, fit_data=args.fit_data)
     _write(report, args.out)
@@ -118,6 +127,36 @@ def _refs(args: argparse.Namespace) -> int:
           f"after the {args.unit} decoder's {report['ref_norm']} normalisation"
           + (f", {report['standardised']['mean_pairwise_cosine']} standardised" if fit else ""))
     return 0
+
+
+def _choice(args: argparse.Namespace) -> int:
+    from refvlm_core.errors import InputError
+    from refvlm_training.evaluation.probes import choice_probe
+
+    model = _load_model(args.model)
+    if args.unit not in model.decoders:
+        raise InputError(f"--unit {args.unit}: the model's units are {sorted(model.decoders)}")
+    samples = _task_samples(args.data, args.task, args.limit)
+    if not samples:
+        raise InputError(f"--data {args.data} has no {args.task} samples")
+    try:
+        report = choice_probe(model, samples, args.unit, progress=True)
+    except ValueError as error:
+        raise InputError(f"--model {args.model}: {error}") from error
+    report.update(source=args.model, data=args.data, task=args.task)
+    _write(report, args.out)
+    print(f"{report['count']} targets: a proposal covers {report['covered']:.0%}, the chosen one "
+          f"{report['chosen_hit']:.0%}, the best-covering one is chosen for {report['best_chosen']:.0%}")
+    return 0
+
+
+def _task_samples(data: str, task: str, limit: int) -> list:
+    """The first ``limit`` samples of ``task`` ("all": any), reading no further shards than needed."""
+    from itertools import islice
+
+    from refvlm_training.evaluation.runner import load_samples
+
+    return list(islice((s for s in load_samples(data) if task == "all" or s.task == task), limit))
 
 
 def _write(report: dict, path: str) -> None:

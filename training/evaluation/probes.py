@@ -259,3 +259,58 @@ def decoder_input(decoder, states: torch.Tensor) -> torch.Tensor:
         return norm(states[None], torch.ones(1, states.shape[0], dtype=torch.bool))[0]
     finally:
         norm.train(was)
+
+
+# ---- an object decoder's choice: finding vs choosing ---------------------------------
+
+@torch.no_grad()
+def choice_probe(model, samples: Iterable, unit: str = "box", batch: int = 8, progress: bool = False,
+                 min_iou: float = 0.5) -> dict[str, Any]:
+    """Where an ``objects`` decoder's single-target answers fail: no proposal covers the
+    target (the towers' object maps), or a covering proposal exists and the <REF> query
+    chooses another (the states or the chooser). On teacher-forced <REF> states, per target:
+    ``covered`` (some proposal has IoU >= ``min_iou``: the ceiling of a perfect choice),
+    ``chosen_hit`` (the chosen proposal has it: acc@0.5 before the box refinement),
+    ``best_chosen`` (the choice is the best-covering proposal, what the choice loss trains)
+    and ``best_rank`` (that proposal's rank among the choice's logits, 0 = chosen); overall
+    and per kind of phrase (attribute, relation, superlative)."""
+    from refvlm_core.geometry import box_iou, cxcywh_to_xyxy
+    from refvlm_simworld.language import expression_kind
+
+    decoder = model.eval().decoders[unit]
+    if not hasattr(decoder, "trunk"):
+        raise ValueError(f"the {unit} decoder is of kind {decoder.kind!r}: the choice probe needs kind 'objects'")
+    processor = model.processor
+    items = [s for s in samples if sum(len(t.targets) for t in s.turns) == 1
+             and [t for turn in s.turns for t in turn.targets][0].count == 1]
+    chunks = [items[i:i + batch] for i in range(0, len(items), batch)]
+    if progress:
+        from tqdm import tqdm
+        chunks = tqdm(chunks, desc="choices", unit="batch")
+    rows = []
+    for chunk in chunks:
+        collated = processor.collate([processor.encode_sample(s) for s in chunk])
+        features = model.encode_images(collated["images"])
+        refs = model.teacher_forced_refs(collated, model.llm_hidden_states(collated, features))
+        for b, sample in enumerate(chunk):
+            target = collated["targets"][unit][b]
+            if target.value is None or target.count != 1:
+                continue
+            chosen = decoder.trunk(refs[b][None, :1], torch.ones(1, 1, dtype=torch.bool),
+                                   [level[b:b + 1] for level in features.pyramid])
+            iou = box_iou(cxcywh_to_xyxy(target.value.float()), chosen["proposals"][0])[0]     # [K]
+            logits = chosen["selection_logits"][0, 0]                                          # [K]
+            best = int(iou.argmax())
+            phrase = [t for turn in sample.turns for t in turn.targets][0].phrase
+            rows.append({"kind": expression_kind(phrase), "covered": float(iou.max() >= min_iou),
+                         "chosen_hit": float(iou[int(logits.argmax())] >= min_iou),
+                         "best_chosen": float(int(logits.argmax()) == best),
+                         "best_rank": float((logits > logits[best]).sum())})
+
+    def summary(subset: list[dict]) -> dict[str, float]:
+        return {"count": len(subset), **{key: round(sum(r[key] for r in subset) / max(len(subset), 1), 4)
+                                         for key in ("covered", "chosen_hit", "best_chosen", "best_rank")}}
+
+    kinds = sorted({r["kind"] for r in rows})
+    return {"unit": unit, "min_iou": min_iou, "proposals": decoder.trunk.num_objects, **summary(rows),
+            "per_kind": {kind: summary([r for r in rows if r["kind"] == kind]) for kind in kinds}}

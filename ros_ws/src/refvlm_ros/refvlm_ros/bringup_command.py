@@ -21,7 +21,7 @@ def register(subparsers) -> None:
                              "a real camera's topics")
     parser.add_argument("arguments", nargs="*", metavar="NAME:=VALUE",
                         help="launch arguments, as for ros2 launch: namespace, model_path, "
-                             "model_preset, device, backend, image_topic, depth_topic, "
+                             "model_preset, device, runtime, image_topic, depth_topic, "
                              "camera_info_topic, use_sim_time")
     parser.add_argument("--params", type=Path, default=None, metavar="FILE",
                         help="ROS parameter file applied after the graph's own (keys: node "

@@ -66,7 +66,7 @@ class DemoConfig:
     model: ModelChoice | None = None  # None: the shipped default (default_model())
     timeout_s: float = 100.0     # the whole run (after the export, when one is made)
     query_timeout_s: float = 60.0
-    backend: str = "torch"       # the node's backend; exported ones export the model on first use
+    runtime: str = "torch"       # the node's runtime; exported ones export the model on first use
     export_cache: Path | None = None  # None: refvlm_export.cache.default_cache_dir()
 
 
@@ -331,17 +331,17 @@ class DemoClient:
             time.sleep(0.2)
 
 
-def with_backend(model: ModelChoice, backend: str, export_cache: Path | None, log=print) -> ModelChoice:
-    """``model`` run by ``backend``; an exported backend gets the model's export from the
+def with_runtime(model: ModelChoice, runtime: str, export_cache: Path | None, log=print) -> ModelChoice:
+    """``model`` run by ``runtime``; an exported runtime gets the model's export from the
     cache, exported now if this model (config and weights) was never exported."""
-    if backend == "torch":
+    if runtime == "torch":
         return model
     from refvlm_export.cache import cached_export
 
     model_arg = model.parameters.get("model_path") or model.parameters["model_preset"]
     export_dir = cached_export(model_arg, export_cache, say=log)
-    return ModelChoice(dict(model.parameters, backend=backend, export_dir=str(export_dir)),
-                       f"{model.description}; backend {backend}, export {export_dir}", model.trained)
+    return ModelChoice(dict(model.parameters, runtime=runtime, export_dir=str(export_dir)),
+                       f"{model.description}; runtime {runtime}, export {export_dir}", model.trained)
 
 
 def run_demo(config: DemoConfig, log=print) -> list[DemoRow]:
@@ -349,7 +349,7 @@ def run_demo(config: DemoConfig, log=print) -> list[DemoRow]:
     from refvlm_ros.bringup import Bringup
     from refvlm_ros.graph import load_graph
 
-    model = with_backend(config.model or default_model(), config.backend, config.export_cache, log)
+    model = with_runtime(config.model or default_model(), config.runtime, config.export_cache, log)
     start = time.monotonic()
     deadline = start + config.timeout_s
     targets = {q.target for q in config.questions if q.target} or {"red cube", "person"}

@@ -158,7 +158,7 @@ NODE_PARAMETER_ARGUMENTS = {
     "model_path": "folder of a saved model (config + weights); overrides model_preset",
     "model_preset": "model preset (tiny, nano, paper) used when model_path is empty",
     "device": "torch device of the model: cpu, cuda, cuda:1 ...",
-    "backend": "inference backend (torch)",
+    "runtime": "what runs the encoders, projector and decoders: torch, onnxruntime, tensorrt, auto",
     "target_frame": "frame of the perception node's 3D positions (tf2), e.g. base_link",
 }
 TOPIC_ARGUMENTS = {

@@ -1,7 +1,7 @@
 """refvlm_node: the REF-VLM perception node (rclpy lifecycle node).
 
     (always)   - ~/query service, ~/ground action, /diagnostics
-    configure  - read and validate parameters, load the Predictor on its backend (torch, or
+    configure  - read and validate parameters, load the Predictor on its runtime (torch, or
                  an export folder through ONNX Runtime / TensorRT), create publishers
     activate   - subscribe to the camera, depth, CameraInfo and prompts; start the worker
     deactivate - unsubscribe, stop and join the worker
@@ -95,26 +95,26 @@ def logged_transition(callback: Callable[[Any, State], TransitionCallbackReturn]
 
 def load_predictor(p: params.NodeParams) -> Any:
     """The Predictor named by the parameters, its encoders, projector and decoders on the
-    chosen backend (imported here: torch loads on configure)."""
+    chosen runtime (imported here: torch loads on configure)."""
     with load_timing.phase("import_torch_and_core"):  # the node imports torch only here
         from refvlm_core.predictor import Predictor  # noqa: PLC0415
     if p.model_path:
         predictor = Predictor.from_pretrained(p.model_path, device=p.device, quantize=p.quantize)
     else:
         predictor = Predictor.from_preset(p.model_preset, device=p.device)
-    if p.backend != "torch":
+    if p.runtime != "torch":
         from refvlm_export.runtime import default_export_dir, select_runtime  # noqa: PLC0415
-        runtime, reason = select_runtime(p.backend, predictor.model, default_export_dir(p.export_dir, p.model_path),
+        runtime, reason = select_runtime(p.runtime, predictor.model, default_export_dir(p.export_dir, p.model_path),
                                          p.device, p.model_path or p.model_preset, p.build_engines)
         predictor.set_runtime(runtime, reason)
     return predictor
 
 
-def backend_status(predictor: Any) -> dict[str, str]:
+def runtime_status(predictor: Any) -> dict[str, str]:
     """What runs the vision parts and why (a stand-in predictor without a runtime: torch)."""
     runtime = getattr(predictor, "runtime", None)
-    described = runtime.describe() if runtime is not None else {"backend": "torch"}
-    return {**described, "backend_reason": str(getattr(predictor, "runtime_reason", "default"))}
+    described = runtime.describe() if runtime is not None else {"runtime": "torch"}
+    return {**described, "runtime_reason": str(getattr(predictor, "runtime_reason", "default"))}
 
 
 class RefVLMNode(LifecycleNode):
@@ -128,7 +128,7 @@ class RefVLMNode(LifecycleNode):
         self._predictor_factory = predictor_factory
         self.p: params.NodeParams | None = None
         self._predictor: Any = None
-        self._backend: dict[str, str] = {}  # what runs the vision parts and why (/diagnostics)
+        self._runtime: dict[str, str] = {}  # what runs the vision parts and why (/diagnostics)
         self._load: dict[str, str] = {}  # how long configure's model load took, per phase (/diagnostics)
         self._model_lock = threading.Lock()
         self._cameras = Cameras([""])  # per camera: frames, depth, CameraInfo, tracker, outputs
@@ -189,16 +189,16 @@ class RefVLMNode(LifecycleNode):
         try:
             self.p = params.read(self)
             self._predictor, self._load = self._load_model()
-            self._backend = backend_status(self._predictor)
+            self._runtime = runtime_status(self._predictor)
             self._configure_frames_and_tracks()
-            self.get_logger().info("backend: " + ", ".join(f"{k}={v}" for k, v in self._backend.items()))
+            self.get_logger().info("runtime: " + ", ".join(f"{k}={v}" for k, v in self._runtime.items()))
             limit = getattr(getattr(self._predictor, "config", None), "max_prompt_chars", None)
             if limit is not None and self.p.max_prompt_chars > limit:  # the model refuses past its own limit
                 self.get_logger().warning(f"max_prompt_chars={self.p.max_prompt_chars} is above the model's limit "
                                           f"({limit}, ModelConfig.max_prompt_chars): longer prompts are refused")
-            if self.p.export_dir and self.p.backend == "torch":
-                self.get_logger().warning(f"export_dir={self.p.export_dir!r} is not read with backend:=torch (the "
-                                          "exported backends onnxruntime, tensorrt and auto read it)")
+            if self.p.export_dir and self.p.runtime == "torch":
+                self.get_logger().warning(f"export_dir={self.p.export_dir!r} is not read with runtime:=torch (the "
+                                          "exported runtimes onnxruntime, tensorrt and auto read it)")
         except Exception as error:  # noqa: BLE001 (a failed configure must not kill the node)
             self.get_logger().error(f"configure failed: {error}")
             self._predictor = None
@@ -630,7 +630,7 @@ class RefVLMNode(LifecycleNode):
                                    for t in threading.enumerate())),
             "inference_threads": str(sum(t.name == WORKER_NAME for t in threading.enumerate())),
             "rss_mb": f"{request_limits.rss_mb():.1f}",
-            **(self._backend if self._predictor is not None else {}),
+            **(self._runtime if self._predictor is not None else {}),
             **(self._load if self._predictor is not None else {}),
             **(self._target.diagnostics() if self._target is not None else {}),
             "live_tracks": str(sum(s.tracker.live_tracks for s in self._cameras.streams if s.tracker is not None)),

@@ -17,6 +17,9 @@ from refvlm_ros.cameras import parse_camera_names
 IMAGE_BACKENDS = ("auto", "numpy", "cv_bridge")
 RELIABILITIES = ("best_effort", "reliable")
 IMAGE_TRANSPORTS = ("raw", "compressed")
+# Parameters that were renamed: still declared (empty), so that a launch file or a params
+# file with the old name fails configure with the new name instead of being ignored.
+RENAMED = {"backend": "runtime"}
 
 
 def _describe(text: str) -> dict[str, str]:
@@ -30,20 +33,20 @@ class NodeParams:
     model_path: str = field(default="", metadata=_describe(
         "Folder of a saved model (config + weights); overrides model_preset"))
     device: str = field(default="cpu", metadata=_describe("Torch device: cpu, cuda, cuda:1 ..."))
-    backend: str = field(default="torch", metadata=_describe(
+    runtime: str = field(default="torch", metadata=_describe(
         "What runs the image encoders, projector and decoders (the LLM is always torch): "
         "torch, onnxruntime (CUDA provider when device is cuda), tensorrt, or auto "
         "(tensorrt, else onnxruntime CUDA, else onnxruntime CPU, else torch; the choice "
         "and its reason go to the log and /diagnostics)"))
     export_dir: str = field(default="", metadata=_describe(
-        "Folder written by `refvlm export onnx` for the exported backends; empty = "
+        "Folder written by `refvlm export onnx` for the exported runtimes; empty = "
         "<model_path>/export"))
     quantize: str = field(default="auto", metadata=_describe(
         "LLM weights of a model_path model: auto (int8 on a CPU, float on a GPU), int8 "
         "(CPU only, ~1.9x faster answers; the README gives its measured parity with float), "
         "none (float)"))
     build_engines: bool = field(default=True, metadata=_describe(
-        "backend tensorrt (and auto's TensorRT attempt): a missing or stale TensorRT engine "
+        "runtime tensorrt (and auto's TensorRT attempt): a missing or stale TensorRT engine "
         "(another GPU, TensorRT version, ONNX file or profile) is built at configure into "
         "<export_dir>/engines for the node's profile (batch 1, the model's L and image side); "
         "false: configure fails naming the `refvlm export tensorrt` command that builds it"))
@@ -137,8 +140,8 @@ class NodeParams:
     def validate(self) -> "NodeParams":
         if not self.model_path and not self.model_preset:
             raise ConfigError("set model_preset (tiny, nano, paper) or model_path")
-        if self.backend not in RUNTIME_KINDS:
-            raise ConfigError(f"backend={self.backend!r}: use one of {', '.join(RUNTIME_KINDS)}")
+        if self.runtime not in RUNTIME_KINDS:
+            raise ConfigError(f"runtime={self.runtime!r}: use one of {', '.join(RUNTIME_KINDS)}")
         if self.quantize not in QUANT_KINDS:
             raise ConfigError(f"quantize={self.quantize!r}: use one of {', '.join(QUANT_KINDS)}")
         if self.image_backend not in IMAGE_BACKENDS:
@@ -191,12 +194,19 @@ def declare(node: Any) -> None:
     for f in dataclasses.fields(NodeParams):
         node.declare_parameter(f.name, f.default,
                                ParameterDescriptor(description=f.metadata["description"]))
+    for old, new in RENAMED.items():
+        node.declare_parameter(old, "", ParameterDescriptor(description=f"renamed to {new}"))
 
 
 def read(node: Any, validate: bool = True) -> NodeParams:
     """Current parameter values -> NodeParams, validated (ConfigError when invalid) unless
     ``validate`` is False (construction: the rest is validated, and refused, at configure)."""
     values = {f.name: node.get_parameter(f.name).value for f in dataclasses.fields(NodeParams)}
+    if validate:
+        for old, new in RENAMED.items():
+            if node.get_parameter(old).value:
+                raise ConfigError(f"{old}:={node.get_parameter(old).value} is not read: the parameter is "
+                                  f"now {new} ({new}:={node.get_parameter(old).value})")
     return NodeParams(**values).validate() if validate else NodeParams(**values)
 
 

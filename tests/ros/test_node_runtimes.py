@@ -1,12 +1,12 @@
-"""refvlm_node with backend:=onnxruntime against backend:=torch over real DDS: two node
+"""refvlm_node with runtime:=onnxruntime against runtime:=torch over real DDS: two node
 processes on the tiny preset (the same seeded weights), one running the encoders, the
 projector and the decoders from a `refvlm export onnx` folder. The answer text is forced
-(random weights), so the real LLM still runs on each backend's image tokens and the
-decoders read each backend's hidden states and pyramid. SimWorld questions: same TRP,
+(random weights), so the real LLM still runs on each runtime's image tokens and the
+decoders read each runtime's hidden states and pyramid. SimWorld questions: same TRP,
 boxes within 1 px, mask IoU >= 0.99, predicted depth within 1e-3 relative. Configure
 refuses an empty export folder naming the command that builds it; /diagnostics says which
-backend and ONNX Runtime provider run; without a GPU, backend:=tensorrt fails configure saying
-so and backend:=auto runs ONNX Runtime CPU with TensorRT's refusal as its reason."""
+runtime and ONNX Runtime provider run; without a GPU, runtime:=tensorrt fails configure saying
+so and runtime:=auto runs ONNX Runtime CPU with TensorRT's refusal as its reason."""
 from __future__ import annotations
 
 import subprocess
@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from backend_parity import assert_same_result
+from runtime_parity import assert_same_result
 from ros_client import NodeHandle, SpinningClient, spawn_node, stop_nodes
 
 from tests.export_helpers import tiny_export
@@ -35,10 +35,10 @@ def export_dir():
     return tiny_export()[1]  # `refvlm export onnx --model tiny`, once per test session
 
 
-def start_node(name: str, backend: str, log: Path, extra: list[str]) -> subprocess.Popen:
+def start_node(name: str, runtime: str, log: Path, extra: list[str]) -> subprocess.Popen:
     script = Path(__file__).with_name("_node_process.py")
     command = [sys.executable, str(script), "--answer", ANSWER, "--ros-args", "-r", f"__node:={name}",
-               "-p", "model_preset:=tiny", "-p", f"backend:={backend}", *extra]
+               "-p", "model_preset:=tiny", "-p", f"runtime:={runtime}", *extra]
     return spawn_node(command, log)
 
 
@@ -57,7 +57,7 @@ def node_processes(tmp_path_factory, export_dir):
 
 @pytest.fixture(scope="module")
 def client(node_processes):
-    client = SpinningClient("backend_test_client")
+    client = SpinningClient("runtime_test_client")
     yield client
     client.close()
 
@@ -84,14 +84,14 @@ def test_empty_export_fails_configure_naming_the_command_then_the_export_runs(cl
     client.wait_for(lambda: nodes["refvlm_torch"].state(timeout=120) == "active", 120, "the torch node")
 
 
-def test_diagnostics_say_which_backend_and_provider_run(client, nodes):
+def test_diagnostics_say_which_runtime_and_provider_run(client, nodes):
     def reported() -> bool:
         return all(node.diagnostics.get("state") == "active" for node in nodes.values())
     client.wait_for(reported, 30, "diagnostics of both nodes")
     ort, torch_ = nodes["refvlm_ort"].diagnostics, nodes["refvlm_torch"].diagnostics
-    assert ort["backend"] == "onnxruntime" and ort["onnx_provider"] == "CPUExecutionProvider"
-    assert "onnxruntime" in ort["backend_reason"]
-    assert torch_["backend"] == "torch" and "onnx_provider" not in torch_
+    assert ort["runtime"] == "onnxruntime" and ort["onnx_provider"] == "CPUExecutionProvider"
+    assert "onnxruntime" in ort["runtime_reason"]
+    assert torch_["runtime"] == "torch" and "onnx_provider" not in torch_
 
 
 def sim_questions():
@@ -108,7 +108,7 @@ def sim_questions():
     return questions
 
 
-def test_simworld_questions_give_the_same_answers_on_both_backends(nodes):
+def test_simworld_questions_give_the_same_answers_on_both_runtimes(nodes):
     boxes = []
     for prompt, image in sim_questions():
         reference, candidate = (nodes[name].ask(prompt, image, timeout=60) for name in NODES)
@@ -125,14 +125,14 @@ def test_simworld_questions_give_the_same_answers_on_both_backends(nodes):
 def test_without_a_gpu_tensorrt_is_refused_and_auto_runs_onnxruntime_saying_why(client, nodes, node_processes):
     ort, log = nodes["refvlm_ort"], node_processes["refvlm_ort"].log
     assert ort.transition("deactivate") and ort.transition("cleanup")
-    ort.set_parameters(backend="tensorrt")
+    ort.set_parameters(runtime="tensorrt")
     assert not ort.transition("configure", timeout=120)
-    client.wait_for(lambda: "backend tensorrt needs a CUDA GPU: pick onnxruntime or torch" in log.read_text(),
+    client.wait_for(lambda: "runtime tensorrt needs a CUDA GPU: pick onnxruntime or torch" in log.read_text(),
                     10, "the refusal in the log")
-    ort.set_parameters(backend="auto")
+    ort.set_parameters(runtime="auto")
     assert ort.transition("configure", timeout=120), log_tail(node_processes["refvlm_ort"])
     client.wait_for(lambda: ort.diagnostics.get("state") == "configured", 30, "diagnostics after configure")
-    reason = ort.diagnostics["backend_reason"]
-    assert ort.diagnostics["backend"] == "onnxruntime" and reason.startswith("auto: onnxruntime cpu")
-    assert "tensorrt: backend tensorrt needs a CUDA GPU" in reason and "onnxruntime cuda: no CUDA GPU" in reason
-    assert "backend_reason=auto: onnxruntime cpu" in log.read_text()  # the log says it too
+    reason = ort.diagnostics["runtime_reason"]
+    assert ort.diagnostics["runtime"] == "onnxruntime" and reason.startswith("auto: onnxruntime cpu")
+    assert "tensorrt: runtime tensorrt needs a CUDA GPU" in reason and "onnxruntime cuda: no CUDA GPU" in reason
+    assert "runtime_reason=auto: onnxruntime cpu" in log.read_text()  # the log says it too

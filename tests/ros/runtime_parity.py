@@ -1,4 +1,4 @@
-"""What "the same answer" means between two refvlm_node backends, on RefResult messages:
+"""What "the same answer" means between two refvlm_node runtimes, on RefResult messages:
 the same TRP text and referred objects, boxes within 1 px, masks IoU >= 0.99, depth
 statistics within 1e-3 relative."""
 from __future__ import annotations
