@@ -219,3 +219,37 @@ def test_predictor_answers_in_pixels_with_objects_decoders():
     for box in boxes:
         assert np.isfinite(box).all() and box[0] <= box[2] and box[1] <= box[3]
     assert masks[0].shape == (60, 80) and points[0].shape == (17, 3)
+
+
+def test_choice_probe_splits_answers_into_found_and_chosen(tmp_path):
+    """`refvlm probe choice`: per target, whether a proposal covers it and whether the query
+    chose that one; a chosen hit is always a covered target, and the best proposal is chosen
+    exactly when its rank is 0. A model whose box decoder does not choose is refused."""
+    import json
+    import subprocess
+    import sys
+
+    from refvlm_core.checkpoint import save_model
+    from refvlm_training.evaluation.probes import choice_probe
+    from refvlm_training.evaluation.runner import load_samples
+
+    model = objects_tiny_model()
+    samples = [s for s in load_samples("simworld:test:4") if s.task == "rec"]
+    report = choice_probe(model, samples, "box", batch=3)
+    assert report["count"] == len(samples) > 0 and report["proposals"] == 6
+    assert 0 <= report["chosen_hit"] <= report["covered"] <= 1
+    assert 0 <= report["best_chosen"] <= 1 and report["best_rank"] >= 0
+    assert (report["best_rank"] == 0) == (report["best_chosen"] == 1)
+    assert sum(row["count"] for row in report["per_kind"].values()) == report["count"]
+
+    save_model(model, tmp_path / "model")
+    out = tmp_path / "choice.json"
+    run = subprocess.run([sys.executable, "-m", "refvlm_cli.main", "probe", "choice", "--model",
+                          str(tmp_path / "model"), "--data", "simworld:test:2", "--out", str(out)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(out.read_text())["count"] >= 1 and "a proposal covers" in run.stdout
+    refused = subprocess.run([sys.executable, "-m", "refvlm_cli.main", "probe", "choice", "--model", "tiny",
+                              "--data", "simworld:test:1", "--out", str(out)],
+                             capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 2 and "needs kind 'objects'" in refused.stderr

@@ -277,9 +277,10 @@ def choice_probe(model, samples: Iterable, unit: str = "box", batch: int = 8, pr
     from refvlm_core.geometry import box_iou, cxcywh_to_xyxy
     from refvlm_simworld.language import expression_kind
 
+    kind = model.config.decoders.get(unit, {}).get("kind", "default")
+    if kind != "objects":
+        raise ValueError(f"the {unit} decoder is of kind {kind!r}: the choice probe needs kind 'objects'")
     decoder = model.eval().decoders[unit]
-    if not hasattr(decoder, "trunk"):
-        raise ValueError(f"the {unit} decoder is of kind {decoder.kind!r}: the choice probe needs kind 'objects'")
     processor = model.processor
     items = [s for s in samples if sum(len(t.targets) for t in s.turns) == 1
              and [t for turn in s.turns for t in turn.targets][0].count == 1]
