@@ -8,7 +8,7 @@ weight files (a preset's weights are the seeded random init of its config). A ch
 exported again; an unchanged one is found again without loading it. An export is written
 to a temporary folder and renamed into place when complete, so an interrupted export is
 never taken for a finished one. The node still checks the manifest against the model it
-loads (refvlm_export.runtime.check_export).
+loads (refvlm_export.manifest.check_export).
 """
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ from typing import Callable
 import torch
 
 from refvlm_core.errors import ConfigError
-from refvlm_export.onnx_export import (FORMAT_VERSION, MANIFEST, config_hash, export_model, file_sha256,
-                                       load_export_model)
+from refvlm_export.manifest import FORMAT_VERSION, MANIFEST, config_hash, file_sha256
+from refvlm_export.onnx_export import export_model, load_export_model
 
 log = logging.getLogger(__name__)
 

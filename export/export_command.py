@@ -58,7 +58,7 @@ def _onnx(args: argparse.Namespace) -> int:
 
 
 def _tensorrt(args: argparse.Namespace) -> int:
-    from refvlm_export.onnx_export import Manifest
+    from refvlm_export.manifest import Manifest
     from refvlm_export.tensorrt_build import ProfileConfig, build_engines
 
     profiles = ProfileConfig.for_manifest(Manifest.load(args.onnx)).override(args.profiles)

@@ -20,24 +20,22 @@ runtimes read. Shape templates name each dynamic dim by what sets it: ``batch``,
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from refvlm_core.errors import CheckpointError, ConfigError
+from refvlm_core.errors import ConfigError
+from refvlm_export.manifest import Manifest, PartSpec, TensorSpec, config_hash, file_sha256, weights_sha256
 
 log = logging.getLogger(__name__)
 
 OPSET = 18
-MANIFEST = "manifest.json"
-FORMAT_VERSION = 2  # 2: model_sha256 (the exported parts' weights) recorded
 # Example sizes used while tracing; the parity tests run other sizes on purpose.
 EXPORT_BATCH, EXPORT_L = 2, 8
 
@@ -77,113 +75,6 @@ class ConvNextGraph(nn.Module):
 
     def forward(self, images: Tensor) -> tuple[Tensor, ...]:
         return tuple(self.encoder.pyramid(images))
-
-
-# ---- descriptions -------------------------------------------------------------------
-
-@dataclass
-class TensorSpec:
-    name: str
-    shape: list[int | str]          # ints, or "batch", "L", "size/<stride>"
-    dtype: str = "float32"
-
-
-@dataclass
-class PartSpec:
-    """One exported graph, as written to the manifest."""
-    part: str                       # "decoder_box", "vit", "convnext", "projector"
-    file: str
-    unit: str | None
-    inputs: list[TensorSpec]
-    outputs: list[TensorSpec]
-    onnx_sha256: str = ""
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "PartSpec":
-        return cls(part=data["part"], file=data["file"], unit=data.get("unit"),
-                   inputs=[TensorSpec(**t) for t in data["inputs"]],
-                   outputs=[TensorSpec(**t) for t in data["outputs"]],
-                   onnx_sha256=data.get("onnx_sha256", ""))
-
-
-@dataclass
-class Manifest:
-    config_hash: str
-    image_size: int
-    router_length: int
-    opset: int
-    parts: list[PartSpec] = field(default_factory=list)
-    format_version: int = FORMAT_VERSION
-    model_sha256: str = ""          # weights_sha256 of the model it came from ("" before version 2)
-    model_name: str = ""
-
-    def part(self, name: str) -> PartSpec:
-        for spec in self.parts:
-            if spec.part == name:
-                return spec
-        raise CheckpointError(f"the export has no part {name!r} (has {[p.part for p in self.parts]}): "
-                              "re-run `refvlm export onnx --model M --out DIR`")
-
-    def save(self, folder: Path) -> Path:
-        path = folder / MANIFEST
-        path.write_text(json.dumps(asdict(self), indent=2))
-        return path
-
-    @classmethod
-    def load(cls, folder: str | Path) -> "Manifest":
-        path = Path(folder) / MANIFEST
-        if not path.is_file():
-            raise CheckpointError(f"{path} does not exist: export the model first with "
-                                  f"`refvlm export onnx --model M --out {folder}`")
-        try:
-            data = json.loads(path.read_text())
-            return cls(config_hash=data["config_hash"], image_size=data["image_size"],
-                       router_length=data["router_length"], opset=data["opset"],
-                       parts=[PartSpec.from_dict(p) for p in data["parts"]],
-                       format_version=data.get("format_version", 0),
-                       model_sha256=data.get("model_sha256", ""), model_name=data.get("model_name", ""))
-        except (KeyError, TypeError, json.JSONDecodeError) as error:
-            raise CheckpointError(f"{path} is not a valid export manifest ({error}): re-run "
-                                  f"`refvlm export onnx --model M --out {folder}`") from error
-
-
-def config_hash(config: Any) -> str:
-    """sha256 of the model config's canonical JSON (what an export was made from)."""
-    return hashlib.sha256(config.to_json().encode()).hexdigest()
-
-
-def weights_sha256(model: nn.Module) -> str:
-    """sha256 of the exported parts' weights (encoder, projector, decoders; not the LLM, which
-    stays in torch): what tells a stale export from a current one."""
-    digest = hashlib.sha256()
-    for prefix in ("encoder", "projector", "decoders"):
-        for name, tensor in sorted(getattr(model, prefix).state_dict().items()):
-            tensor = tensor.detach().cpu().contiguous()
-            digest.update(f"{prefix}.{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return digest.hexdigest()
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def resolve_shape(template: Sequence[int | str], dims: Mapping[str, int]) -> tuple[int, ...]:
-    """A shape template with concrete named dims, e.g. {"batch": 1, "L": 100, "size": 64, "tokens": 16}."""
-    shape = []
-    for dim in template:
-        if isinstance(dim, int):
-            shape.append(dim)
-            continue
-        name, _, stride = dim.partition("/")
-        if name not in dims:
-            raise ConfigError(f"shape dim {dim!r} needs a value for {name!r}; given {sorted(dims)}")
-        shape.append(dims[name] // int(stride) if stride else dims[name])
-    return tuple(shape)
 
 
 # ---- export -------------------------------------------------------------------------

@@ -90,7 +90,7 @@ def onnx_part_parity(onnx_dir: str | Path, part: str, module: torch.nn.Module, i
     """An exported encoder/projector graph under ONNX Runtime CPU vs its torch wrapper."""
     import onnxruntime as ort
 
-    from refvlm_export.onnx_export import Manifest
+    from refvlm_export.manifest import Manifest
 
     spec = Manifest.load(onnx_dir).part(part)
     session = ort.InferenceSession(str(Path(onnx_dir) / spec.file), providers=["CPUExecutionProvider"])

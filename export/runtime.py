@@ -7,7 +7,7 @@ LLM stays in torch; the ViT token pooling (``config.llm_image_pool``) stays in t
 node, the demo and the benchmarks call: a kind of ``RUNTIME_KINDS`` (``torch``,
 ``onnxruntime``, ``tensorrt`` or ``auto``: tensorrt, else ONNX Runtime CUDA, else ONNX
 Runtime CPU, else torch), and the reason for its choice; ``Predictor.set_runtime`` runs it.
-``check_export`` is the one check of an export folder: an export that is missing or stale
+Each runtime first runs ``refvlm_export.manifest.check_export``: an export that is missing or stale
 (another config, other weights, parts missing) is refused with the command that rebuilds
 it; so is a missing or stale TensorRT engine (another GPU, TensorRT, ONNX file or profile)
 unless ``build_engines``, which builds it into ``<export>/engines`` for the node's profile
@@ -33,45 +33,16 @@ from refvlm_core.config import RUNTIME_KINDS
 from refvlm_core.errors import CheckpointError, ConfigError
 from refvlm_core.features import ImageFeatures
 from refvlm_core.runtime import TorchRuntime
-from refvlm_export.onnx_export import MANIFEST, Manifest, PartSpec, config_hash, resolve_shape, weights_sha256
+from refvlm_export.manifest import VISION_PARTS, Manifest, PartSpec, check_export, export_command, resolve_shape
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RUNTIME_KINDS", "ORT_PROVIDERS", "check_export", "select_runtime", "OnnxRuntimeVision",
+__all__ = ["RUNTIME_KINDS", "ORT_PROVIDERS", "select_runtime", "OnnxRuntimeVision",
            "TensorRTVision", "OnnxRuntimeDecoders", "TensorRTDecoders"]
 
 ORT_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
                  "tensorrt": "TensorrtExecutionProvider"}
-VISION_PARTS = ("vit", "convnext", "projector")
 ENGINE_DIR = "engines"  # the TensorRT engine cache inside an export folder
-
-
-def export_command(model_arg: str, folder: str | Path) -> str:
-    return f"refvlm export onnx --model {model_arg} --out {folder}"
-
-
-def check_export(folder: str | Path, model: Any = None, model_arg: str = "M", config: Any = None) -> Manifest:
-    """The folder's manifest, once it is known to be an export of ``model`` as it is now
-    (its config, its weights, every part), or, given only ``config``, of a model of that
-    config (a decoders-only export passes). Refusals name the command that rebuilds it."""
-    rebuild = f"rebuild it with `{export_command(model_arg, folder)}`"
-    if not (Path(folder) / MANIFEST).is_file():
-        raise CheckpointError(f"{folder} holds no export (no {MANIFEST}): build it with "
-                              f"`{export_command(model_arg, folder)}`")
-    manifest = Manifest.load(folder)
-    config = model.config if model is not None else config
-    if config is not None and manifest.config_hash != config_hash(config):
-        raise CheckpointError(f"the export in {folder} was made from another model config: {rebuild}")
-    if model is None:
-        return manifest
-    if manifest.model_sha256 != weights_sha256(model):
-        raise CheckpointError(f"the export in {folder} is stale (made from other weights"
-                              f"{'' if manifest.model_sha256 else ', or before weights were recorded'}): {rebuild}")
-    have = {part.part for part in manifest.parts}
-    missing = [p for p in (*VISION_PARTS, *(f"decoder_{u}" for u in model.decoders)) if p not in have]
-    if missing:
-        raise CheckpointError(f"the export in {folder} lacks {missing} (made with --decoders-only?): {rebuild}")
-    return manifest
 
 
 def ort_session(ort: Any, path: Path, options: Any, provider: str) -> Any:

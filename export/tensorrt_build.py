@@ -28,7 +28,7 @@ from types import ModuleType
 from typing import Any
 
 from refvlm_core.errors import CheckpointError, ConfigError
-from refvlm_export.onnx_export import Manifest, PartSpec, file_sha256, resolve_shape
+from refvlm_export.manifest import Manifest, PartSpec, file_sha256, resolve_shape
 
 log = logging.getLogger(__name__)
 

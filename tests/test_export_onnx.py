@@ -17,7 +17,8 @@ from refvlm_core.errors import CheckpointError, ConfigError
 from refvlm_core.runtime import TorchRuntime
 from refvlm_export import parity
 from refvlm_export.runtime import OnnxRuntimeDecoders, OnnxRuntimeVision, select_runtime
-from refvlm_export.onnx_export import ConvNextGraph, Manifest, VitGraph, config_hash
+from refvlm_export.manifest import Manifest, config_hash
+from refvlm_export.onnx_export import ConvNextGraph, VitGraph
 from tests.export_helpers import tiny_export
 from tests.model_samples import forced_answer_hook
 

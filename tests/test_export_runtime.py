@@ -17,8 +17,9 @@ from refvlm_core.errors import CheckpointError, ConfigError
 from refvlm_core.predictor import Predictor
 from refvlm_core.runtime import TorchRuntime
 from refvlm_export import parity
-from refvlm_export.onnx_export import Manifest, config_hash, load_export_model, weights_sha256
-from refvlm_export.runtime import OnnxRuntimeVision, check_export, select_runtime
+from refvlm_export.manifest import Manifest, check_export, config_hash, weights_sha256
+from refvlm_export.onnx_export import load_export_model
+from refvlm_export.runtime import OnnxRuntimeVision, select_runtime
 from tests.export_helpers import has_cuda, tiny_export
 from tests.model_samples import forced_answer_hook
 

@@ -17,7 +17,7 @@ import torch
 from refvlm_cli.main import main
 from refvlm_core.errors import CheckpointError, ConfigError
 from refvlm_export import parity
-from refvlm_export.onnx_export import Manifest
+from refvlm_export.manifest import Manifest
 from refvlm_export.runtime import ensure_node_engines
 from refvlm_export.tensorrt_build import (DimRange, EngineBuildError, ProfileConfig, build_engine, build_engines,
                                           check_engine, device_identity, engine_paths, ensure_engines,

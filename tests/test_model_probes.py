@@ -171,6 +171,40 @@ def test_overrides_on_init_from_rebuild_only_the_changed_parts():
         assert all(torch.equal(old[k], new[k]) for k in old), unit
 
 
+def test_load_parts_puts_stage0_object_heads_into_the_choosers(tmp_path):
+    """model.load_parts: tensors of a file (under a prefix) into a sub-module, here stage 0's
+    object heads into an objects decoder's attribute heads; a wrong module, a missing file or
+    tensors that do not fit are refused naming what to fix."""
+    from safetensors.torch import save_file
+
+    from refvlm_core.errors import ConfigError
+    from refvlm_training.engine.config import config_from_dict
+    from refvlm_training.engine.stages import build_model
+
+    box = {"kind": "objects", "hidden_dim": 16, "num_heads": 2, "num_layers": 1,
+           "attributes": {"color": 3, "shape": 2}, "colour_channels": 4}
+    vision = {"pyramid_input": "luminance", "colour_channels": 4, "object_maps": True}
+
+    def build(load_parts: dict[str, str]):
+        model = {"preset": "tiny", "load_parts": load_parts,
+                 "overrides": {"vision": vision, "decoders": {**preset("tiny").decoders, "box": box}}}
+        return build_model(config_from_dict({"stage": 2, "out": str(tmp_path / "run"), "data": {"train": "unread"},
+                                             "model": model}))
+
+    heads = build({}).decoders["box"].trunk.attribute_heads
+    tensors = {f"object_heads.{k}": torch.randn_like(v) for k, v in heads.state_dict().items()}
+    save_file({**tensors, "pixel_head.weight": torch.zeros(1)}, tmp_path / "dense_heads.safetensors")
+    source = f"{tmp_path / 'dense_heads.safetensors'}:object_heads."
+    loaded = build({"decoders.box.trunk.attribute_heads": source}).decoders["box"].trunk.attribute_heads
+    assert all(torch.equal(v, tensors[f"object_heads.{k}"]) for k, v in loaded.state_dict().items())
+    with pytest.raises(ConfigError, match="no module 'decoders.mask.trunk.attribute_heads'"):
+        build({"decoders.mask.trunk.attribute_heads": source})
+    with pytest.raises(ConfigError, match="does not exist"):
+        build({"decoders.box.trunk.attribute_heads": str(tmp_path / "none.safetensors")})
+    with pytest.raises(ConfigError, match="does not fit it"):
+        build({"decoders.box.trunk.attribute_heads": str(tmp_path / "dense_heads.safetensors")})
+
+
 def test_roi_grid_reads_the_inside_of_the_box_cell_by_cell():
     from refvlm_core.roi import roi_channels, roi_grid, roi_mean
 

@@ -118,13 +118,10 @@ def test_objects_kind_builds_for_its_unit_and_refuses_towers_without_object_maps
         build_decoder(unit, LLM_DIM, [4, 8], kind="objects", hidden_dim=16, num_heads=2, num_layers=1)
 
 
-def test_object_box_decoder_learns_to_choose_the_asked_object():
-    """The state names a colour; after training, the box is the box of the object of that colour."""
-    torch.manual_seed(0)
+def train_to_choose(decoder, codes: torch.Tensor, steps: int = 150) -> tuple[float, float, float, float]:
+    """Train ``decoder`` on synthetic scenes where the state names a colour: (accuracy before,
+    after, first and last choice loss)."""
     generator = torch.Generator().manual_seed(0)
-    codes = torch.randn(COLOURS, LLM_DIM) * 3
-    decoder = build_decoder("box", LLM_DIM, [FORM + COLOURS + 5, FORM + COLOURS], kind="objects", hidden_dim=32,
-                            num_heads=2, num_layers=1, num_objects=6, ref_norm="standard")
     optimizer = torch.optim.AdamW(decoder.parameters(), lr=3e-3)
 
     def accuracy() -> float:
@@ -136,19 +133,60 @@ def test_object_box_decoder_learns_to_choose_the_asked_object():
         iou = box_iou(cxcywh_to_xyxy(boxes), cxcywh_to_xyxy(truth)).diagonal()
         return float((iou > 0.5).float().mean())
 
-    before = accuracy()
-    first = None
-    for _ in range(150):
+    before, first = accuracy(), None
+    for _ in range(steps):
         decoder.train()
         pyramid, routed, targets = batch(generator, 16, codes)
         losses = decoder.loss(decoder(routed.embeddings, routed.valid, pyramid), routed, targets)
-        loss = sum(losses.values())
         first = float(losses["loss_box_select"].detach()) if first is None else first
         optimizer.zero_grad()
-        loss.backward()
+        sum(losses.values()).backward()
         optimizer.step()
-    assert float(losses["loss_box_select"]) < first / 3
-    assert before < 0.6 and accuracy() > 0.9
+    return before, accuracy(), first, float(losses["loss_box_select"].detach())
+
+
+def test_object_box_decoder_learns_to_choose_the_asked_object():
+    """The state names a colour; after training, the box is the box of the object of that colour."""
+    torch.manual_seed(0)
+    codes = torch.randn(COLOURS, LLM_DIM) * 3
+    decoder = build_decoder("box", LLM_DIM, [FORM + COLOURS + 5, FORM + COLOURS], kind="objects", hidden_dim=32,
+                            num_heads=2, num_layers=1, num_objects=6, ref_norm="standard")
+    before, after, first, last = train_to_choose(decoder, codes)
+    assert last < first / 3
+    assert before < 0.6 and after > 0.9
+
+
+def test_attribute_described_objects_are_chosen_by_what_the_heads_read_and_the_heads_stay():
+    """attributes: each proposal is described by its attribute heads' probabilities (colour from
+    the colour channels). With a colour head that reads the colour channels (as stage 0's
+    would), the chooser learns the asked colour; the heads themselves never change."""
+    torch.manual_seed(0)
+    codes = torch.randn(COLOURS, LLM_DIM) * 3
+    decoder = build_decoder("box", LLM_DIM, [FORM + COLOURS + 5, FORM + COLOURS], kind="objects", hidden_dim=32,
+                            num_heads=2, num_layers=1, num_objects=6, ref_norm="standard",
+                            attributes={"color": COLOURS, "shape": 3}, colour_channels=COLOURS)
+    heads = decoder.trunk.attribute_heads
+    assert heads["color"].in_features == 2 * COLOURS * 9 and heads["shape"].in_features == 2 * FORM * 9
+    with torch.no_grad():                    # roi_grid: per level, channels x 3 x 3 cells
+        heads["color"].weight.zero_()
+        heads["color"].bias.zero_()
+        for level in range(2):
+            for colour in range(COLOURS):
+                start = level * COLOURS * 9 + colour * 9
+                heads["color"].weight[colour, start:start + 9] = 2.0
+    kept = {k: v.clone() for k, v in heads.state_dict().items()}
+    described = decoder.trunk.describe(*_levels_and_boxes())
+    assert described.shape[-1] == COLOURS + 3
+    assert torch.allclose(described[..., :COLOURS].sum(-1), torch.ones(described.shape[:-1]))
+    before, after, first, last = train_to_choose(decoder, codes)
+    assert last < first / 3 and before < 0.6 and after > 0.9
+    assert all(torch.equal(v, kept[k]) for k, v in heads.state_dict().items())
+    assert all(p.grad is None for p in heads.parameters())
+
+
+def _levels_and_boxes():
+    pyramid, boxes, _ = synthetic_scene(torch.Generator().manual_seed(5))
+    return [pyramid[0][None, :-5], pyramid[1][None]], boxes[None]
 
 
 def test_select_weight_scales_the_choice_loss():
@@ -183,8 +221,23 @@ def test_objects_model_exports_and_onnxruntime_matches_torch(tmp_path):
     assert report.ok, str(report)
 
 
-def objects_tiny_model():
-    """The tiny preset with split towers, object maps and "objects" box, mask and keypoint decoders."""
+@pytest.mark.timeout(900)
+def test_attribute_described_decoders_export_and_onnxruntime_matches_torch(tmp_path):
+    from refvlm_export import parity
+    from refvlm_export.onnx_export import export_model
+    from refvlm_export.runtime import OnnxRuntimeDecoders
+
+    model = objects_tiny_model(attributes=True)
+    export_model(model, tmp_path, units=["box", "mask"], encoders=False)
+    decoders = OnnxRuntimeDecoders(tmp_path, "cpu", model.config, threads=1)
+    for unit in ("box", "mask"):
+        report = parity.decoder_parity(model, decoders, unit, 2, 3, 2, 96)
+        assert report.ok, str(report)
+
+
+def objects_tiny_model(attributes: bool = False):
+    """The tiny preset with split towers, object maps and "objects" box, mask and keypoint
+    decoders (``attributes``: their objects described by attribute heads)."""
     from refvlm_core.config import preset
     from refvlm_core.model import RefVLM
 
@@ -192,6 +245,8 @@ def objects_tiny_model():
     config.vision.pyramid_input, config.vision.colour_channels, config.vision.object_maps = "luminance", 4, True
     for unit in ("box", "mask", "keypoint"):
         config.decoders[unit] = {**config.decoders[unit], "kind": "objects", "num_objects": 6, "ref_norm": "standard"}
+        if attributes:
+            config.decoders[unit].update(attributes={"color": 8, "shape": 5}, colour_channels=4)
     torch.manual_seed(0)
     return RefVLM.from_config(config).eval()
 

@@ -10,7 +10,11 @@ regressing did not):
 1. proposals: the ``num_objects`` highest peaks of the centre map (3x3 local maxima), each
    with the box its edge distances give;
 2. each proposal described by its ROI grid of the pyramid (shape from the form channels,
-   colour from the colour pathway's) and its box;
+   colour from the colour pathway's) and its box; or, with ``attributes``, by what linear
+   heads read from that grid (colour from the colour channels, shape, material and size
+   from the form channels: stage 0's object heads, loaded with ``model.load_parts`` and not
+   trained further) and its box. A chooser over the raw grid fits the train scenes and not
+   the held-out colour x shape pairs (docs/model_probes.md, "Finding vs choosing");
 3. per <REF>, one sequence [query, object_1 .. object_K] through a few self-attention
    layers, so objects see each other and the question at once ("left of the sphere",
    "the largest cone");
@@ -100,6 +104,9 @@ class JointLayer(nn.Module):
 class ObjectChooser(nn.Module):
     """The shared trunk: <REF> queries choose among the towers' object proposals.
 
+    ``attributes`` (name -> classes, e.g. {"color": 8, "shape": 5}): describe each proposal by
+    these heads' class probabilities instead of its ROI grid; "color" reads the last
+    ``colour_channels`` channels of each level (the colour pathway), the others the rest.
     ``forward`` returns a dict: ``proposals`` [B, K, 4] xyxy, ``objectness`` [B, K],
     ``selection_logits`` [B, L, K], ``chosen_box`` [B, L, 4] xyxy, ``query`` [B, L, D] (the
     query after reasoning, plus the chosen object's token) and, with ``pixel_dim``, ``pixels``
@@ -108,15 +115,27 @@ class ObjectChooser(nn.Module):
 
     def __init__(self, llm_dim: int, pyramid_channels: Sequence[int], hidden_dim: int, num_heads: int,
                  num_layers: int, ffn_dim: int, num_objects: int, roi_grid_size: int, ref_norm: str,
-                 pixel_dim: int | None = None) -> None:
+                 pixel_dim: int | None = None, attributes: dict[str, int] | None = None,
+                 colour_channels: int = 0) -> None:
         super().__init__()
         if pyramid_channels[0] <= MAP_CHANNELS:
             raise ValueError("an 'objects' decoder needs towers with object maps (vision.object_maps: true)")
         self.feature_channels = [pyramid_channels[0] - MAP_CHANNELS, *pyramid_channels[1:]]
         self.num_objects, self.roi_grid_size = num_objects, roi_grid_size
         self.queries = RefQueries(llm_dim, hidden_dim, ref_norm)
-        self.object_embed = nn.Sequential(nn.Linear(roi_channels(self.feature_channels, roi_grid_size), hidden_dim),
-                                          nn.LayerNorm(hidden_dim))
+        self.colour_channels = colour_channels
+        self.attribute_heads = None
+        if attributes:
+            form = [c - colour_channels for c in self.feature_channels]
+            colour = [colour_channels] * len(form) if colour_channels else form
+            self.attribute_heads = nn.ModuleDict({
+                name: nn.Linear(roi_channels(colour if name == "color" else form, roi_grid_size), classes)
+                for name, classes in attributes.items()})
+            self.object_embed = nn.Sequential(MLP(sum(attributes.values()), hidden_dim, hidden_dim, 2),
+                                              nn.LayerNorm(hidden_dim))
+        else:
+            self.object_embed = nn.Sequential(nn.Linear(roi_channels(self.feature_channels, roi_grid_size),
+                                                        hidden_dim), nn.LayerNorm(hidden_dim))
         self.box_embed = MLP(5, hidden_dim, hidden_dim, 2)                      # cx, cy, w, h, objectness
         self.layers = nn.ModuleList(JointLayer(hidden_dim, num_heads, ffn_dim) for _ in range(num_layers))
         self.norm = nn.LayerNorm(hidden_dim)
@@ -126,7 +145,7 @@ class ObjectChooser(nn.Module):
     def forward(self, ref_embeddings: Tensor, ref_valid: Tensor, pyramid: Sequence[Tensor]) -> dict[str, Tensor]:
         levels = [pyramid[0][:, :-MAP_CHANNELS], *pyramid[1:]]
         boxes, objectness = proposals(pyramid[0][:, -MAP_CHANNELS:], self.num_objects)   # [B, K, 4], [B, K]
-        objects = self.object_embed(roi_grid(levels, boxes, self.roi_grid_size))
+        objects = self.object_embed(self.describe(levels, boxes))
         objects = objects + self.box_embed(torch.cat([xyxy_to_cxcywh(boxes), objectness[..., None]], -1))  # [B, K, D]
         content, position = self.queries(ref_embeddings, ref_valid)
         query = content + position                                              # [B, L, D]
@@ -145,6 +164,20 @@ class ObjectChooser(nn.Module):
         if self.pixel_decoder is not None:
             out["pixels"] = self.pixel_decoder(levels)
         return out
+
+
+    def describe(self, levels: list[Tensor], boxes: Tensor) -> Tensor:
+        """Feature levels, boxes [B, K, 4] -> [B, K, F]: each box's ROI grid, or its attribute probabilities."""
+        if self.attribute_heads is None:
+            return roi_grid(levels, boxes, self.roi_grid_size)
+        split = [level.shape[1] - self.colour_channels for level in levels]
+        form = roi_grid([level[:, :c] for level, c in zip(levels, split)], boxes, self.roi_grid_size)
+        colour = roi_grid([level[:, c:] for level, c in zip(levels, split)], boxes, self.roi_grid_size) \
+            if self.colour_channels else form
+        # detached: the heads stay as stage 0 trained them on every object of every scene;
+        # trained on choices they would learn the train scenes' colour x shape pairs again
+        return torch.cat([head(colour if name == "color" else form).softmax(-1).detach()
+                          for name, head in self.attribute_heads.items()], dim=-1)
 
 
 def straight_through_choice(logits: Tensor) -> Tensor:
@@ -173,9 +206,9 @@ def selection_loss(logits: Tensor, proposal_boxes: Tensor, matches: list, target
 
 
 def _chooser(decoder, llm_dim, pyramid_channels, hidden_dim, num_heads, num_layers, ffn_dim, num_objects,
-             roi_grid_size, pixel_dim) -> ObjectChooser:
+             roi_grid_size, pixel_dim, attributes, colour_channels) -> ObjectChooser:
     return ObjectChooser(llm_dim, pyramid_channels, hidden_dim, num_heads, num_layers, ffn_dim or 4 * hidden_dim,
-                         num_objects, roi_grid_size, decoder.ref_norm, pixel_dim)
+                         num_objects, roi_grid_size, decoder.ref_norm, pixel_dim, attributes, colour_channels)
 
 
 def choice_loss(decoder: UnitDecoder, outputs: dict[str, Tensor], routed: RoutedRefs, targets: list[UnitTargets],
@@ -195,10 +228,10 @@ class ObjectBoxDecoder(BoxDecoder):
 
     def __init__(self, llm_dim: int, pyramid_channels: Sequence[int], hidden_dim: int = 128, num_heads: int = 4,
                  num_layers: int = 2, ffn_dim: int | None = None, num_objects: int = 16, roi_grid_size: int = 3,
-                 **kwargs: Any) -> None:
+                 attributes: dict[str, int] | None = None, colour_channels: int = 0, **kwargs: Any) -> None:
         UnitDecoder.__init__(self, llm_dim, pyramid_channels, **kwargs)
         self.trunk = _chooser(self, llm_dim, pyramid_channels, hidden_dim, num_heads, num_layers, ffn_dim,
-                              num_objects, roi_grid_size, None)
+                              num_objects, roi_grid_size, None, attributes, colour_channels)
         self.refine = MLP(hidden_dim, hidden_dim, 4, 2)
         nn.init.zeros_(self.refine.layers[-1].weight)
         nn.init.zeros_(self.refine.layers[-1].bias)
@@ -244,11 +277,12 @@ class ObjectMaskDecoder(MaskDecoder):
 
     def __init__(self, llm_dim: int, pyramid_channels: Sequence[int], hidden_dim: int = 128, num_heads: int = 4,
                  num_layers: int = 2, ffn_dim: int | None = None, num_objects: int = 16, roi_grid_size: int = 3,
-                 mask_dim: int | None = None, **kwargs: Any) -> None:
+                 mask_dim: int | None = None, attributes: dict[str, int] | None = None, colour_channels: int = 0,
+                 **kwargs: Any) -> None:
         UnitDecoder.__init__(self, llm_dim, pyramid_channels, **kwargs)
         mask_dim = mask_dim or hidden_dim
         self.trunk = _chooser(self, llm_dim, pyramid_channels, hidden_dim, num_heads, num_layers, ffn_dim,
-                              num_objects, roi_grid_size, mask_dim)
+                              num_objects, roi_grid_size, mask_dim, attributes, colour_channels)
         self.mask_embed = MLP(hidden_dim, hidden_dim, mask_dim, 3)
 
     def forward(self, ref_embeddings: Tensor, ref_valid: Tensor, pyramid: Sequence[Tensor]) -> dict[str, Tensor]:
@@ -271,11 +305,13 @@ class ObjectKeypointDecoder(KeypointDecoder):
 
     def __init__(self, llm_dim: int, pyramid_channels: Sequence[int], hidden_dim: int = 128, num_heads: int = 4,
                  num_layers: int = 2, ffn_dim: int | None = None, num_objects: int = 16, roi_grid_size: int = 3,
-                 pixel_dim: int | None = None, **kwargs: Any) -> None:
+                 pixel_dim: int | None = None, attributes: dict[str, int] | None = None, colour_channels: int = 0,
+                 **kwargs: Any) -> None:
         UnitDecoder.__init__(self, llm_dim, pyramid_channels, **kwargs)
         self.pixel_dim = pixel_dim or hidden_dim
         self.trunk = _chooser(self, llm_dim, pyramid_channels, hidden_dim, num_heads, num_layers, ffn_dim,
-                              num_objects, roi_grid_size, self.pixel_dim)
+                              num_objects, roi_grid_size, self.pixel_dim, attributes,
+                              colour_channels)
         self.point_embed = MLP(hidden_dim, hidden_dim, NUM_KEYPOINTS * self.pixel_dim, 2)
         self.visibility_head = MLP(hidden_dim, hidden_dim, NUM_KEYPOINTS, 2)
 

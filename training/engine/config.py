@@ -37,6 +37,9 @@ class ModelSource:
     init_from: str | None = None          # model folder (config.json + model.safetensors), e.g. stage 1's output
     overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields replaced on the preset, or on
                                                             # init_from's config (changed parts rebuilt: stages.rebuild_parts)
+    # weights loaded into sub-modules after the model is built: {module path: "file.safetensors" or
+    # "file.safetensors:prefix."} (e.g. stage 0's object heads into an objects decoder's attribute heads)
+    load_parts: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -80,7 +83,7 @@ class VisionPretrainConfig:
 # config they would do nothing, so validate refuses them.
 STAGE0_UNUSED = ("grad_accum", "strategy", "mixed_precision", "gradient_checkpointing", "train_encoders",
                  "trainable", "cache_frozen", "save_trainable_only", "loss_weights", "lora", "external_decoder",
-                 "data.train", "data.stage1_decimals", "data.max_samples", "model.init_from")
+                 "data.train", "data.stage1_decimals", "data.max_samples", "model.init_from", "model.load_parts")
 # Sections one stage alone reads (stage 0's are above): refused in another stage's config.
 STAGE_ONLY = {"vision_pretrain": 0, "data.stage1_decimals": 1, "external_decoder": 3}
 

@@ -32,8 +32,33 @@ def build_model(cfg: TrainConfig):
     else:
         config = with_overrides(preset(cfg.model.preset), cfg.model.overrides)
         model = RefVLM.from_config(config)
+    for path, source in cfg.model.load_parts.items():
+        load_part(model, path, source)
     apply_loss_weights(model, cfg.loss_weights)
     return model
+
+
+def load_part(model: nn.Module, path: str, source: str) -> None:
+    """Load ``source`` ("file.safetensors" or "file.safetensors:prefix.", the tensors under
+    that prefix with it removed) into the sub-module at ``path`` (e.g.
+    ``decoders.box.trunk.attribute_heads``); every tensor of the module must be there."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    file, _, prefix = source.partition(":")
+    try:
+        module = model.get_submodule(path)
+    except AttributeError:
+        raise ConfigError(f"model.load_parts: the model has no module {path!r} (check the decoder's settings)") from None
+    if not Path(file).is_file():
+        raise ConfigError(f"model.load_parts[{path!r}]: {file} does not exist")
+    tensors = {k[len(prefix):]: v for k, v in load_file(file).items() if k.startswith(prefix)}
+    try:
+        module.load_state_dict(tensors, strict=True)
+    except RuntimeError as error:
+        raise ConfigError(f"model.load_parts[{path!r}]: {file}{':' + prefix if prefix else ''} does not fit it: "
+                          f"{str(error).splitlines()[0]}") from None
 
 
 # What each tower's weights depend on: when these fields are unchanged and no weight file is
