@@ -86,3 +86,13 @@ def test_box_region_and_intrinsics_validation():
         loc.Intrinsics.from_k([1, 2, 3])
     with pytest.raises(InputError, match="must both be"):
         loc.localize(np.ones((4, 4, 1), bool), np.ones((4, 4), np.float32), K)
+
+
+def test_keypoint_region_covers_the_seen_joints_only():
+    keypoints = np.array([[10.0, 20.0, 0.9], [600.0, 400.0, 0.6], [300.0, 200.0, 0.2], [-50.0, 5.0, 0.9],
+                          [np.nan, 3.0, 0.9]])
+    region = loc.keypoint_region(keypoints, (H, W), radius=2)
+    assert region[18:23, 8:13].all() and region[398:403, 598:603].all() and not region[200, 300]
+    assert region.sum() == 2 * 25  # off-image and NaN joints mark nothing
+    assert loc.keypoint_region(keypoints[2:3], (H, W)) is None
+

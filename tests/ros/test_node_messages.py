@@ -59,7 +59,12 @@ def test_result_to_msg_fields_and_3d(result, header):
     assert box.has_depth and box.depth_median == pytest.approx(1.25)
     assert len(person.keypoint_names) == 17 and person.keypoint_names[0] == "nose"
     assert list(person.keypoint_x)[:3] == [0, 1, 2] and math.isnan(person.score)
-    assert not person.has_position and "neither a mask nor a box" in person.position_status
+    # keypoints alone: the pixels at the 9 seen joints (visibility >= 0.5: x 8..16, y 9..17)
+    assert person.has_position and person.position.z == pytest.approx(1.25)
+    assert (person.position.x, person.position.y) == pytest.approx(((12 - 39.5) / 40, (13 - 29.5) / 40), abs=0.03)
+    result.objects[1].keypoints[:, 2] = 0.1  # none seen: no position, and why
+    unseen = result_to_msg(result, header, context).objects[1]
+    assert not unseen.has_position and unseen.position_status == "the object has no mask, no box and no keypoint seen"
     assert scene.has_depth and scene.depth_median == pytest.approx(3.0)  # the model's depth
 
 

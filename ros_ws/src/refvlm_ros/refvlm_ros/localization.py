@@ -141,6 +141,18 @@ def box_region(box_xyxy: np.ndarray, shape: tuple[int, int], keep: float = 0.5) 
     return region
 
 
+def keypoint_region(keypoints: np.ndarray, shape: tuple[int, int], min_visibility: float = 0.5,
+                    radius: int = 2) -> np.ndarray | None:
+    """[H, W] bool: a (2 radius + 1)-pixel square around each keypoint seen with probability
+    >= ``min_visibility`` (a skeleton has no area; the pixels at its joints lie on the body);
+    None when none is seen. keypoints [K, 3]: x, y pixels, visibility probability."""
+    seen = keypoints[(keypoints[:, 2] >= min_visibility) & np.isfinite(keypoints[:, :2]).all(axis=1)]
+    region = np.zeros(shape, dtype=bool)
+    for x, y in np.rint(seen[:, :2]).astype(int):
+        region[max(y - radius, 0):max(y + radius + 1, 0), max(x - radius, 0):max(x + radius + 1, 0)] = True
+    return region if region.any() else None
+
+
 def depth_band(z: np.ndarray, config: LocalizationConfig) -> np.ndarray:
     """[N] bool: depths within the robust band around the median depth."""
     median = np.median(z)
