@@ -1,4 +1,4 @@
-"""`refvlm probe towers|refs`: the stage probes of refvlm_training.evaluation.probes, as
+"""`refvlm probe towers|refs|choice`: the stage probes of refvlm_training.evaluation.probes, as
 JSON reports; heavy imports happen in the handlers."""
 from __future__ import annotations
 
@@ -10,15 +10,17 @@ _EPILOG = """\
 examples:
   refvlm probe towers --model models/nano --out probe-towers.json
   refvlm probe towers --towers runs/nano/stage0/model --preset nano
-  refvlm probe refs --model models/nano --data simworld:test:40 --out probe-refs.json"""
+  refvlm probe refs --model models/nano --data simworld:test:40 --out probe-refs.json
+  refvlm probe choice --model models/nano --data shards/nano-test --limit 150"""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "probe", help="measure a stage before training the next: tower linear probes, <REF> spread",
+        "probe", help="measure a stage before training the next: tower linear probes, <REF> spread, choice",
         description="Probes of one stage's outputs, computed once: per-object linear probes of the vision "
         "towers (colour, shape, material, size; held-out colour x shape pairs), and the spread of the "
-        "<REF> states before and after the decoders' input normalisation.",
+        "<REF> states before and after the decoders' input normalisation, and whether an objects decoder's "
+        "misses are targets no proposal covers or wrong choices.",
         epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="probe_command", metavar="PROBE")
     commands.required = True
@@ -36,12 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     towers.set_defaults(func=_towers)
 
     refs = commands.add_parser("refs", help="spread of the teacher-forced <REF> states, raw and normalised")
-    refs.add_argument("--model", required=True, metavar="M", help="model folder, or a preset name")
-    refs.add_argument("--data", default="simworld:test:40", metavar="D",
-                      help="shard folder or simworld:SPLIT:N (default simworld:test:40)")
-    refs.add_argument("--task", default="rec", help="only samples of this task (default rec; 'all': every task)")
-    refs.add_argument("--limit", type=int, default=200, help="at most this many samples (default 200)")
-    refs.add_argument("--unit", default="box", help="whose decoder input normalisation to apply (default box)")
+    _sample_arguments(refs, "model folder, or a preset name", "whose decoder input normalisation to apply")
     refs.add_argument("--fit-data", default=None, metavar="D",
                       help="also standardise the states by the statistics of these samples' states (e.g. "
                       "simworld:train:40): what ref_norm: standard would give this model")
@@ -49,14 +46,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     refs.set_defaults(func=_refs)
 
     choice = commands.add_parser("choice", help="an objects decoder's answers: target found by a proposal vs chosen")
-    choice.add_argument("--model", required=True, metavar="M", help="model folder with 'objects' decoders")
-    choice.add_argument("--data", default="simworld:test:40", metavar="D",
-                        help="shard folder or simworld:SPLIT:N (default simworld:test:40)")
-    choice.add_argument("--task", default="rec", help="only samples of this task (default rec)")
-    choice.add_argument("--limit", type=int, default=200, help="at most this many samples (default 200)")
-    choice.add_argument("--unit", default="box", help="whose decoder's choice (default box)")
+    _sample_arguments(choice, "model folder with 'objects' decoders", "whose decoder's choice")
     choice.add_argument("--out", metavar="FILE", default="probe-choice.json", help="JSON report")
     choice.set_defaults(func=_choice)
+
+
+def _sample_arguments(parser: argparse.ArgumentParser, model_help: str, unit_help: str) -> None:
+    """--model, --data, --task, --limit and --unit of the probes on teacher-forced <REF> states."""
+    parser.add_argument("--model", required=True, metavar="M", help=model_help)
+    parser.add_argument("--data", default="simworld:test:40", metavar="D",
+                        help="shard folder or simworld:SPLIT:N (default simworld:test:40)")
+    parser.add_argument("--task", default="rec", help="only samples of this task (default rec; 'all': every task)")
+    parser.add_argument("--limit", type=int, default=200, help="at most this many samples (default 200)")
+    parser.add_argument("--unit", default="box", help=f"{unit_help} (default box)")
 
 
 def _load_model(name: str):
@@ -106,9 +108,9 @@ def _stage0_encoder(folder: str, preset_name: str):
     return DualImageEncoder(vision)
 
 
-def _refs(args: argparse.Namespace) -> int:
+def _model_and_samples(args: argparse.Namespace) -> tuple:
+    """The --model with a decoder for --unit, and the first --limit samples of --task in --data."""
     from refvlm_core.errors import InputError
-    from refvlm_training.evaluation.probes import ref_spread
 
     model = _load_model(args.model)
     if args.unit not in model.decoders:
@@ -116,6 +118,13 @@ def _refs(args: argparse.Namespace) -> int:
     samples = _task_samples(args.data, args.task, args.limit)
     if not samples:
         raise InputError(f"--data {args.data} has no {args.task} samples")
+    return model, samples
+
+
+def _refs(args: argparse.Namespace) -> int:
+    from refvlm_training.evaluation.probes import ref_spread
+
+    model, samples = _model_and_samples(args)
     fit = None
     if args.fit_data:
         fit = _task_samples(args.fit_data, args.task, args.limit)
@@ -133,12 +142,7 @@ def _choice(args: argparse.Namespace) -> int:
     from refvlm_core.errors import InputError
     from refvlm_training.evaluation.probes import choice_probe
 
-    model = _load_model(args.model)
-    if args.unit not in model.decoders:
-        raise InputError(f"--unit {args.unit}: the model's units are {sorted(model.decoders)}")
-    samples = _task_samples(args.data, args.task, args.limit)
-    if not samples:
-        raise InputError(f"--data {args.data} has no {args.task} samples")
+    model, samples = _model_and_samples(args)
     try:
         report = choice_probe(model, samples, args.unit, progress=True)
     except ValueError as error:

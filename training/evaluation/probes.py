@@ -14,7 +14,10 @@ minutes, on outputs computed once:
   the decoders' input normalisation (mean pairwise cosine; share of variance between
   phrases). Nearly identical states give every decoder query the same start.
 
-Both write plain dicts (JSON) for the model card; ``refvlm probe`` runs them.
+- ``choice_probe``: an objects decoder's single-target answers split into targets that no
+  proposal covers (the towers' object maps) and wrong choices among covering proposals.
+
+Each writes a plain dict (JSON) for the model card; ``refvlm probe`` runs them.
 """
 from __future__ import annotations
 
