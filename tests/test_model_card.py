@@ -71,7 +71,10 @@ def test_card_reports_rec_per_kind_and_the_stage_gates(tmp_path):
                            "material": {"test": 0.8}, "size": {"test": 0.93}}}
     (tmp_path / "probe-towers.json").write_text(json.dumps(towers))
     (tmp_path / "probe-refs.json").write_text(json.dumps({"normalised": {"mean_pairwise_cosine": 0.01}}))
+    (tmp_path / "probe-choice.json").write_text(json.dumps({"covered": 0.9, "chosen_hit": 0.5}))
     card = render_card(tmp_path, "c", 1, "d")
+    assert "| choice | covered | 0.900 | >= 0.85 | met |" in card
+    assert "| choice | chosen_hit | 0.500 | >= 0.85 | **short** |" in card
     assert "| rec, attribute (50) | acc@0.5 | 0.960 | >= 0.95 | met |" in card
     assert "| rec, relation (30) | acc@0.5 | 0.600 |  |  |" in card
     assert "| towers | pathways / shape / test_held_out | 0.850 | >= 0.9 | **short** |" in card

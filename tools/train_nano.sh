@@ -65,6 +65,9 @@ MODEL="$RUN_DIR/stage2_decoders/model"
 # The <REF> states' gate: their spread at the decoders' input.
 [[ -f $RUN_DIR/probe-refs.json ]] || refvlm probe refs --model "$MODEL" --data "$DATA/nano-test" --limit 120 \
   --out "$RUN_DIR/probe-refs.json"
+# The choice's gate: does a proposal cover the referred object, and is that one chosen.
+[[ -f $RUN_DIR/probe-choice.json ]] || refvlm probe choice --model "$MODEL" --data "$DATA/nano-test" --limit 150 \
+  --out "$RUN_DIR/probe-choice.json"
 # The targets: REC Acc@0.5 (and per kind of expression), RES cIoU, keypoint PCK@0.1, depth AbsRel, valid TRP rate.
 for task in rec res keypoint depth; do
   refvlm eval --task $task --model "$MODEL" --data "$DATA/nano-test" \

@@ -50,6 +50,9 @@ GATES = (
     ("towers", ("pathways", "material", "test"), ">=", 0.90),
     ("towers", ("pathways", "size", "test"), ">=", 0.90),
     ("refs", ("normalised", "mean_pairwise_cosine"), "<=", 0.5),  # by the decoder's own input norm
+    # REC's target (0.85) needs proposals that cover the referred object and a choice of one that does
+    ("choice", ("covered",), ">=", 0.85),
+    ("choice", ("chosen_hit",), ">=", 0.85),
 )
 
 
@@ -166,7 +169,8 @@ def render_card(run: Path, command: str, wall_min: float, data: str, title: str 
               "Every metric per task, with each answer, is in `eval-<task>.json`."]
     gates = gates_table(run)
     if gates:
-        lines += ["", "## Stage gates (`refvlm probe`: linear probes of the towers, spread of the <REF> states)", "",
+        lines += ["", "## Stage gates (`refvlm probe`: linear probes of the towers, spread of the <REF> states, "
+                  "proposals and choices)", "",
                   *gates, "", "The probe reports are `probe-<name>.json`; docs/model_probes.md says how they are read."]
     if (run / "box_decoders.png").is_file():  # tools/compare_box_decoders.py
         lines += ["", "## Box decoders side by side", "",
