@@ -152,6 +152,7 @@ TRAIN_REGISTRY: dict[str, Effect | NotBehavioural] = {
     "data.max_samples": here("test_max_samples_limits_the_stream"),
     "model.preset": here("test_model_preset_and_overrides_build_the_model"),
     "model.init_from": Effect(f"{ENGINE}::test_stage1_then_stage2_lower_the_loss"),
+    "model.load_parts": Effect(f"{PROBES}::test_load_parts_puts_stage0_object_heads_into_the_choosers"),
     "model.overrides": Effect(f"{HERE}::test_model_preset_and_overrides_build_the_model",
                               f"{PROBES}::test_overrides_on_init_from_rebuild_only_the_changed_parts"),
     "optim.lr": here("test_lr_scales_the_first_step"),
@@ -835,7 +836,8 @@ STAGE0_READS = {"stage", "seed", "out", "steps", "batch_size", "grad_clip", "che
 STAGE0_SET = {"grad_accum": 2, "strategy": "fsdp", "mixed_precision": "bf16", "gradient_checkpointing": True,
               "train_encoders": True, "trainable": ["decoders"], "cache_frozen": False, "save_trainable_only": True,
               "loss_weights": {"lm": 2.0}, "lora": {"enabled": True}, "external_decoder": {"unit": "mask"},
-              "data.train": "shards", "data.stage1_decimals": 3, "data.max_samples": 4, "model.init_from": "m"}
+              "data.train": "shards", "data.stage1_decimals": 3, "data.max_samples": 4, "model.init_from": "m",
+              "model.load_parts": {"decoders.box": "heads.safetensors"}}
 
 
 def test_stage0_refuses_what_it_does_not_read():
