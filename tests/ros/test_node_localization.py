@@ -88,11 +88,7 @@ def test_box_region_and_intrinsics_validation():
         loc.localize(np.ones((4, 4, 1), bool), np.ones((4, 4), np.float32), K)
 
 
-def test_keypoint_region_covers_the_seen_joints_only():
-    keypoints = np.array([[10.0, 20.0, 0.9], [600.0, 400.0, 0.6], [300.0, 200.0, 0.2], [-50.0, 5.0, 0.9],
-                          [np.nan, 3.0, 0.9]])
-    region = loc.keypoint_region(keypoints, (H, W), radius=2)
-    assert region[18:23, 8:13].all() and region[398:403, 598:603].all() and not region[200, 300]
-    assert region.sum() == 2 * 25  # off-image and NaN joints mark nothing
-    assert loc.keypoint_region(keypoints[2:3], (H, W)) is None
-
+def test_keypoint_box_spans_the_seen_joints_only():
+    keypoints = np.array([[10.0, 20.0, 0.9], [600.0, 400.0, 0.6], [300.0, 200.0, 0.2], [np.nan, 3.0, 0.9]])
+    np.testing.assert_array_equal(loc.keypoint_box(keypoints), [10.0, 20.0, 600.0, 400.0])
+    assert loc.keypoint_box(keypoints[1:]) is None  # one seen joint spans nothing

@@ -59,12 +59,17 @@ def test_result_to_msg_fields_and_3d(result, header):
     assert box.has_depth and box.depth_median == pytest.approx(1.25)
     assert len(person.keypoint_names) == 17 and person.keypoint_names[0] == "nose"
     assert list(person.keypoint_x)[:3] == [0, 1, 2] and math.isnan(person.score)
-    # keypoints alone: the pixels at the 9 seen joints (visibility >= 0.5: x 8..16, y 9..17)
+    # keypoints alone: the centre half of the seen joints' box (visibility >= 0.5: 8 x 8 px, fewer
+    # than localization_min_pixels; twice as far apart, x 16..32, y 18..34, 64 px)
+    assert not person.has_position and "need 20" in person.position_status
+    result.objects[1].keypoints[:, :2] *= 2
+    person = result_to_msg(result, header, context).objects[1]
     assert person.has_position and person.position.z == pytest.approx(1.25)
-    assert (person.position.x, person.position.y) == pytest.approx(((12 - 39.5) / 40, (13 - 29.5) / 40), abs=0.03)
+    assert (person.position.x, person.position.y) == pytest.approx(((24 - 39.5) / 40, (26 - 29.5) / 40), abs=0.03)
     result.objects[1].keypoints[:, 2] = 0.1  # none seen: no position, and why
     unseen = result_to_msg(result, header, context).objects[1]
-    assert not unseen.has_position and unseen.position_status == "the object has no mask, no box and no keypoint seen"
+    assert not unseen.has_position
+    assert unseen.position_status == "the object has no mask, no box and fewer than 2 keypoints seen"
     assert scene.has_depth and scene.depth_median == pytest.approx(3.0)  # the model's depth
 
 

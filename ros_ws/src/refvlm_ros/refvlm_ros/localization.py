@@ -141,16 +141,15 @@ def box_region(box_xyxy: np.ndarray, shape: tuple[int, int], keep: float = 0.5) 
     return region
 
 
-def keypoint_region(keypoints: np.ndarray, shape: tuple[int, int], min_visibility: float = 0.5,
-                    radius: int = 2) -> np.ndarray | None:
-    """[H, W] bool: a (2 radius + 1)-pixel square around each keypoint seen with probability
-    >= ``min_visibility`` (a skeleton has no area; the pixels at its joints lie on the body);
-    None when none is seen. keypoints [K, 3]: x, y pixels, visibility probability."""
+def keypoint_box(keypoints: np.ndarray, min_visibility: float = 0.5) -> np.ndarray | None:
+    """[K, 3] keypoints (x, y pixels, visibility probability) -> [4] xyxy around those seen
+    with probability >= ``min_visibility``, None when fewer than two are. A skeleton is thin:
+    the centre of its box is the torso, where the median of the joints' own pixels leans to
+    the head and arms (17 COCO joints, 11 above the hips)."""
     seen = keypoints[(keypoints[:, 2] >= min_visibility) & np.isfinite(keypoints[:, :2]).all(axis=1)]
-    region = np.zeros(shape, dtype=bool)
-    for x, y in np.rint(seen[:, :2]).astype(int):
-        region[max(y - radius, 0):max(y + radius + 1, 0), max(x - radius, 0):max(x + radius + 1, 0)] = True
-    return region if region.any() else None
+    if len(seen) < 2:
+        return None
+    return np.concatenate([seen[:, :2].min(axis=0), seen[:, :2].max(axis=0)])
 
 
 def depth_band(z: np.ndarray, config: LocalizationConfig) -> np.ndarray:

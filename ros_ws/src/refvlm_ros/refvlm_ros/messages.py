@@ -21,7 +21,7 @@ from refvlm_interfaces.msg import ReferredObject as ReferredObjectMsg
 from refvlm_interfaces.msg import RefResult, UnitOutput
 from refvlm_interfaces.msg import VisualPrompt as VisualPromptMsg
 from refvlm_ros.image_conversions import array_to_image, image_to_array
-from refvlm_ros.localization import Intrinsics, LocalizationConfig, box_region, keypoint_region, localize
+from refvlm_ros.localization import Intrinsics, LocalizationConfig, box_region, keypoint_box, localize
 
 # COCO-17 order, the keypoint decoder's output order.
 KEYPOINT_NAMES = (
@@ -65,15 +65,14 @@ def visual_prompt_from_msg(msg: Any, backend: str | None = None) -> VisualPrompt
 # ---- results out --------------------------------------------------------------------
 
 def _object_region(obj: ReferredObject, shape: tuple[int, int]) -> np.ndarray | None:
-    """[H, W] bool: where the object is (mask, else the centre of its box, else the pixels
-    at its seen keypoints)."""
+    """[H, W] bool: where the object is (mask, else the centre of its box, else the centre of
+    its seen keypoints' box)."""
     if obj.mask is not None:
         return np.asarray(obj.mask, dtype=bool)
     if obj.box_xyxy is not None:
         return box_region(obj.box_xyxy, shape)
-    if obj.keypoints is not None:
-        return keypoint_region(np.asarray(obj.keypoints, dtype=np.float64), shape)
-    return None
+    skeleton = keypoint_box(np.asarray(obj.keypoints, dtype=np.float64)) if obj.keypoints is not None else None
+    return box_region(skeleton, shape) if skeleton is not None else None
 
 
 def _set_depth_stats(out: ReferredObjectMsg, values: np.ndarray) -> None:
@@ -93,7 +92,7 @@ def _set_location(out: ReferredObjectMsg, region: np.ndarray | None, context: De
         out.position_status = context.unavailable
         return
     if region is None:
-        out.position_status = "the object has no mask, no box and no keypoint seen"
+        out.position_status = "the object has no mask, no box and fewer than 2 keypoints seen"
         return
     location, reason = localize(region, context.depth, context.intrinsics, config)
     if location is None:
