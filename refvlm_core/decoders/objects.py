@@ -165,7 +165,6 @@ class ObjectChooser(nn.Module):
             out["pixels"] = self.pixel_decoder(levels)
         return out
 
-
     def describe(self, levels: list[Tensor], boxes: Tensor) -> Tensor:
         """Feature levels, boxes [B, K, 4] -> [B, K, F]: each box's ROI grid, or its attribute probabilities."""
         if self.attribute_heads is None:
@@ -310,8 +309,7 @@ class ObjectKeypointDecoder(KeypointDecoder):
         UnitDecoder.__init__(self, llm_dim, pyramid_channels, **kwargs)
         self.pixel_dim = pixel_dim or hidden_dim
         self.trunk = _chooser(self, llm_dim, pyramid_channels, hidden_dim, num_heads, num_layers, ffn_dim,
-                              num_objects, roi_grid_size, self.pixel_dim, attributes,
-                              colour_channels)
+                              num_objects, roi_grid_size, self.pixel_dim, attributes, colour_channels)
         self.point_embed = MLP(hidden_dim, hidden_dim, NUM_KEYPOINTS * self.pixel_dim, 2)
         self.visibility_head = MLP(hidden_dim, hidden_dim, NUM_KEYPOINTS, 2)
 
