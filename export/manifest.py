@@ -63,7 +63,7 @@ class Manifest:
             if spec.part == name:
                 return spec
         raise CheckpointError(f"the export has no part {name!r} (has {[p.part for p in self.parts]}): "
-                              "re-run `refvlm export onnx --model M --out DIR`")
+                              f"re-run `{export_command('M', 'DIR')}`")
 
     def save(self, folder: Path) -> Path:
         path = folder / MANIFEST
@@ -75,7 +75,7 @@ class Manifest:
         path = Path(folder) / MANIFEST
         if not path.is_file():
             raise CheckpointError(f"{path} does not exist: export the model first with "
-                                  f"`refvlm export onnx --model M --out {folder}`")
+                                  f"`{export_command('M', folder)}`")
         try:
             data = json.loads(path.read_text())
             return cls(config_hash=data["config_hash"], image_size=data["image_size"],
@@ -85,7 +85,7 @@ class Manifest:
                        model_sha256=data.get("model_sha256", ""), model_name=data.get("model_name", ""))
         except (KeyError, TypeError, json.JSONDecodeError) as error:
             raise CheckpointError(f"{path} is not a valid export manifest ({error}): re-run "
-                                  f"`refvlm export onnx --model M --out {folder}`") from error
+                                  f"`{export_command('M', folder)}`") from error
 
 
 def config_hash(config: Any) -> str:

@@ -28,7 +28,7 @@ from types import ModuleType
 from typing import Any
 
 from refvlm_core.errors import CheckpointError, ConfigError
-from refvlm_export.manifest import Manifest, PartSpec, file_sha256, resolve_shape
+from refvlm_export.manifest import Manifest, PartSpec, export_command, file_sha256, resolve_shape
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +227,7 @@ def build_engine(trt: ModuleType, onnx_path: Path, shapes: dict[str, tuple[tuple
     if not parser.parse_from_file(str(onnx_path)):
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
         raise EngineBuildError(f"TensorRT could not parse {onnx_path}: {errors}; re-export it with "
-                               "`refvlm export onnx --model M --out DIR`")
+                               f"`{export_command('M', 'DIR')}`")
     check_profile(onnx_path, shapes)
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mb << 20)
@@ -294,7 +294,7 @@ def ensure_engines(onnx_dir: str | Path, engine_dir: str | Path, profiles: Profi
     for spec in specs:
         onnx_path = Path(onnx_dir) / spec.file
         if not onnx_path.is_file():
-            raise CheckpointError(f"{onnx_path} is missing: re-run `refvlm export onnx --model M --out {onnx_dir}`")
+            raise CheckpointError(f"{onnx_path} is missing: re-run `{export_command('M', onnx_dir)}`")
         shapes = profiles.shapes(spec)
         key = engine_key(trt, identity, file_sha256(onnx_path), fp16, shapes)
         engine_path, key_path = engine_paths(out, spec.part)

@@ -201,21 +201,28 @@ def between_group_share(states: torch.Tensor, groups: list[str]) -> float:
     return float(between / total)
 
 
-@torch.no_grad()
-def ref_states(model, samples: Iterable, batch: int = 8, progress: bool = False) -> tuple[torch.Tensor, list[str]]:
-    """Teacher-forced <REF> states of ``samples`` [N, D] and the phrase of each."""
+def teacher_forced_batches(model, items: list, batch: int, progress: bool, desc: str):
+    """Per chunk of ``batch`` samples: (the samples, their collated batch, ImageFeatures, the
+    teacher-forced <REF> states of each sample [n_b, D]); the model in eval mode."""
     model = model.eval()
     processor = model.processor
-    items = [s for s in samples if any(t.targets for t in s.turns)]
     chunks = [items[i:i + batch] for i in range(0, len(items), batch)]
     if progress:
         from tqdm import tqdm
-        chunks = tqdm(chunks, desc="<REF> states", unit="batch")
-    states, phrases = [], []
+        chunks = tqdm(chunks, desc=desc, unit="batch")
     for chunk in chunks:
         collated = processor.collate([processor.encode_sample(s) for s in chunk])
         features = model.encode_images(collated["images"])
-        refs = model.teacher_forced_refs(collated, model.llm_hidden_states(collated, features))
+        hidden = model.llm_hidden_states(collated, features)
+        yield chunk, collated, features, model.teacher_forced_refs(collated, hidden)
+
+
+@torch.no_grad()
+def ref_states(model, samples: Iterable, batch: int = 8, progress: bool = False) -> tuple[torch.Tensor, list[str]]:
+    """Teacher-forced <REF> states of ``samples`` [N, D] and the phrase of each."""
+    items = [s for s in samples if any(t.targets for t in s.turns)]
+    states, phrases = [], []
+    for chunk, _, _, refs in teacher_forced_batches(model, items, batch, progress, "<REF> states"):
         for sample, sample_refs in zip(chunk, refs):
             names = [t.phrase for turn in sample.turns for t in turn.targets for _ in range(t.count)]
             states.append(sample_refs)
@@ -280,22 +287,17 @@ def choice_probe(model, samples: Iterable, unit: str = "box", batch: int = 8, pr
     from refvlm_core.geometry import box_iou, cxcywh_to_xyxy
     from refvlm_simworld.language import expression_kind
 
-    kind = model.config.decoders.get(unit, {}).get("kind", "default")
-    if kind != "objects":
-        raise ValueError(f"the {unit} decoder is of kind {kind!r}: the choice probe needs kind 'objects'")
-    decoder = model.eval().decoders[unit]
-    processor = model.processor
-    items = [s for s in samples if sum(len(t.targets) for t in s.turns) == 1
-             and [t for turn in s.turns for t in turn.targets][0].count == 1]
-    chunks = [items[i:i + batch] for i in range(0, len(items), batch)]
-    if progress:
-        from tqdm import tqdm
-        chunks = tqdm(chunks, desc="choices", unit="batch")
+    decoder_kind = model.config.decoders.get(unit, {}).get("kind", "default")
+    if decoder_kind != "objects":
+        raise ValueError(f"the {unit} decoder is of kind {decoder_kind!r}: the choice probe needs kind 'objects'")
+    decoder = model.decoders[unit]
+
+    def targets(sample) -> list:
+        return [t for turn in sample.turns for t in turn.targets]
+
+    items = [s for s in samples if len(targets(s)) == 1 and targets(s)[0].count == 1]
     rows = []
-    for chunk in chunks:
-        collated = processor.collate([processor.encode_sample(s) for s in chunk])
-        features = model.encode_images(collated["images"])
-        refs = model.teacher_forced_refs(collated, model.llm_hidden_states(collated, features))
+    for chunk, collated, features, refs in teacher_forced_batches(model, items, batch, progress, "choices"):
         for b, sample in enumerate(chunk):
             target = collated["targets"][unit][b]
             if target.value is None or target.count != 1:
@@ -305,8 +307,7 @@ def choice_probe(model, samples: Iterable, unit: str = "box", batch: int = 8, pr
             iou = box_iou(cxcywh_to_xyxy(target.value.float()), chosen["proposals"][0])[0]     # [K]
             logits = chosen["selection_logits"][0, 0]                                          # [K]
             best = int(iou.argmax())
-            phrase = [t for turn in sample.turns for t in turn.targets][0].phrase
-            rows.append({"kind": expression_kind(phrase), "covered": float(iou.max() >= min_iou),
+            rows.append({"kind": expression_kind(targets(sample)[0].phrase), "covered": float(iou.max() >= min_iou),
                          "chosen_hit": float(iou[int(logits.argmax())] >= min_iou),
                          "best_chosen": float(int(logits.argmax()) == best),
                          "best_rank": float((logits > logits[best]).sum())})

@@ -204,9 +204,9 @@ def read(node: Any, validate: bool = True) -> NodeParams:
     values = {f.name: node.get_parameter(f.name).value for f in dataclasses.fields(NodeParams)}
     if validate:
         for old, new in RENAMED.items():
-            if node.get_parameter(old).value:
-                raise ConfigError(f"{old}:={node.get_parameter(old).value} is not read: the parameter is "
-                                  f"now {new} ({new}:={node.get_parameter(old).value})")
+            value = node.get_parameter(old).value
+            if value:
+                raise ConfigError(f"{old}:={value} is not read: the parameter is now {new} ({new}:={value})")
     return NodeParams(**values).validate() if validate else NodeParams(**values)
 
 
