@@ -4,6 +4,7 @@ linear probes and the <REF> spread (refvlm_training.evaluation.probes, `refvlm p
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import subprocess
 import sys
 
@@ -316,3 +317,37 @@ def test_probe_commands_write_their_reports_on_the_tiny_preset(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "refvlm_cli.main", "probe", "towers", "--towers", str(tmp_path)],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "vit.safetensors" in bad.stderr
+
+
+def test_swap_decoder_takes_one_unit_from_a_decoder_only_phase(tmp_path):
+    """tools/swap_decoder.py: the base keeps its other units, the unit's settings and weights
+    come from the donor; a donor whose towers or LLM differ is refused."""
+    from refvlm_core.checkpoint import load_model, save_model
+    from refvlm_core.model import RefVLM
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    from swap_decoder import main
+
+    torch.manual_seed(0)
+    base = RefVLM.from_config(preset("tiny"))
+    donor_config = preset("tiny")
+    donor_config.decoders["box"] = {**donor_config.decoders["box"], "hidden_dim": 24}
+    donor = RefVLM.from_config(donor_config)
+    donor.load_state_dict({k: v for k, v in base.state_dict().items() if not k.startswith("decoders.box.")},
+                          strict=False)
+    save_model(base, tmp_path / "base")
+    save_model(donor, tmp_path / "donor")
+
+    assert main(["--base", str(tmp_path / "base"), "--donor", str(tmp_path / "donor"), "--unit", "box",
+                 "--out", str(tmp_path / "out")]) == 0
+    out = load_model(tmp_path / "out")
+    assert out.config.decoders["box"]["hidden_dim"] == 24 != base.config.decoders["box"].get("hidden_dim")
+    for unit, source in (("box", donor), ("mask", base), ("keypoint", base)):
+        theirs = source.decoders[unit].state_dict()
+        assert all(torch.equal(v, theirs[k]) for k, v in out.decoders[unit].state_dict().items()), unit
+
+    other = RefVLM.from_config(donor_config)  # other random projector and decoders
+    save_model(other, tmp_path / "other")
+    assert main(["--base", str(tmp_path / "base"), "--donor", str(tmp_path / "other"), "--unit", "box",
+                 "--out", str(tmp_path / "refused")]) == 2
+    assert not (tmp_path / "refused").exists()

@@ -61,6 +61,25 @@ def load_part(model: nn.Module, path: str, source: str) -> None:
                           f"{str(error).splitlines()[0]}") from None
 
 
+def take_decoder(model, donor, unit: str) -> None:
+    """Replace ``model``'s decoder of ``unit`` by ``donor``'s, settings and weights: a unit
+    retrained in a decoder-only phase joins a model whose other units stay as they were.
+    Refused unless every part before the decoders (towers, projector, LLM) holds the same
+    weights in both: the decoder learnt on those parts' pyramid and <REF> states."""
+    if unit not in donor.decoders:
+        raise ConfigError(f"the donor model has no {unit!r} decoder; its units are {list(donor.decoders)}")
+    ours, theirs = model.state_dict(), donor.state_dict()
+    upstream = [k for k in ours if not k.startswith("decoders.")]
+    differ = [k for k in upstream if k not in theirs or ours[k].shape != theirs[k].shape
+              or not torch.allclose(ours[k].float(), theirs[k].float(), rtol=1e-3, atol=1e-5)]
+    if differ or set(theirs) - set(ours) - {k for k in theirs if k.startswith("decoders.")}:
+        raise ConfigError(f"the donor's weights before the decoders differ from this model's ({len(differ)} "
+                          f"tensors, e.g. {differ[:2]}): its {unit} decoder learnt on other features; take "
+                          "it only from a decoder-only phase started from this model")
+    model.decoders[unit] = donor.decoders[unit]
+    model.config.decoders[unit] = dict(donor.config.decoders[unit])
+
+
 # What each tower's weights depend on: when these fields are unchanged and no weight file is
 # named, a rebuilt encoder keeps the trained model's weights of that tower.
 VIT_FIELDS = ("image_size", "vit_model", "vit_custom", "vit_layer", "mean", "std")
