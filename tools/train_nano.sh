@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train the nano preset on SimWorld on this machine: stage 0 (vision towers on dense ground
-# truth), stage 2 (projector + LoRA + decoders, towers frozen), then a decoder phase
-# on cached REF states; evaluate it on the test split under the model's default system prompt,
+# truth), stage 2 (projector + LoRA + decoders, towers frozen), then decoder phases on cached
+# REF states (all units; then the box chooser with the object heads' attributes); evaluate it on the test split under the model's default system prompt,
 # write its model card and ship it to models/nano (what `make demo` runs):
 #   tools/train_nano.sh            # starts in the background, prints the log path, returns
 #   tools/train_nano.sh --foreground
@@ -62,6 +62,32 @@ stage 0 "$RUN_DIR/stage0.yaml" "$RUN_DIR/stage0" "${STAGE0_STEPS:-}"
 stage 2 "$RUN_DIR/decoders.yaml" "$RUN_DIR/stage2_decoders" "${DECODER_STEPS:-}"
 MODEL="$RUN_DIR/stage2_decoders/model"
 
+# The box chooser that describes each proposal by stage 0's object heads (docs/model_probes.md):
+# a mixed phase over this model builds it, a phase on rec samples of 1650 more scenes trains
+# it, and it replaces this model's box decoder (the other units stay as they are).
+simworld_train() {  # seed scenes tasks folder
+  [[ -d $DATA/$4 ]] || refvlm data simworld --split train --seed "$1" --n "$2" --size 256x192 --tasks "$3" \
+    --conversations 0 --system default --out "$DATA/$4"
+}
+simworld_train 1 1000 rec,res,keypoint refer-train
+simworld_train 2 550 rec rec-train
+simworld_train 3 1100 rec rec-train-2
+mkdir -p "$DATA/rec-train-3300"
+for s in 2 3; do
+  for f in "$DATA"/rec-train$([[ $s == 3 ]] && echo -2)/*.tar; do ln -sf "$(realpath "$f")" "$DATA/rec-train-3300/s$s-${f##*/}"; done
+done
+for name in decoders_attributes box_rec; do
+  sed -e "s#runs/data/simworld#$DATA#" -e "s#runs/nano/stage0/#$RUN_DIR/stage0/#g" \
+    -e "s#init_from: models/nano\$#init_from: $MODEL#" \
+    -e "s#init_from: runs/nano_attributes/model#init_from: $RUN_DIR/stage2_decoders_attributes/model#" \
+    configs/train/nano_$name.yaml > "$RUN_DIR/$name.yaml"
+done
+stage 2 "$RUN_DIR/decoders_attributes.yaml" "$RUN_DIR/stage2_decoders_attributes" ""
+stage 2 "$RUN_DIR/box_rec.yaml" "$RUN_DIR/stage2_decoders_box_rec" ""
+[[ -d $RUN_DIR/model ]] || python tools/swap_decoder.py --base "$MODEL" --unit box \
+  --donor "$RUN_DIR/stage2_decoders_box_rec/model" --out "$RUN_DIR/model"
+MODEL="$RUN_DIR/model"
+
 # The <REF> states' gate: their spread at the decoders' input.
 [[ -f $RUN_DIR/probe-refs.json ]] || refvlm probe refs --model "$MODEL" --data "$DATA/nano-test" --limit 120 \
   --out "$RUN_DIR/probe-refs.json"
@@ -74,7 +100,7 @@ for task in rec res keypoint depth; do
     --limit "${NANO_EVAL_LIMIT:-100}" --out "$RUN_DIR/eval-$task.json" 2>>"$RUN_DIR/eval.log"
 done
 python -m refvlm_training.engine.plots --out "$RUN_DIR/losses.png" \
-  $(for d in stage0 stage2 stage2_decoders; do [[ -d $RUN_DIR/$d ]] && echo "$RUN_DIR/$d"; done)
+  $(for d in stage0 stage2 stage2_decoders stage2_decoders_attributes stage2_decoders_box_rec; do [[ -d $RUN_DIR/$d ]] && echo "$RUN_DIR/$d"; done)
 python -m refvlm_training.evaluation.model_card --run "$RUN_DIR" --out "$RUN_DIR/MODEL_CARD.md" \
   --wall-min $(( ($(date +%s) - start) / 60 )) \
   --command "NANO_SCENES=$SCENES NANO_TEST_SCENES=$TEST_SCENES tools/train_nano.sh" \
