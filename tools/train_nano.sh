@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Train the nano preset on SimWorld on this machine: stage 0 (vision towers on dense ground
 # truth), stage 2 (projector + LoRA + decoders, towers frozen), then decoder phases on cached
-# REF states (all units; then the box chooser with the object heads' attributes); evaluate it on the test split under the model's default system prompt,
-# write its model card and ship it to models/nano (what `make demo` runs):
+# REF states (every unit; then the box chooser that reads the object heads' attributes);
+# evaluate it on the test split under the model's default system prompt, write its model card
+# and ship it to models/nano (what `make demo` runs):
 #   tools/train_nano.sh            # starts in the background, prints the log path, returns
 #   tools/train_nano.sh --foreground
 # Env: NANO_SCENES (train scenes, default 1500), NANO_TEST_SCENES (default 200), NANO_TASKS (default
@@ -73,8 +74,8 @@ simworld_train 1 1000 rec,res,keypoint refer-train
 simworld_train 2 550 rec rec-train
 simworld_train 3 1100 rec rec-train-2
 mkdir -p "$DATA/rec-train-3300"
-for s in 2 3; do
-  for f in "$DATA"/rec-train$([[ $s == 3 ]] && echo -2)/*.tar; do ln -sf "$(realpath "$f")" "$DATA/rec-train-3300/s$s-${f##*/}"; done
+for folder in rec-train rec-train-2; do  # one folder of shards for the phase's data.train
+  for f in "$DATA/$folder"/*.tar; do ln -sf "$(realpath "$f")" "$DATA/rec-train-3300/$folder-${f##*/}"; done
 done
 for name in decoders_attributes box_rec; do
   sed -e "s#runs/data/simworld#$DATA#" -e "s#runs/nano/stage0/#$RUN_DIR/stage0/#g" \
