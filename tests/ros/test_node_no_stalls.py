@@ -18,7 +18,7 @@ from test_node import ANSWER, Client, rss_mb
 
 pytestmark = [pytest.mark.ros, pytest.mark.timeout(240)]
 
-DELAY_S = 1.5
+DELAY_S = 4.0  # long enough that the goals' queue stays full while it is probed
 MAX_PENDING = 4
 PROMPT_TOKENS = 300
 
@@ -80,9 +80,12 @@ def test_concurrent_ground_goals_queue_and_the_node_keeps_answering(client):
     assert all(accepted.acquire(timeout=30) for _ in range(count)), "goals were not accepted"
     assert all(h.accepted for h in handles)
     results = [h.get_result_async() for h in handles]
-    # Every goal is in: the model is busy for (queued goals) x DELAY_S from now on.
+    # Every goal is in. The queue is full until the first goal's answer, at least DELAY_S after
+    # t0: then a slot frees and a query waits its turn. Probe (up to 3 times) inside that window.
     seconds: dict[str, float] = {}
-    for _ in range(3):
+    probes = 0
+    while probes == 0 or (probes < 3 and time.monotonic() < t0 + DELAY_S - 1.5):
+        probes += 1
         state, seconds["get_state"] = _timed(lambda: client.state(timeout=60))
         reply, seconds["query"] = _timed(lambda: client.ask("where is the red cube?", timeout=60))
         client.diagnostics = {}
