@@ -49,11 +49,14 @@ stage() {  # stage config out steps
 [[ -d $RUN_DIR/previous ]] || cp -r models/nano "$RUN_DIR/previous"
 decoders=decoders
 [[ -n "${NANO_LLM_FROM:-}" ]] && decoders=decoders_over_llm
+run_config() {  # name sed-expressions...: writes the run's copy of configs/train/nano_<name>.yaml
+  local name=$1; shift
+  sed -e "s#runs/data/simworld#$DATA#" "$@" configs/train/nano_$name.yaml > "$RUN_DIR/${name%_over_llm}.yaml"
+}
 for name in stage0 stage2 $decoders; do
-  sed -e "s#runs/data/simworld#$DATA#" -e "s#runs/nano_stage\([0-9]\)/#$RUN_DIR/stage\1/#g" \
+  run_config "$name" -e "s#runs/nano_stage\([0-9]\)/#$RUN_DIR/stage\1/#g" \
     -e "s#models/nano/model.safetensors#$RUN_DIR/previous/model.safetensors#g" \
-    -e "s#init_from: models/nano\$#init_from: ${NANO_LLM_FROM:-}#" \
-    configs/train/nano_$name.yaml > "$RUN_DIR/${name%_over_llm}.yaml"
+    -e "s#init_from: models/nano\$#init_from: ${NANO_LLM_FROM:-}#"
 done
 stage 0 "$RUN_DIR/stage0.yaml" "$RUN_DIR/stage0" "${STAGE0_STEPS:-}"
 # The towers' gate (per-object linear probes, held-out pairs) before anything trains on them.
@@ -77,12 +80,8 @@ mkdir -p "$DATA/rec-train-3300"
 for folder in rec-train rec-train-2; do  # one folder of shards for the phase's data.train
   for f in "$DATA/$folder"/*.tar; do ln -sf "$(realpath "$f")" "$DATA/rec-train-3300/$folder-${f##*/}"; done
 done
-for name in decoders_attributes box_rec; do
-  sed -e "s#runs/data/simworld#$DATA#" -e "s#runs/nano/stage0/#$RUN_DIR/stage0/#g" \
-    -e "s#init_from: models/nano\$#init_from: $MODEL#" \
-    -e "s#init_from: runs/nano_attributes/model#init_from: $RUN_DIR/stage2_decoders_attributes/model#" \
-    configs/train/nano_$name.yaml > "$RUN_DIR/$name.yaml"
-done
+run_config decoders_attributes -e "s#runs/nano/stage0/#$RUN_DIR/stage0/#g" -e "s#init_from: models/nano\$#init_from: $MODEL#"
+run_config box_rec -e "s#init_from: runs/nano_attributes/model#init_from: $RUN_DIR/stage2_decoders_attributes/model#"
 stage 2 "$RUN_DIR/decoders_attributes.yaml" "$RUN_DIR/stage2_decoders_attributes" ""
 stage 2 "$RUN_DIR/box_rec.yaml" "$RUN_DIR/stage2_decoders_box_rec" ""
 [[ -d $RUN_DIR/model ]] || python tools/swap_decoder.py --base "$MODEL" --unit box \
