@@ -42,7 +42,7 @@ def header():
 
 
 def test_result_to_msg_fields_and_3d(result, header):
-    from refvlm_ros.localization import Intrinsics
+    from refvlm_ros.localization import Intrinsics, box_region
     from refvlm_ros.messages import DepthContext, result_to_msg
     sensor = np.full((H, W), 1.25, np.float32)
     context = DepthContext(sensor, Intrinsics(fx=50.0, fy=50.0, cx=39.5, cy=29.5))
@@ -57,6 +57,9 @@ def test_result_to_msg_fields_and_3d(result, header):
     assert box.has_position and (box.position.x, box.position.y, box.position.z) == pytest.approx((0, 0, 1.25))
     assert box.extent.x == pytest.approx(0.5, abs=0.03) and box.position_pixels == 400
     assert box.has_depth and box.depth_median == pytest.approx(1.25)
+    result.objects[0].mask[:] = False  # an empty mask locates nothing: the box's centre does
+    boxed = result_to_msg(result, header, context).objects[0]
+    assert boxed.has_position and boxed.position_pixels == box_region(np.asarray([30, 20, 50, 40]), (H, W)).sum() == 100
     assert len(person.keypoint_names) == 17 and person.keypoint_names[0] == "nose"
     assert list(person.keypoint_x)[:3] == [0, 1, 2] and math.isnan(person.score)
     # keypoints alone: the centre half of the seen joints' box (visibility >= 0.5: 8 x 8 px, fewer

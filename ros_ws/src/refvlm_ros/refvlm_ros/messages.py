@@ -65,9 +65,9 @@ def visual_prompt_from_msg(msg: Any, backend: str | None = None) -> VisualPrompt
 # ---- results out --------------------------------------------------------------------
 
 def _object_region(obj: ReferredObject, shape: tuple[int, int]) -> np.ndarray | None:
-    """[H, W] bool: where the object is (mask, else the centre of its box, else the centre of
-    its seen keypoints' box)."""
-    if obj.mask is not None:
+    """[H, W] bool: where the object is (its mask unless empty, else the centre of its box,
+    else the centre of its seen keypoints' box)."""
+    if obj.mask is not None and np.any(obj.mask):
         return np.asarray(obj.mask, dtype=bool)
     if obj.box_xyxy is not None:
         return box_region(obj.box_xyxy, shape)
