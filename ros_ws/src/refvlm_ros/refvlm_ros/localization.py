@@ -137,7 +137,7 @@ def box_region(box_xyxy: np.ndarray, shape: tuple[int, int], keep: float = 0.5) 
     region = np.zeros(shape, dtype=bool)
     r0, r1 = max(int(np.floor(cy - hh)), 0), min(int(np.ceil(cy + hh)), shape[0])
     c0, c1 = max(int(np.floor(cx - hw)), 0), min(int(np.ceil(cx + hw)), shape[1])
-    region[r0:r1, c0:c1] = True
+    region[r0:max(r1, r0 + 1), c0:max(c1, c0 + 1)] = True  # a zero-size box inside still has its pixel
     return region
 
 
