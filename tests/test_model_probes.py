@@ -4,9 +4,9 @@ linear probes and the <REF> spread (refvlm_training.evaluation.probes, `refvlm p
 from __future__ import annotations
 
 import json
-from pathlib import Path
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -319,13 +319,13 @@ def test_probe_commands_write_their_reports_on_the_tiny_preset(tmp_path):
     assert bad.returncode == 2 and "vit.safetensors" in bad.stderr
 
 
-def test_swap_decoder_takes_one_unit_from_a_decoder_only_phase(tmp_path):
+def test_swap_decoder_takes_one_unit_from_a_decoder_only_phase(tmp_path, monkeypatch):
     """tools/swap_decoder.py: the base keeps its other units, the unit's settings and weights
     come from the donor; a donor whose towers or LLM differ is refused."""
     from refvlm_core.checkpoint import load_model, save_model
     from refvlm_core.model import RefVLM
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "tools"))
     from swap_decoder import main
 
     torch.manual_seed(0)

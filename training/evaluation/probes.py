@@ -201,9 +201,11 @@ def between_group_share(states: torch.Tensor, groups: list[str]) -> float:
     return float(between / total)
 
 
+@torch.no_grad()
 def teacher_forced_batches(model, items: list, batch: int, progress: bool, desc: str):
     """Per chunk of ``batch`` samples: (the samples, their collated batch, ImageFeatures, the
-    teacher-forced <REF> states of each sample [n_b, D]); the model in eval mode."""
+    teacher-forced <REF> states of each sample [n_b, D]); the model in eval mode, no autograd
+    graph (a caller keeping the states of many batches would otherwise keep the LLM's)."""
     model = model.eval()
     processor = model.processor
     chunks = [items[i:i + batch] for i in range(0, len(items), batch)]
